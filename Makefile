@@ -1,0 +1,59 @@
+# Two commands for a fresh machine with Python 3.11 and make: `make demo` and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV ?= $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+UV_VERSION := 0.13.9
+export UV_COMPILE_BYTECODE := 1
+export UV_PYTHON_DOWNLOADS := never
+# A portable llama.cpp build: no -march=native, so the wheel in uv's cache runs anywhere.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+export DAGMA_HOME ?= $(CURDIR)/.dagma
+
+.PHONY: help install demo test lint format typecheck dagster mlflow lab app clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+.tools/bin/uv:
+	python3.11 -m venv .tools || python3 -m venv .tools
+	.tools/bin/pip install --quiet "uv==$(UV_VERSION)"
+
+.venv/.synced: uv.lock pyproject.toml | $(UV)
+	@echo "Installing the locked environment (the first build of llama-cpp-python takes ~6 min)."
+	$(UV) sync --frozen
+	@touch $@
+
+install: .venv/.synced  ## Create .venv from uv.lock (bytecode compiled)
+
+demo: install  ## Materialize the whole demo graph into $DAGMA_HOME
+	$(UV) run --frozen dagma demo
+
+test: install  ## Run the whole test suite (unit, integration, nbval)
+	$(UV) run --frozen pytest
+
+lint: install  ## ruff lint + format check, mypy
+	$(UV) run --frozen ruff check .
+	$(UV) run --frozen ruff format --check .
+	$(UV) run --frozen mypy
+
+format: install  ## Format and sort imports
+	$(UV) run --frozen ruff check --fix .
+	$(UV) run --frozen ruff format .
+
+dagster: install  ## Dagster UI on http://127.0.0.1:3000
+	DAGSTER_HOME=$(DAGMA_HOME)/dagster $(UV) run --frozen dagster dev -h 127.0.0.1 -p 3000
+
+mlflow: install  ## MLflow UI on http://127.0.0.1:5000
+	$(UV) run --frozen mlflow ui --host 127.0.0.1 --port 5000 \
+	  --backend-store-uri sqlite:///$(DAGMA_HOME)/mlflow/mlflow.db
+
+lab: install  ## JupyterLab on http://127.0.0.1:8888
+	$(UV) run --frozen jupyter lab --ip 127.0.0.1 --port 8888 --no-browser notebooks
+
+app: install  ## Streamlit app on http://127.0.0.1:8501
+	$(UV) run --frozen streamlit run src/dagma/app/streamlit_app.py \
+	  --server.address 127.0.0.1 --server.port 8501 --server.headless true
+
+clean:  ## Remove the embedded state in $DAGMA_HOME
+	rm -rf "$(DAGMA_HOME)"

@@ -1,0 +1,1 @@
+"""Dagma: a reproducible ML lab."""

@@ -1,0 +1,94 @@
+"""The `dagma` command: run the lab and see its state."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from dagma.settings import get_settings
+
+app = typer.Typer(help="Dagma: a reproducible ML lab of notebook assets.", no_args_is_help=True)
+console = Console()
+
+
+@app.command()
+def demo(
+    seed: Annotated[int | None, typer.Option(help="Override every notebook's seed.")] = None,
+) -> None:
+    """Materialize the whole demo graph on the embedded defaults and summarise it."""
+    from dagma import lab
+
+    settings = get_settings()
+    result = lab.materialize(settings, selection=None, seed=seed, console=console)
+    lab.print_summary(result, settings, console)
+    if not result.success:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    assets: Annotated[list[str] | None, typer.Argument(help="Asset keys; all when omitted.")] = None,
+    stale: Annotated[bool, typer.Option(help="Only what is stale or missing.")] = False,
+) -> None:
+    """Materialize some or all assets."""
+    from dagma import lab
+
+    settings = get_settings()
+    result = lab.materialize(settings, selection=assets, stale_only=stale, console=console)
+    if result.run_id is None:
+        console.print("[green]Nothing is stale: every asset is up to date.[/green]")
+        return
+    lab.print_summary(result, settings, console)
+    if not result.success:
+        raise typer.Exit(1)
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """The last materialization of each asset, the latest MLflow runs and the collections."""
+    from dagma import lab
+
+    report = lab.status(get_settings())
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+        return
+    _print_status(report)
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    assets = Table(title="Assets", title_justify="left")
+    for col in ("asset", "group", "last materialized", "run", "stale"):
+        assets.add_column(col)
+    for row in report["assets"]:
+        assets.add_row(
+            row["key"], row["group"] or "", row["last_materialized"] or "never",
+            (row["run_id"] or "")[:8], "yes" if row["stale"] else "no",
+        )
+    console.print(assets)
+    runs = Table(title="Latest MLflow runs", title_justify="left")
+    for col in ("run", "name", "status", "metrics"):
+        runs.add_column(col)
+    for row in report["mlflow"]["runs"]:
+        metrics = ", ".join(f"{k}={v:.3g}" for k, v in sorted(row["metrics"].items())[:4])
+        runs.add_row(row["run_id"][:8], row["name"], row["status"], metrics)
+    console.print(runs)
+    vectors = Table(title=f"Vector store ({report['vectors']['kind']}: "
+                    f"{report['vectors']['location']})", title_justify="left")
+    for col in ("collection", "version", "points", "dim"):
+        vectors.add_column(col)
+    for row in report["vectors"]["collections"]:
+        vectors.add_row(row["collection"], str(row["version"]), str(row["points"]), str(row["dim"]))
+    console.print(vectors)
+    for problem in report.get("problems", []):
+        console.print(f"[yellow]! {problem}[/yellow]")
+    console.print(f"Dagster UI: {report['links']['dagster']}   MLflow UI: {report['links']['mlflow']}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,243 @@
+"""Retrieval-augmented answering over a vector store with a LangChain (LCEL) chain.
+
+Answers are plain text parsed afterwards (citations like ``[2]``): ``with_structured_output``
+is not used because SmolLM2-135M does not fill a JSON schema reliably.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
+from langchain_core.language_models import BaseChatModel
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.retrievers import BaseRetriever
+from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
+from pydantic import BaseModel, Field
+
+__all__ = [
+    "MAX_QUESTION_CHARS",
+    "NO_CONTEXT_ANSWER",
+    "Answer",
+    "Hit",
+    "RagPipeline",
+    "Source",
+    "StoreRetriever",
+    "assemble_answer",
+    "build_answer_chain",
+    "build_rag_chain",
+    "cited_numbers",
+    "format_context",
+    "validate_question",
+]
+
+MAX_QUESTION_CHARS = 1000
+CONTEXT_CHARS = 600  # per passage; 4 x 600 chars keeps the prompt well inside n_ctx=2048
+SNIPPET_CHARS = 200
+NO_CONTEXT_ANSWER = "I don't know: no relevant passages were found."
+
+SYSTEM_PROMPT = (
+    "You answer questions using only the numbered context passages below. "
+    "Cite the passages you use by their number, like [1]. "
+    "If the context does not contain the answer, say you don't know.\n\n"
+    "Context:\n{context}"
+)
+RAG_PROMPT = ChatPromptTemplate.from_messages([("system", SYSTEM_PROMPT), ("human", "{question}")])
+
+_CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+
+
+class Hit(Protocol):
+    """A search hit from the vector store (duck-typed)."""
+
+    id: Any
+    score: float
+    payload: Mapping[str, Any]
+
+
+class StoreRetriever(BaseRetriever):
+    """LangChain retriever over a ``search(query, k) -> hits`` callable."""
+
+    search: Callable[[str, int], Sequence[Any]]
+    k: int = Field(default=4, ge=1)
+
+    def _get_relevant_documents(
+        self, query: str, *, run_manager: CallbackManagerForRetrieverRun
+    ) -> list[Document]:
+        return [hit_to_document(h) for h in list(self.search(query, self.k))[: self.k]]
+
+
+def hit_to_document(hit: Hit) -> Document:
+    """``Document`` with the hit's text as content and payload + id + score as metadata."""
+    payload = dict(hit.payload)
+    return Document(
+        page_content=str(payload.get("text", "")),
+        metadata={**payload, "id": str(hit.id), "score": float(hit.score)},
+    )
+
+
+class Source(BaseModel):
+    """A retrieved passage; ``rank`` is its [n] label in the prompt."""
+
+    id: str
+    source: str
+    score: float
+    snippet: str
+    rank: int = Field(ge=1)
+    title: str | None = None
+    cited: bool = False
+
+
+class Answer(BaseModel):
+    """A generated answer with its retrieved sources in retrieval order."""
+
+    question: str
+    text: str
+    sources: list[Source]
+    confidence: float = Field(ge=0.0, le=1.0)
+
+    @property
+    def cited_sources(self) -> list[Source]:
+        """Sources the answer cites, or all sources when it cites none."""
+        return [s for s in self.sources if s.cited] or list(self.sources)
+
+
+def validate_question(question: str, max_chars: int = MAX_QUESTION_CHARS) -> str:
+    """Return the stripped question or raise ``ValueError`` saying what is wrong."""
+    if not isinstance(question, str):
+        raise ValueError(f"question must be text, got {type(question).__name__}")
+    q = question.strip()
+    if not q:
+        raise ValueError(f"question is empty: type a question of at most {max_chars} characters")
+    if len(q) > max_chars:
+        raise ValueError(
+            f"question is too long: {len(q)} characters, the limit is {max_chars}; shorten it"
+        )
+    return q
+
+
+def _collapse(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _truncate(text: str, limit: int) -> str:
+    text = _collapse(text)
+    if len(text) <= limit:
+        return text
+    cut = text[:limit].rsplit(" ", 1)[0] or text[:limit]
+    return cut + "…"
+
+
+def format_context(docs: Sequence[Document], max_chars: int = CONTEXT_CHARS) -> str:
+    """Numbered passages ``[n] (source) text`` with each text capped at ``max_chars``."""
+    return "\n\n".join(
+        f"[{i}] ({d.metadata.get('source', '?')}) {_truncate(d.page_content, max_chars)}"
+        for i, d in enumerate(docs, start=1)
+    )
+
+
+def cited_numbers(text: str, n_docs: int) -> list[int]:
+    """Distinct passage numbers cited as ``[n]`` or ``[n, m]``, in order, within 1..n_docs."""
+    out: list[int] = []
+    for m in _CITATION.finditer(text):
+        for part in m.group(1).split(","):
+            n = int(part)
+            if 1 <= n <= n_docs and n not in out:
+                out.append(n)
+    return out
+
+
+def assemble_answer(question: str, docs: Sequence[Document], text: str) -> Answer:
+    """Build an :class:`Answer` from retrieved docs and the model's raw text.
+
+    Confidence heuristic: the best retrieval score among cited passages (or among all
+    passages if none is cited), clipped to [0, 1]; halved when nothing is cited; 0 without docs.
+    """
+    cited = set(cited_numbers(text, len(docs)))
+    sources = [
+        Source(
+            id=str(d.metadata.get("id", "")),
+            source=str(d.metadata.get("source", "")),
+            score=float(d.metadata.get("score", 0.0)),
+            snippet=_truncate(d.page_content, SNIPPET_CHARS),
+            rank=i,
+            title=d.metadata.get("title"),
+            cited=i in cited,
+        )
+        for i, d in enumerate(docs, start=1)
+    ]
+    if not sources:
+        confidence = 0.0
+    else:
+        pool = [s for s in sources if s.cited] or sources
+        confidence = min(1.0, max(0.0, max(s.score for s in pool)))
+        if not cited:
+            confidence *= 0.5
+    return Answer(question=question, text=text, sources=sources, confidence=confidence)
+
+
+def build_answer_chain(
+    model: BaseChatModel, max_chars: int = CONTEXT_CHARS
+) -> Runnable[dict[str, Any], str]:
+    """``{"question", "docs"}`` -> prompt -> model -> text."""
+
+    def to_prompt_inputs(x: dict[str, Any]) -> dict[str, str]:
+        return {"question": x["question"], "context": format_context(x["docs"], max_chars)}
+
+    return RunnableLambda(to_prompt_inputs) | RAG_PROMPT | model | StrOutputParser()
+
+
+def build_rag_chain(
+    retriever: BaseRetriever, model: BaseChatModel, max_chars: int = CONTEXT_CHARS
+) -> Runnable[str, str]:
+    """LCEL chain: question -> retriever -> prompt -> model -> ``StrOutputParser``."""
+    return RunnableParallel(
+        docs=retriever, question=RunnablePassthrough()
+    ) | build_answer_chain(model, max_chars)
+
+
+class RagPipeline:
+    """Question answering over a retriever with a chat model.
+
+    ``stream`` yields the raw text chunks; ``answer(q).text`` equals their concatenation.
+    """
+
+    def __init__(
+        self,
+        retriever: BaseRetriever,
+        model: BaseChatModel,
+        *,
+        max_question_chars: int = MAX_QUESTION_CHARS,
+        context_chars: int = CONTEXT_CHARS,
+    ) -> None:
+        self.retriever = retriever
+        self.model = model
+        self.max_question_chars = max_question_chars
+        self.answer_chain = build_answer_chain(model, context_chars)
+        self.chain = build_rag_chain(retriever, model, context_chars)
+
+    def retrieve(self, question: str) -> list[Document]:
+        """Validated question -> retrieved documents, best first."""
+        return self.retriever.invoke(validate_question(question, self.max_question_chars))
+
+    def stream(self, question: str, docs: Sequence[Document] | None = None) -> Iterator[str]:
+        """Yield answer text chunks; pass ``docs`` (from :meth:`retrieve`) to skip retrieval."""
+        q = validate_question(question, self.max_question_chars)
+        docs = self.retrieve(q) if docs is None else list(docs)
+        if not docs:
+            yield NO_CONTEXT_ANSWER
+            return
+        for chunk in self.answer_chain.stream({"question": q, "docs": docs}):
+            if chunk:
+                yield chunk
+
+    def answer(self, question: str, docs: Sequence[Document] | None = None) -> Answer:
+        """Retrieve, generate and return an :class:`Answer` with sources and confidence."""
+        q = validate_question(question, self.max_question_chars)
+        docs = self.retrieve(q) if docs is None else list(docs)
+        text = self.answer_chain.invoke({"question": q, "docs": docs}) if docs else NO_CONTEXT_ANSWER
+        return assemble_answer(q, docs, text)

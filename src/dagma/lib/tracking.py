@@ -1,0 +1,89 @@
+"""MLflow helpers: one experiment per lab, lineage tags on every run, links to the UI."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+
+
+class TrackingError(RuntimeError):
+    """MLflow cannot be reached or used; the message names MLFLOW_TRACKING_URI and the fix."""
+
+
+@lru_cache(maxsize=1)
+def git_commit(root: Path = PROJECT_ROOT) -> str:
+    """The checked-out commit (with `-dirty` when the tree has changes), or `unknown`."""
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, check=True, timeout=5,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True, timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+@lru_cache(maxsize=1)
+def lock_hash(root: Path = PROJECT_ROOT) -> str:
+    """sha256 of uv.lock: which exact package set produced a result."""
+    lock = root / "uv.lock"
+    return hashlib.sha256(lock.read_bytes()).hexdigest()[:16] if lock.is_file() else "unknown"
+
+
+def lineage_tags(**extra: str | None) -> dict[str, str]:
+    """Tags that tie an MLflow run to the code, the packages and the Dagster run."""
+    tags = {"dagma.git_commit": git_commit(), "dagma.uv_lock": lock_hash()}
+    tags.update({f"dagma.{k}": str(v) for k, v in extra.items() if v is not None})
+    return tags
+
+
+def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path | None) -> str:
+    """Point MLflow at `tracking_uri` and return the id of `experiment`, creating it if needed.
+
+    Local stores get an explicit artifact folder; MLflow's default is `./mlruns` under the cwd.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is not None:
+            return str(found.experiment_id)
+        location = None
+        if artifact_root is not None and not tracking_uri.startswith(("http://", "https://")):
+            artifact_root.mkdir(parents=True, exist_ok=True)
+            location = (artifact_root / experiment).as_uri()
+        return str(mlflow.create_experiment(experiment, artifact_location=location))
+    except Exception as exc:
+        raise TrackingError(
+            f"MLflow at MLFLOW_TRACKING_URI={tracking_uri} cannot be used ({exc}). "
+            "Start the server or unset MLFLOW_TRACKING_URI to use the embedded store."
+        ) from exc
+
+
+def client(tracking_uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def run_url(ui: str, experiment_id: str, run_id: str) -> str:
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def model_url(ui: str, name: str, version: str | int) -> str:
+    return f"{ui.rstrip('/')}/#/models/{name}/versions/{version}"

@@ -1,0 +1,162 @@
+"""The small API a production notebook uses: `ctx = nb.context()`.
+
+Inside a Dagster run, Dagma injects `dagma_context` (a path to a JSON file) after the
+parameters cell. Run by hand, `context()` reads the settings instead and upstream values come
+from the last materialization, so the same notebook works in Jupyter and in the pipeline.
+This module stays light (no Dagster, no MLflow at import) because every kernel imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONTEXT_VAR = "dagma_context"
+MLFLOW_RUN_FILE = "mlflow_run.json"
+
+
+class NotebookContextError(RuntimeError):
+    """The notebook asked for something its context cannot give."""
+
+
+@dataclass
+class NotebookContext:
+    """What a running notebook knows about its asset, its run and the lab's services."""
+
+    notebook: str
+    asset_names: list[str]
+    upstream_paths: dict[str, str]
+    outputs_dir: Path | None
+    tracking_uri: str
+    experiment: str
+    artifact_root: str | None
+    qdrant_url: str | None
+    qdrant_path: str
+    collection: str
+    run_id: str | None = None
+    partition_key: str | None = None
+    code_version: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    _mlflow_run_id: str | None = None
+
+    @property
+    def interactive(self) -> bool:
+        """True when run by hand rather than by Dagster."""
+        return self.outputs_dir is None
+
+    def upstream(self, name: str) -> Any:
+        """The value of upstream asset `name`."""
+        path = self.upstream_paths.get(name)
+        if path is None:
+            raise NotebookContextError(
+                f"{self.notebook}: {name!r} is not in this notebook's `upstream` list "
+                f"({', '.join(self.upstream_paths) or 'empty'}). Add it to the parameters cell."
+            )
+        if not Path(path).is_file():
+            raise NotebookContextError(
+                f"{self.notebook}: upstream {name!r} has not been materialized yet ({path}). "
+                f"Run `dagma run {name}` first."
+            )
+        with open(path, "rb") as fh:
+            return pickle.load(fh)  # noqa: S301  # nosec B301: written by our own IO manager
+
+    def output(self, value: Any, *, name: str | None = None, metadata: dict | None = None) -> None:
+        """Hand `value` to Dagster as the asset `name` (default: this notebook's asset)."""
+        name = name or self.asset_names[0]
+        if name not in self.asset_names:
+            raise NotebookContextError(
+                f"{self.notebook}: {name!r} is not one of its outputs {self.asset_names}. "
+                "Declare it in `asset = {'outputs': [...]}`."
+            )
+        if self.outputs_dir is None:
+            return
+        with open(self.outputs_dir / f"{name}.pkl", "wb") as fh:
+            pickle.dump(value, fh)
+        if metadata:
+            (self.outputs_dir / f"{name}.meta.json").write_text(json.dumps(metadata, default=str))
+
+    @contextlib.contextmanager
+    def start_run(self, run_name: str | None = None) -> Iterator[Any]:
+        """An MLflow run for this materialization, tagged with its lineage."""
+        import mlflow
+
+        from dagma.lib import tracking
+
+        experiment_id = tracking.setup_experiment(
+            self.tracking_uri, self.experiment, Path(self.artifact_root) if self.artifact_root else None
+        )
+        tags = tracking.lineage_tags(
+            notebook=self.notebook,
+            asset_key=",".join(self.asset_names),
+            dagster_run_id=self.run_id,
+            partition=self.partition_key,
+            code_version=self.code_version,
+        ) | self.tags
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=run_name or self.notebook, tags=tags
+        ) as run:
+            self._mlflow_run_id = run.info.run_id
+            if self.outputs_dir is not None:
+                (self.outputs_dir / MLFLOW_RUN_FILE).write_text(
+                    json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id})
+                )
+            yield run
+
+    def vector_store(self) -> Any:
+        """The lab's vector store: the Qdrant server when configured, else the embedded one."""
+        from dagma.lib.vectors import open_store
+
+        return open_store(
+            url=self.qdrant_url, api_key=os.environ.get("QDRANT_API_KEY"), root=Path(self.qdrant_path)
+        )
+
+
+def _user_ns() -> dict[str, Any]:
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return {}
+    shell = get_ipython()
+    return dict(shell.user_ns) if shell is not None else {}
+
+
+def _interactive(notebook: str, upstream: list[str]) -> NotebookContext:
+    from dagma.settings import get_settings
+
+    s = get_settings()
+    storage = s.dagster_dir / "storage"
+    return NotebookContext(
+        notebook=notebook,
+        asset_names=[notebook],
+        upstream_paths={name: str(storage / name) for name in upstream},
+        outputs_dir=None,
+        tracking_uri=s.tracking_uri,
+        experiment=s.dagma_experiment,
+        artifact_root=str(s.artifact_root),
+        qdrant_url=s.qdrant_url,
+        qdrant_path=str(s.qdrant_path),
+        collection=s.dagma_collection,
+    )
+
+
+def context(name: str | None = None) -> NotebookContext:
+    """This notebook's context: injected by Dagma in a run, built from settings by hand.
+
+    By hand, `upstream` is read from the notebook's parameters cell and the name from the
+    file Jupyter reports (or `name`).
+    """
+    ns = _user_ns()
+    path = ns.get(CONTEXT_VAR) or os.environ.get("DAGMA_CONTEXT")
+    if not path:
+        session = ns.get("__session__") or ns.get("__vsc_ipynb_file__") or ""
+        notebook = name or (Path(str(session)).stem if session else "interactive")
+        return _interactive(notebook, list(ns.get("upstream") or []))
+    data = json.loads(Path(path).read_text())
+    data["outputs_dir"] = Path(data["outputs_dir"])
+    return NotebookContext(**data)

@@ -1,0 +1,111 @@
+"""Turn each notebook spec into a Dagster asset (or several, for a multi-output notebook)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from dagma.defs.core.resources import MLflowResource, QdrantResource
+from dagma.notebooks.runner import NotebookFailed, RunTarget, execute
+from dagma.notebooks.spec import NotebookSpec
+from dagma.settings import get_settings
+
+_CONFIG_TYPES: dict[type, Any] = {int: dg.Int, float: dg.Float, str: dg.String, bool: dg.Bool}
+
+
+def _config_schema(spec: NotebookSpec) -> dict[str, dg.Field]:
+    """The notebook's parameters as run config, so the launchpad shows them with defaults."""
+    return {
+        name: dg.Field(
+            _CONFIG_TYPES.get(type(p.default), dg.Any),
+            default_value=p.default,
+            is_required=False,
+            description=f"{p.type_name} parameter of {spec.path.name}",
+        )
+        for name, p in spec.params.items()
+    }
+
+
+def _file_metadata(path: Path | None) -> dg.MetadataValue | None:
+    return dg.MetadataValue.path(str(path)) if path is not None else None
+
+
+def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
+    """A multi-asset that runs `spec` in a fresh kernel and yields each declared output."""
+    outs = {
+        name: dg.AssetOut(
+            key=dg.AssetKey(name),
+            group_name=spec.group,
+            description=spec.description if name == spec.name else f"Output of {spec.path.name}.",
+            code_version=spec.code_version,
+            kinds=set(spec.kinds),
+            owners=list(spec.owners) or None,
+            tags=spec.tags or None,
+        )
+        for name in spec.asset_names
+    }
+
+    @dg.multi_asset(
+        name=spec.name,
+        outs=outs,
+        ins={name: dg.AssetIn(dg.AssetKey(name)) for name in spec.upstream},
+        config_schema=_config_schema(spec),
+        op_tags={"dagma/notebook": spec.path.name},
+    )
+    def _notebook(
+        context: dg.AssetExecutionContext,
+        mlflow: MLflowResource,
+        qdrant: QdrantResource,
+        **inputs: Any,
+    ) -> Iterator[dg.Output]:
+        settings = get_settings()
+        partition = context.partition_key if context.has_partition_key else None
+        run_dir = settings.runs_dir / context.run_id / spec.name
+        target = RunTarget(
+            tracking_uri=mlflow.tracking_uri,
+            experiment=mlflow.experiment,
+            artifact_root=mlflow.artifact_root,
+            qdrant_url=qdrant.url,
+            qdrant_path=qdrant.path,
+            collection=qdrant.collection,
+            run_id=context.run_id,
+            partition_key=partition,
+        )
+        try:
+            run = execute(
+                spec, run_dir=run_dir, target=target, params=dict(context.op_config), inputs=inputs
+            )
+        except NotebookFailed as exc:
+            failed = exc.execution
+            raise dg.Failure(
+                description=str(exc),
+                metadata={
+                    "executed_notebook": _file_metadata(failed.ipynb),
+                    "html": _file_metadata(failed.html),
+                    "error": failed.error or "",
+                },
+            ) from exc
+        common: dict[str, Any] = {
+            "executed_notebook": _file_metadata(run.ipynb),
+            "html": _file_metadata(run.html),
+            "parameters": dg.MetadataValue.json(run.params),
+            "seconds": round(run.seconds, 2),
+            "dagster_ui": dg.MetadataValue.url(f"{settings.dagster_ui_url}/runs/{context.run_id}"),
+        }
+        if run.mlflow_run_id:
+            common["mlflow_run_id"] = run.mlflow_run_id
+            common["mlflow_run"] = dg.MetadataValue.url(mlflow.run_url(run.mlflow_run_id))
+        for name in spec.asset_names:
+            meta = {**common, **run.output_metadata.get(name, {})}
+            yield dg.Output(run.outputs[name], output_name=name, metadata=meta)
+
+    return _notebook
+
+
+def notebook_assets(folder: Path) -> list[dg.AssetsDefinition]:
+    from dagma.notebooks.spec import discover
+
+    return [notebook_asset(spec) for spec in discover(folder)]

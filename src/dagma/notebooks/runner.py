@@ -1,0 +1,180 @@
+"""Execute one notebook with papermill: validated parameters in, outputs and rendered copies out."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dagma.nb import CONTEXT_VAR, MLFLOW_RUN_FILE, NotebookContext
+from dagma.notebooks.spec import NotebookSpec
+
+KERNEL = "python3"  # jupyter_client maps the native kernel to this very interpreter (sys.executable)
+
+
+class NotebookFailed(RuntimeError):
+    """A cell raised. The executed copy and its HTML are kept; the message says where."""
+
+    def __init__(self, message: str, execution: Execution) -> None:
+        super().__init__(message)
+        self.execution = execution
+
+
+@dataclass
+class Execution:
+    spec: NotebookSpec
+    params: dict[str, Any]
+    run_dir: Path
+    ipynb: Path
+    html: Path | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+    output_metadata: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    mlflow_experiment_id: str | None = None
+    seconds: float = 0.0
+    error: str | None = None
+
+
+@dataclass
+class RunTarget:
+    """Where a run's notebook reads and writes: services and identifiers."""
+
+    tracking_uri: str
+    experiment: str
+    artifact_root: str | None
+    qdrant_url: str | None
+    qdrant_path: str
+    collection: str
+    run_id: str | None = None
+    partition_key: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def render_html(ipynb: Path) -> Path:
+    """A self-contained HTML copy (images inlined) next to the executed notebook."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    exporter = HTMLExporter(embed_images=True)
+    body, _ = exporter.from_notebook_node(nbformat.read(ipynb, as_version=4))
+    html = ipynb.with_suffix(".html")
+    html.write_text(body, encoding="utf-8")
+    return html
+
+
+def _failure_summary(exc: Exception) -> str:
+    """The failing cell and the last lines of its traceback, from papermill's error."""
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", str(exc))
+    cell = getattr(exc, "cell_index", None)
+    source = getattr(exc, "source", "")
+    where = f"cell {cell}" if cell is not None else "a cell"
+    snippet = "\n    ".join(str(source).strip().splitlines()[-3:])
+    return f"{ename}: {evalue} in {where}:\n    {snippet}" if snippet else f"{ename}: {evalue}"
+
+
+def _log_to_mlflow(execution: Execution, target: RunTarget, failed: bool) -> None:
+    run_file = execution.run_dir / "outputs" / MLFLOW_RUN_FILE
+    if not run_file.is_file():
+        return
+    from mlflow import MlflowClient
+
+    info = json.loads(run_file.read_text())
+    execution.mlflow_run_id = info["run_id"]
+    execution.mlflow_experiment_id = info["experiment_id"]
+    client = MlflowClient(tracking_uri=target.tracking_uri)
+    for path in (execution.ipynb, execution.html):
+        if path is not None and path.is_file():
+            client.log_artifact(info["run_id"], str(path), artifact_path="notebook")
+    if failed:
+        client.set_terminated(info["run_id"], status="FAILED")
+
+
+def execute(
+    spec: NotebookSpec,
+    *,
+    run_dir: Path,
+    target: RunTarget,
+    params: dict[str, Any] | None = None,
+    inputs: dict[str, Any] | None = None,
+) -> Execution:
+    """Run `spec` in a fresh kernel of this environment and collect what it outputs."""
+    import papermill
+
+    values = spec.validate_params(params)
+    started = time.perf_counter()
+    inputs_dir, outputs_dir = run_dir / "inputs", run_dir / "outputs"
+    for folder in (inputs_dir, outputs_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    upstream_paths = {}
+    for name in spec.upstream:
+        path = inputs_dir / f"{name}.pkl"
+        with open(path, "wb") as fh:
+            pickle.dump((inputs or {})[name], fh)
+        upstream_paths[name] = str(path)
+    context = NotebookContext(
+        notebook=spec.name,
+        asset_names=list(spec.asset_names),
+        upstream_paths=upstream_paths,
+        outputs_dir=outputs_dir,
+        tracking_uri=target.tracking_uri,
+        experiment=target.experiment,
+        artifact_root=target.artifact_root,
+        qdrant_url=target.qdrant_url,
+        qdrant_path=target.qdrant_path,
+        collection=target.collection,
+        run_id=target.run_id,
+        partition_key=target.partition_key,
+        code_version=spec.code_version,
+        tags=target.tags,
+    )
+    context_path = run_dir / "context.json"
+    payload = {k: v for k, v in asdict(context).items() if not k.startswith("_")}
+    context_path.write_text(json.dumps(payload, default=str, indent=1))
+
+    execution = Execution(spec=spec, params=values, run_dir=run_dir, ipynb=run_dir / spec.path.name)
+    failure: Exception | None = None
+    # papermill logs a warning per injected name not in the parameters cell; ours is expected.
+    logging.getLogger("papermill").setLevel(logging.ERROR)
+    try:
+        papermill.execute_notebook(
+            str(spec.path),
+            str(execution.ipynb),
+            parameters={**values, CONTEXT_VAR: str(context_path)},
+            kernel_name=KERNEL,
+            cwd=str(spec.path.parent),
+            progress_bar=False,
+            log_output=False,
+        )
+    except Exception as exc:
+        failure = exc
+    execution.seconds = time.perf_counter() - started
+    if execution.ipynb.is_file():
+        execution.html = render_html(execution.ipynb)
+    _log_to_mlflow(execution, target, failed=failure is not None)
+    if failure is not None:
+        execution.error = _failure_summary(failure)
+        raise NotebookFailed(
+            f"Notebook {spec.path.name} failed: {execution.error}\n"
+            f"Executed copy: {execution.ipynb}\nHTML: {execution.html}",
+            execution,
+        ) from failure
+
+    for name in spec.asset_names:
+        path = outputs_dir / f"{name}.pkl"
+        if not path.is_file():
+            execution.error = f"it never called ctx.output(..., name={name!r})"
+            raise NotebookFailed(
+                f"Notebook {spec.path.name} finished but {execution.error}. "
+                f"Executed copy: {execution.ipynb}",
+                execution,
+            )
+        with open(path, "rb") as fh:
+            execution.outputs[name] = pickle.load(fh)  # noqa: S301  # nosec B301: our own kernel wrote it
+        meta = outputs_dir / f"{name}.meta.json"
+        execution.output_metadata[name] = json.loads(meta.read_text()) if meta.is_file() else {}
+    return execution

@@ -1,0 +1,254 @@
+"""Read what a notebook declares about itself: upstream, typed parameters, asset options.
+
+A production notebook has one code cell tagged `parameters`. In it:
+- `upstream = ["asset_a", ...]` names the assets whose values it reads;
+- `asset = {"group": ..., "outputs": [...], "kinds": [...], "owners": [...], "tags": {...}}`
+  is optional;
+- every other assignment is a typed parameter with a literal default, e.g. `seed: int = 42`.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import nbformat
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+RESERVED = ("upstream", "asset")
+ASSET_OPTIONS = {"group", "outputs", "kinds", "owners", "tags", "description"}
+_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+# Names an annotation may use; evaluated with no builtins, so nothing else is reachable.
+_TYPE_NAMES: dict[str, Any] = {
+    "int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict,
+    "Literal": Literal, "Annotated": Annotated, "Field": Field, "None": None,
+}
+
+
+class NotebookError(ValueError):
+    """A notebook cannot be used as an asset; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    annotation: Any
+    default: Any
+    source: str
+
+    @property
+    def type_name(self) -> str:
+        return self.source or type(self.default).__name__
+
+
+@dataclass(frozen=True)
+class NotebookSpec:
+    """Everything Dagma needs to turn one `.ipynb` into an asset."""
+
+    path: Path
+    name: str
+    description: str
+    upstream: tuple[str, ...]
+    params: dict[str, Param]
+    code_version: str
+    group: str | None = None
+    outputs: tuple[str, ...] = ()
+    kinds: frozenset[str] = frozenset({"jupyter"})
+    owners: tuple[str, ...] = ()
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def asset_names(self) -> tuple[str, ...]:
+        return self.outputs or (self.name,)
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {name: p.default for name, p in self.params.items()}
+
+    def params_model(self) -> type[BaseModel]:
+        fields: dict[str, Any] = {n: (p.annotation, p.default) for n, p in self.params.items()}
+        return create_model(  # type: ignore[call-overload, no-any-return]
+            f"{self.name}_params",
+            __config__=ConfigDict(extra="forbid", validate_default=True),
+            **fields,
+        )
+
+    def validate_params(self, values: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Defaults overlaid with `values`, coerced to the declared types; clear errors otherwise."""
+        try:
+            return self.params_model()(**(values or {})).model_dump()
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                loc = ".".join(str(p) for p in err["loc"]) or "?"
+                if err["type"] == "extra_forbidden":
+                    known = ", ".join(self.params) or "none"
+                    problems.append(f"unknown parameter {loc!r} (known: {known})")
+                else:
+                    declared = self.params[loc].type_name if loc in self.params else "?"
+                    problems.append(
+                        f"parameter {loc!r} = {err.get('input')!r}: {err['msg']} "
+                        f"(declared {declared})"
+                    )
+            raise NotebookError(f"{self.path.name}: " + "; ".join(problems)) from None
+
+
+def _parameters_cell(nb: nbformat.NotebookNode, path: Path) -> str:
+    cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if not cells:
+        raise NotebookError(
+            f"{path}: no cell is tagged 'parameters'. Tag the cell that holds `upstream` and the "
+            "parameters, or prefix the file name with '_' to keep a draft out of the graph."
+        )
+    if len(cells) > 1 or cells[0].cell_type != "code":
+        raise NotebookError(f"{path}: exactly one code cell may be tagged 'parameters'.")
+    return str(cells[0].source)
+
+
+def _literal(node: ast.expr, path: Path, name: str) -> Any:
+    try:
+        return ast.literal_eval(node)
+    except ValueError:
+        raise NotebookError(
+            f"{path}: the default of {name!r} must be a literal (number, string, list, dict...), "
+            f"not {ast.unparse(node)!r}."
+        ) from None
+
+
+def _annotation(node: ast.expr | None, default: Any, path: Path, name: str) -> tuple[Any, str]:
+    if node is None:
+        return (type(default) if default is not None else Any), ""
+    source = ast.unparse(node)
+    try:
+        code = compile(ast.Expression(node), str(path), "eval")
+        return eval(code, {"__builtins__": {}}, _TYPE_NAMES), source  # noqa: S307  # nosec B307
+    except Exception:
+        allowed = ", ".join(k for k in _TYPE_NAMES if k != "None")
+        raise NotebookError(
+            f"{path}: the type of parameter {name!r} ({source}) is not supported; use {allowed}."
+        ) from None
+
+
+def _parse_parameters(source: str, path: Path) -> tuple[dict[str, Any], dict[str, Param]]:
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise NotebookError(f"{path}: the parameters cell is not valid Python ({exc.msg}).") from None
+    reserved: dict[str, Any] = {}
+    params: dict[str, Param] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1:
+            target, value, annotation = stmt.targets[0], stmt.value, None
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None:
+            target, value, annotation = stmt.target, stmt.value, stmt.annotation
+        else:
+            raise NotebookError(
+                f"{path}: the parameters cell may only hold assignments such as `seed: int = 42`; "
+                f"found {ast.unparse(stmt)!r}."
+            )
+        if not isinstance(target, ast.Name):
+            raise NotebookError(f"{path}: cannot assign {ast.unparse(target)!r} in parameters.")
+        name = target.id
+        default = _literal(value, path, name)
+        if name in RESERVED:
+            reserved[name] = default
+            continue
+        if name.startswith("_"):
+            raise NotebookError(f"{path}: parameter {name!r} may not start with '_'.")
+        ann, ann_source = _annotation(annotation, default, path, name)
+        params[name] = Param(name, ann, default, ann_source)
+    return reserved, params
+
+
+def _description(nb: nbformat.NotebookNode) -> str:
+    for cell in nb.cells:
+        if cell.cell_type == "markdown" and cell.source.strip():
+            return str(cell.source).strip()
+    return ""
+
+
+def code_version(nb: nbformat.NotebookNode) -> str:
+    """Hash of the code cells' source only: outputs, metadata and markdown do not count."""
+    digest = hashlib.sha256()
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            digest.update(str(cell.source).strip().encode())
+            digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _string_list(value: Any, path: Path, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+        raise NotebookError(f"{path}: `{what}` must be a list of strings, got {value!r}.")
+    return tuple(value)
+
+
+def read_notebook(path: Path) -> nbformat.NotebookNode:
+    try:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+    except (OSError, json.JSONDecodeError, nbformat.ValidationError, AttributeError) as exc:
+        raise NotebookError(
+            f"{path}: not a valid Jupyter notebook ({type(exc).__name__}: {str(exc)[:200]}). "
+            "Open and re-save it in Jupyter, or restore it from git."
+        ) from None
+    except Exception as exc:  # nbformat raises bare Exceptions on some malformed files
+        raise NotebookError(f"{path}: not a valid Jupyter notebook ({exc}).") from None
+    return nb
+
+
+def parse_notebook(path: Path) -> NotebookSpec:
+    """Parse one notebook into a spec; raise NotebookError naming the file on any problem."""
+    path = path.resolve()
+    nb = read_notebook(path)
+    reserved, params = _parse_parameters(_parameters_cell(nb, path), path)
+    name = path.stem
+    if not _NAME.match(name):
+        raise NotebookError(
+            f"{path}: the file name must be a snake_case asset name like 'wine_model.ipynb'."
+        )
+    upstream = _string_list(reserved.get("upstream", []), path, "upstream")
+    options = reserved.get("asset", {})
+    if not isinstance(options, dict) or set(options) - ASSET_OPTIONS:
+        raise NotebookError(
+            f"{path}: `asset` must be a dict with keys among {sorted(ASSET_OPTIONS)}, "
+            f"got {options!r}."
+        )
+    outputs = _string_list(options.get("outputs", []), path, "asset['outputs']")
+    for out in outputs:
+        if not _NAME.match(out):
+            raise NotebookError(f"{path}: output {out!r} must be a snake_case asset name.")
+    return NotebookSpec(
+        path=path,
+        name=name,
+        description=str(options.get("description") or _description(nb)),
+        upstream=upstream,
+        params=params,
+        code_version=code_version(nb),
+        group=options.get("group"),
+        outputs=outputs,
+        kinds=frozenset(_string_list(options.get("kinds", ["jupyter"]), path, "kinds")),
+        owners=_string_list(options.get("owners", []), path, "owners"),
+        tags={str(k): str(v) for k, v in options.get("tags", {}).items()},
+    )
+
+
+def discover(folder: Path) -> list[NotebookSpec]:
+    """Every production notebook under `folder`; names starting with '_' are drafts and skipped."""
+    specs = [
+        parse_notebook(path)
+        for path in sorted(folder.rglob("*.ipynb"))
+        if not any(part.startswith(("_", ".")) for part in path.relative_to(folder).parts)
+    ]
+    seen: dict[str, Path] = {}
+    for spec in specs:
+        for asset in spec.asset_names:
+            if asset in seen:
+                raise NotebookError(f"{spec.path}: asset {asset!r} is also made by {seen[asset]}.")
+            seen[asset] = spec.path
+    return specs

@@ -1,0 +1,114 @@
+"""One place for every path, URL and knob Dagma reads from the environment."""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Settings(BaseSettings):
+    """Embedded defaults under `DAGMA_HOME`; each location can be overridden by its usual variable."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    dagma_home: Path = Field(
+        default=Path(".dagma"), description="Folder that holds all embedded state."
+    )
+    dagster_home: Path | None = Field(
+        default=None, description="Dagster instance folder; default $DAGMA_HOME/dagster."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None, description="MLflow store or server; default sqlite under $DAGMA_HOME."
+    )
+    qdrant_url: str | None = Field(
+        default=None, description="Qdrant server URL; unset means the embedded store."
+    )
+    qdrant_api_key: SecretStr | None = Field(default=None, description="Qdrant server API key.")
+    dagma_qdrant_path: Path | None = Field(
+        default=None, description="Embedded vector store folder; default $DAGMA_HOME/qdrant."
+    )
+    dagma_notebooks_dir: Path | None = Field(
+        default=None, description="Folder of production notebooks; default ./notebooks."
+    )
+    dagma_collection: str = Field(default="dagma_docs", description="Vector collection name.")
+    dagma_experiment: str = Field(default="dagma", description="MLflow experiment name.")
+    dagma_seed: int = Field(default=42, description="Seed used by every notebook and model.")
+    dagster_ui_url: str = Field(
+        default="http://127.0.0.1:3000", description="Where `dagster dev` serves the UI."
+    )
+    mlflow_ui_url: str | None = Field(
+        default=None, description="MLflow UI; default the tracking server or 127.0.0.1:5000."
+    )
+
+    @field_validator("qdrant_url", "mlflow_tracking_uri", "mlflow_ui_url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @cached_property
+    def home(self) -> Path:
+        return self.dagma_home.expanduser().resolve()
+
+    @property
+    def dagster_dir(self) -> Path:
+        return (self.dagster_home or self.home / "dagster").expanduser().resolve()
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.home / "mlflow"
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.mlflow_dir / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.mlflow_dir / "artifacts"
+
+    @property
+    def qdrant_path(self) -> Path:
+        return (self.dagma_qdrant_path or self.home / "qdrant").expanduser().resolve()
+
+    @property
+    def notebooks_dir(self) -> Path:
+        return (self.dagma_notebooks_dir or PROJECT_ROOT / "notebooks").expanduser().resolve()
+
+    @property
+    def runs_dir(self) -> Path:
+        """Executed notebooks (.ipynb and .html) of every run."""
+        return self.home / "runs"
+
+    @property
+    def mlflow_ui(self) -> str:
+        if self.mlflow_ui_url:
+            return self.mlflow_ui_url.rstrip("/")
+        if self.tracking_uri.startswith(("http://", "https://")):
+            return self.tracking_uri.rstrip("/")
+        return "http://127.0.0.1:5000"
+
+    @property
+    def vector_location(self) -> str:
+        return self.qdrant_url or str(self.qdrant_path)
+
+    def ensure_dirs(self) -> None:
+        for path in (self.home, self.dagster_dir, self.mlflow_dir, self.qdrant_path, self.runs_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def export_env(self) -> None:
+        """Point child processes (Dagster, kernels, MLflow) at the same state."""
+        os.environ["DAGMA_HOME"] = str(self.home)
+        os.environ["DAGSTER_HOME"] = str(self.dagster_dir)
+        os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
+
+
+def get_settings() -> Settings:
+    """Read settings now; never cached at import, so tests and CLIs can change the env."""
+    return Settings()

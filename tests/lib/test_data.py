@@ -1,0 +1,33 @@
+from pathlib import Path
+
+import pytest
+
+from dagma.lib.data import load_corpus, load_wine, markdown_documents
+
+
+def test_wine_ships_offline_with_three_classes():
+    frame = load_wine()
+    assert frame.shape == (178, 14)
+    assert frame["target"].nunique() == 3
+
+
+def test_corpus_holds_pydoc_topics_and_repo_docs(tmp_path: Path):
+    (tmp_path / "guide.md").write_text("# Guide\n\nHello.")
+    (tmp_path / "empty.md").write_text("   ")
+    docs = load_corpus(tmp_path)
+    sources = {d.source for d in docs}
+    assert "pydoc:try" in sources
+    assert "docs:guide.md" in sources
+    assert len([s for s in sources if s.startswith("pydoc:")]) >= 70
+    assert markdown_documents(tmp_path)[0].title == "Guide"
+
+
+def test_corpus_without_docs_folder_still_has_pydoc(tmp_path: Path):
+    assert load_corpus(tmp_path / "missing")
+
+
+def test_document_sha_is_stable():
+    docs = load_corpus(None)
+    assert docs[0].sha == load_corpus(None)[0].sha
+    with pytest.raises(AttributeError):
+        docs[0].text = "changed"  # type: ignore[misc]
