@@ -71,14 +71,13 @@ def materialize(
             return LabRun(run_id=None)
 
     job = definitions.resolve_implicit_global_asset_job_def()
-    run_config: dict[str, Any] = {}
+    # Dagster's DEBUG event lines would drown the progress bar; failures still print.
+    run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     if seed is not None:
-        run_config = {
-            "ops": {
+        run_config["ops"] = {
                 node.name: {"config": {"seed": seed}}
                 for node in job.graph.node_defs
                 if node.config_schema and "seed" in (node.config_schema.config_type.fields or {})
-            }
         }
     run_id = str(uuid.uuid4())
     outcome: dict[str, Any] = {}
@@ -89,7 +88,7 @@ def materialize(
                 instance=instance,
                 run_id=run_id,
                 asset_selection=keys,
-                run_config=run_config or None,
+                run_config=run_config,
                 raise_on_error=False,
             )
         except Exception as exc:  # shown to the user below, never swallowed

@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     def ensure_dirs(self) -> None:
         for path in (self.home, self.dagster_dir, self.mlflow_dir, self.qdrant_path, self.runs_dir):
             path.mkdir(parents=True, exist_ok=True)
+        instance_yaml = self.dagster_dir / "dagster.yaml"
+        if not instance_yaml.exists():
+            # The embedded instance: SQLite storage in this folder, no telemetry from a lab.
+            instance_yaml.write_text("telemetry:\n  enabled: false\n")
 
     def export_env(self) -> None:
         """Point child processes (Dagster, kernels, MLflow) at the same state."""

@@ -1,7 +1,8 @@
 """Retrieval-augmented answering over a vector store with a LangChain (LCEL) chain.
 
-Answers are plain text parsed afterwards (citations like ``[2]``): ``with_structured_output``
-is not used because SmolLM2-135M does not fill a JSON schema reliably.
+Answers are plain text, parsed afterwards for citations like ``[2]``. ``with_structured_output``
+is not used: with ChatLlamaCpp it yields grammar-valid JSON, but SmolLM2-135M fills it with
+wrong answers and invalid citations, and it cannot stream tokens.
 """
 
 from __future__ import annotations
@@ -40,13 +41,15 @@ CONTEXT_CHARS = 600  # per passage; 4 x 600 chars keeps the prompt well inside n
 SNIPPET_CHARS = 200
 NO_CONTEXT_ANSWER = "I don't know: no relevant passages were found."
 
+# SmolLM2-135M stays closer to the passages when they sit in the user turn, not the system one.
 SYSTEM_PROMPT = (
-    "You answer questions using only the numbered context passages below. "
-    "Cite the passages you use by their number, like [1]. "
-    "If the context does not contain the answer, say you don't know.\n\n"
-    "Context:\n{context}"
+    "Answer the question using only the numbered context. "
+    "Cite the passages you use like [1]. If the context lacks the answer, say you don't know. "
+    "Be brief."
 )
-RAG_PROMPT = ChatPromptTemplate.from_messages([("system", SYSTEM_PROMPT), ("human", "{question}")])
+RAG_PROMPT = ChatPromptTemplate.from_messages(
+    [("system", SYSTEM_PROMPT), ("human", "Context:\n{context}\n\nQuestion: {question}")]
+)
 
 _CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 

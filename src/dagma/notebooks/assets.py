@@ -1,6 +1,5 @@
 """Turn each notebook spec into a Dagster asset (or several, for a multi-output notebook)."""
 
-from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path

@@ -1,6 +1,5 @@
 """One resource per external system: MLflow, the vector store (Qdrant) and the LLM."""
 
-from __future__ import annotations
 
 import os
 from pathlib import Path

@@ -1,0 +1,51 @@
+from pathlib import Path
+
+import pytest
+
+from dagma.settings import Settings
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for var in ("DAGMA_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "QDRANT_URL",
+                "QDRANT_API_KEY", "DAGMA_QDRANT_PATH", "MLFLOW_UI_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_everything_defaults_under_one_home(clean_env: Path):
+    s = Settings()
+    assert s.home == clean_env / ".dagma"
+    assert s.dagster_dir == s.home / "dagster"
+    assert s.tracking_uri == f"sqlite:///{s.home / 'mlflow' / 'mlflow.db'}"
+    assert s.qdrant_path == s.home / "qdrant"
+    assert s.qdrant_url is None and s.vector_location == str(s.qdrant_path)
+
+
+def test_usual_variables_override_each_location(clean_env: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DAGMA_HOME", str(clean_env / "lab"))
+    monkeypatch.setenv("DAGSTER_HOME", str(clean_env / "dg"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    monkeypatch.setenv("QDRANT_URL", "http://127.0.0.1:6333")
+    monkeypatch.setenv("QDRANT_API_KEY", "secret")
+    s = Settings()
+    assert s.home == clean_env / "lab"
+    assert s.dagster_dir == clean_env / "dg"
+    assert s.tracking_uri == s.mlflow_ui == "http://127.0.0.1:5000"
+    assert s.vector_location == "http://127.0.0.1:6333"
+    assert "secret" not in repr(s)
+
+
+def test_blank_variables_mean_unset(clean_env: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("QDRANT_URL", "  ")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "")
+    s = Settings()
+    assert s.qdrant_url is None
+    assert s.tracking_uri.startswith("sqlite:///")
+
+
+def test_ill_typed_variable_is_a_clear_error(clean_env: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DAGMA_SEED", "forty-two")
+    with pytest.raises(ValueError, match="dagma_seed"):
+        Settings()
