@@ -4,10 +4,10 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from pydoc_data.topics import topics
 from typing import Any
 
 import pytest
-from pydoc_data.topics import topics
 
 from dagma.lib.evaluation import (
     EvalQuestion,
@@ -84,7 +84,9 @@ def test_evaluate_retrieval_edge_cases() -> None:
     assert res["n"] == 0 and res["hit@1"] == res["hit@5"] == res["mrr"] == 0.0
     # a search returning more than k hits is truncated to k
     hits = [Hit(str(i), 1.0, {"source": f"s{i}"}) for i in range(10)]
-    res = evaluate_retrieval([{"id": "x", "question": "q", "sources": ["s3"]}], lambda q, k: hits, k=2)
+    res = evaluate_retrieval(
+        [{"id": "x", "question": "q", "sources": ["s3"]}], lambda q, k: hits, k=2
+    )
     assert res["rows"][0]["retrieved"] == ["s0", "s1"] and res["mrr"] == 0.0
     with pytest.raises(ValueError):
         evaluate_retrieval([], lambda q, k: [], k=0)
@@ -93,7 +95,10 @@ def test_evaluate_retrieval_edge_cases() -> None:
 @pytest.mark.parametrize(
     ("content", "match"),
     [
-        ('{"id": "q1", "question": "ok?", "sources": ["a"]}\n{not json\n', r"bad\.jsonl:2: invalid JSON"),
+        (
+            '{"id": "q1", "question": "ok?", "sources": ["a"]}\n{not json\n',
+            r"bad\.jsonl:2: invalid JSON",
+        ),
         ('["q1"]\n', r"bad\.jsonl:1: expected a JSON object"),
         ('{"id": "q1", "question": "ok?"}\n', r"bad\.jsonl:1: invalid question \(sources"),
         ('{"id": "q1", "question": "  ", "sources": ["a"]}\n', r":1: invalid question \(question"),

@@ -58,7 +58,9 @@ def hit_at_k(ranked: Sequence[str], relevant: Collection[str], k: int) -> float:
     return 1.0 if any(r in rel for r in ranked[:k]) else 0.0
 
 
-def reciprocal_rank(ranked: Sequence[str], relevant: Collection[str], k: int | None = None) -> float:
+def reciprocal_rank(
+    ranked: Sequence[str], relevant: Collection[str], k: int | None = None
+) -> float:
     """1/rank of the first relevant item (rank starts at 1), 0.0 if none in the first ``k``."""
     if k is not None:
         _check_k(k)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
@@ -33,11 +34,14 @@ __all__ = [
     "build_rag_chain",
     "cited_numbers",
     "format_context",
+    "hit_to_document",
     "validate_question",
 ]
 
 MAX_QUESTION_CHARS = 1000
-CONTEXT_CHARS = 600  # per passage; 4 x 600 chars keeps the prompt well inside n_ctx=2048
+# 4 passages x 600 chars (~700 tokens) + a 1000-char question + 200 new tokens fit n_ctx=2048.
+MAX_PASSAGES = 4
+CONTEXT_CHARS = 600
 SNIPPET_CHARS = 200
 NO_CONTEXT_ANSWER = "I don't know: no relevant passages were found."
 
@@ -135,11 +139,13 @@ def _truncate(text: str, limit: int) -> str:
     return cut + "…"
 
 
-def format_context(docs: Sequence[Document], max_chars: int = CONTEXT_CHARS) -> str:
-    """Numbered passages ``[n] (source) text`` with each text capped at ``max_chars``."""
+def format_context(
+    docs: Sequence[Document], max_chars: int = CONTEXT_CHARS, max_passages: int = MAX_PASSAGES
+) -> str:
+    """Numbered passages ``[n] (source) text``: the first ``max_passages``, each capped."""
     return "\n\n".join(
         f"[{i}] ({d.metadata.get('source', '?')}) {_truncate(d.page_content, max_chars)}"
-        for i, d in enumerate(docs, start=1)
+        for i, d in enumerate(docs[:max_passages], start=1)
     )
 
 
@@ -184,23 +190,26 @@ def assemble_answer(question: str, docs: Sequence[Document], text: str) -> Answe
 
 
 def build_answer_chain(
-    model: BaseChatModel, max_chars: int = CONTEXT_CHARS
+    model: BaseChatModel, max_chars: int = CONTEXT_CHARS, max_passages: int = MAX_PASSAGES
 ) -> Runnable[dict[str, Any], str]:
     """``{"question", "docs"}`` -> prompt -> model -> text."""
 
     def to_prompt_inputs(x: dict[str, Any]) -> dict[str, str]:
-        return {"question": x["question"], "context": format_context(x["docs"], max_chars)}
+        context = format_context(x["docs"], max_chars, max_passages)
+        return {"question": x["question"], "context": context}
 
     return RunnableLambda(to_prompt_inputs) | RAG_PROMPT | model | StrOutputParser()
 
 
 def build_rag_chain(
-    retriever: BaseRetriever, model: BaseChatModel, max_chars: int = CONTEXT_CHARS
+    retriever: BaseRetriever,
+    model: BaseChatModel,
+    max_chars: int = CONTEXT_CHARS,
+    max_passages: int = MAX_PASSAGES,
 ) -> Runnable[str, str]:
     """LCEL chain: question -> retriever -> prompt -> model -> ``StrOutputParser``."""
-    return RunnableParallel(
-        docs=retriever, question=RunnablePassthrough()
-    ) | build_answer_chain(model, max_chars)
+    inputs = RunnableParallel(docs=retriever, question=RunnablePassthrough())
+    return inputs | build_answer_chain(model, max_chars, max_passages)
 
 
 class RagPipeline:
@@ -216,31 +225,58 @@ class RagPipeline:
         *,
         max_question_chars: int = MAX_QUESTION_CHARS,
         context_chars: int = CONTEXT_CHARS,
+        max_passages: int = MAX_PASSAGES,
     ) -> None:
         self.retriever = retriever
         self.model = model
         self.max_question_chars = max_question_chars
-        self.answer_chain = build_answer_chain(model, context_chars)
-        self.chain = build_rag_chain(retriever, model, context_chars)
+        self.max_passages = max_passages
+        self.answer_chain = build_answer_chain(model, context_chars, max_passages)
+        self.chain = build_rag_chain(retriever, model, context_chars, max_passages)
 
     def retrieve(self, question: str) -> list[Document]:
-        """Validated question -> retrieved documents, best first."""
-        return self.retriever.invoke(validate_question(question, self.max_question_chars))
+        """Validated question -> the first ``max_passages`` retrieved documents, best first."""
+        q = validate_question(question, self.max_question_chars)
+        return self.retriever.invoke(q)[: self.max_passages]
 
     def stream(self, question: str, docs: Sequence[Document] | None = None) -> Iterator[str]:
-        """Yield answer text chunks; pass ``docs`` (from :meth:`retrieve`) to skip retrieval."""
+        """Yield answer text chunks; pass ``docs`` (from :meth:`retrieve`) to skip retrieval.
+
+        The question is validated and retrieval runs before the first chunk is requested.
+        """
         q = validate_question(question, self.max_question_chars)
-        docs = self.retrieve(q) if docs is None else list(docs)
+        docs = self.retrieve(q) if docs is None else list(docs)[: self.max_passages]
+        return self._stream(q, docs)
+
+    def _stream(self, question: str, docs: list[Document]) -> Iterator[str]:
         if not docs:
             yield NO_CONTEXT_ANSWER
             return
-        for chunk in self.answer_chain.stream({"question": q, "docs": docs}):
-            if chunk:
-                yield chunk
+        with _context_overflow_as_value_error():
+            for chunk in self.answer_chain.stream({"question": question, "docs": docs}):
+                if chunk:
+                    yield chunk
 
     def answer(self, question: str, docs: Sequence[Document] | None = None) -> Answer:
         """Retrieve, generate and return an :class:`Answer` with sources and confidence."""
         q = validate_question(question, self.max_question_chars)
-        docs = self.retrieve(q) if docs is None else list(docs)
-        text = self.answer_chain.invoke({"question": q, "docs": docs}) if docs else NO_CONTEXT_ANSWER
+        docs = self.retrieve(q) if docs is None else list(docs)[: self.max_passages]
+        if not docs:
+            return assemble_answer(q, docs, NO_CONTEXT_ANSWER)
+        with _context_overflow_as_value_error():
+            text = self.answer_chain.invoke({"question": q, "docs": docs})
         return assemble_answer(q, docs, text)
+
+
+@contextmanager
+def _context_overflow_as_value_error() -> Iterator[None]:
+    # Only pathological text (e.g. 1000 chars of digits) overflows n_ctx with the default caps.
+    try:
+        yield
+    except ValueError as e:
+        if "context window" not in str(e):
+            raise
+        raise ValueError(
+            f"the question plus retrieved context does not fit the model's context window ({e}); "
+            "shorten the question"
+        ) from e

@@ -1,0 +1,134 @@
+"""The whole demo graph, materialized for real into a temporary DAGMA_HOME."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from dagma.cli import app
+from dagma.lab import LabRun, materialize
+from dagma.lib.vectors import open_store
+from dagma.settings import Settings, get_settings
+
+pytestmark = pytest.mark.integration
+DEMO_ASSETS = {"wine_table", "doc_corpus", "wine_model", "doc_vectors", "rag_eval", "lab_scorecard"}
+QUIET = Console(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def demo() -> tuple[Settings, LabRun]:
+    settings = get_settings()
+    run = materialize(settings, console=QUIET)
+    assert run.success, run.error
+    return settings, run
+
+
+def test_demo_materializes_every_asset(demo):
+    _, run = demo
+    assert set(run.materialized) == DEMO_ASSETS
+
+
+def test_mlflow_has_the_notebook_run_with_params_metrics_model_and_notebook(demo):
+    settings, run = demo
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    runs = mlflow.search_runs(
+        experiment_names=[settings.dagma_experiment],
+        filter_string="tags.`dagma.notebook` = 'wine_model'",
+        output_format="list",
+    )
+    found = next(r for r in runs if r.info.run_id == run.values["wine_model"]["mlflow_run_id"])
+    assert found.data.params["seed"] == "42" and found.data.params["C"] == "1.0"
+    assert 0.8 <= found.data.metrics["accuracy"] <= 1.0
+    assert found.data.tags["dagma.dagster_run_id"] == run.run_id
+    assert found.data.tags["dagma.uv_lock"] != "unknown"
+    client = mlflow.MlflowClient(settings.tracking_uri)
+    notebook_files = {a.path for a in client.list_artifacts(found.info.run_id, "notebook")}
+    assert notebook_files == {"notebook/wine_model.ipynb", "notebook/wine_model.html"}
+    assert "confusion_matrix.png" in {a.path for a in client.list_artifacts(found.info.run_id)}
+    version = client.get_model_version("dagma-wine", run.values["wine_model"]["model_version"])
+    assert version.run_id == found.info.run_id
+    model = mlflow.sklearn.load_model(run.values["wine_model"]["model_uri"])
+    assert model.predict(model_input_example(settings)).shape == (3,)
+
+
+def model_input_example(settings: Settings):
+    from dagma.lib.data import load_wine
+
+    return load_wine().drop(columns=["target"]).head(3)
+
+
+def test_executed_notebooks_are_kept_as_ipynb_and_html(demo):
+    settings, run = demo
+    folder = settings.runs_dir / run.run_id / "wine_model"
+    assert (folder / "wine_model.ipynb").is_file()
+    html = (folder / "wine_model.html").read_text()
+    assert "data:image/png;base64" in html or "<img" in html
+    assert "accuracy" in html
+
+
+def test_every_chunk_is_one_point_and_a_rerun_never_duplicates(demo):
+    settings, run = demo
+    first = run.values["doc_vectors"]
+    with open_store(url=None, api_key=None, root=settings.qdrant_path) as store:
+        assert store.count(first["collection"]) == first["points"] > 500
+    again = materialize(settings, selection=["doc_vectors"], console=QUIET)
+    assert again.success, again.error
+    second = again.values["doc_vectors"]
+    assert second["version"] == first["version"] + 1
+    assert second["points"] == first["points"]
+    assert second["ids_digest"] == first["ids_digest"]
+    with open_store(url=None, api_key=None, root=settings.qdrant_path) as store:
+        assert store.count(first["collection"]) == first["points"]
+
+
+def test_rag_eval_logs_retrieval_measures_and_answers_with_sources(demo):
+    settings, run = demo
+    evaluation = run.values["rag_eval"]
+    metrics = evaluation["metrics"]
+    assert set(metrics) == {"hit_at_1", "hit_at_5", "mrr"}
+    assert 0 < metrics["hit_at_1"] <= metrics["hit_at_5"] <= 1
+    assert metrics["hit_at_5"] >= 0.4
+    sample = evaluation["sample"]
+    assert sample["text"].strip()
+    assert sample["sources"] and all(s["source"] for s in sample["sources"])
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    logged = mlflow.get_run(evaluation["mlflow_run_id"])
+    assert logged.data.metrics["hit_at_5"] == pytest.approx(metrics["hit_at_5"])
+
+
+def test_scorecard_chart_is_written(demo):
+    _, run = demo
+    chart = Path(run.values["lab_scorecard"])
+    assert chart.read_bytes().startswith(b"\x89PNG")
+
+
+def test_status_json_names_every_asset_and_collection(demo):
+    settings, run = demo
+    result = CliRunner().invoke(app, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert {a["key"] for a in report["assets"]} >= DEMO_ASSETS
+    assert all(a["last_materialized"] for a in report["assets"])
+    assert report["vectors"]["kind"] == "embedded"
+    [collection] = report["vectors"]["collections"]
+    assert collection["points"] == run.values["doc_vectors"]["points"]
+    assert any(r["name"] == "wine_model" for r in report["mlflow"]["runs"])
+
+
+def test_two_fresh_homes_reproduce_metrics_point_ids_and_answer(
+    demo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    _, first = demo
+    # materialize() exports these for child processes; monkeypatch restores them afterwards.
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DAGMA_HOME", str(tmp_path / "second"))
+    second = materialize(get_settings(), console=QUIET)
+    assert second.success, second.error
+    assert second.values["wine_model"]["metrics"] == first.values["wine_model"]["metrics"]
+    assert second.values["doc_vectors"]["ids_digest"] == first.values["doc_vectors"]["ids_digest"]
+    assert second.values["rag_eval"]["metrics"] == first.values["rag_eval"]["metrics"]
+    assert second.values["rag_eval"]["sample"]["text"] == first.values["rag_eval"]["sample"]["text"]
