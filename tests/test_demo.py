@@ -132,3 +132,14 @@ def test_two_fresh_homes_reproduce_metrics_point_ids_and_answer(
     assert second.values["doc_vectors"]["ids_digest"] == first.values["doc_vectors"]["ids_digest"]
     assert second.values["rag_eval"]["metrics"] == first.values["rag_eval"]["metrics"]
     assert second.values["rag_eval"]["sample"]["text"] == first.values["rag_eval"]["sample"]["text"]
+
+
+def test_run_stale_catches_up_and_then_has_nothing_to_do(demo):
+    runner = CliRunner()
+    catch_up = runner.invoke(app, ["run", "--stale"])
+    assert catch_up.exit_code == 0, catch_up.output
+    again = runner.invoke(app, ["run", "--stale"])
+    assert again.exit_code == 0, again.output
+    assert "Nothing is stale" in again.output
+    report = json.loads(runner.invoke(app, ["status", "--json"]).output)
+    assert not [a["key"] for a in report["assets"] if a["stale"]]

@@ -34,9 +34,18 @@ def load_definitions(settings: Settings) -> Any:
 
 
 def _stale_keys(instance: Any, definitions: Any, keys: list[Any]) -> list[Any]:
+    """Keys Dagster reports as stale or missing (code version, upstream data or never run)."""
+    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
+    from dagster._time import get_current_datetime
 
-    resolver = CachingStaleStatusResolver(instance, definitions.resolve_asset_graph())
+    graph = definitions.resolve_asset_graph()
+    view = AssetGraphView(
+        temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
+        instance=instance,
+        asset_graph=graph,
+    )
+    resolver = CachingStaleStatusResolver(instance, graph, loading_context=view)
     return [k for k in keys if resolver.get_status(k) != StaleStatus.FRESH]
 
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, cast, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
@@ -168,6 +168,28 @@ def _require_model(s: LLMSettings) -> str:
     return s.model
 
 
+@lru_cache(maxsize=1)
+def _fresh_prompt_chat_class() -> type:
+    from langchain_community.chat_models import ChatLlamaCpp
+
+    class FreshPromptChatLlamaCpp(ChatLlamaCpp):
+        """Evaluates the whole prompt on every call.
+
+        llama.cpp reuses a cached prompt prefix by default; evaluating it in a different split
+        changes the logits slightly and so the greedy answer. A reset keeps answers reproducible.
+        """
+
+        def _generate(self, *args: Any, **kwargs: Any) -> Any:
+            self.client.reset()
+            return super()._generate(*args, **kwargs)
+
+        def _stream(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+            self.client.reset()
+            yield from super()._stream(*args, **kwargs)
+
+    return FreshPromptChatLlamaCpp
+
+
 @lru_cache(maxsize=4)
 def _local_chat_model(
     model_path: str,
@@ -179,11 +201,11 @@ def _local_chat_model(
     max_tokens: int,
 ) -> BaseChatModel:
     try:
-        from langchain_community.chat_models import ChatLlamaCpp
+        chat_class = _fresh_prompt_chat_class()
     except ImportError as e:  # llama-cpp-python is a compiled dependency
         raise LLMError(f"the local LLM backend cannot be imported ({e}); run `uv sync`") from e
     try:
-        return ChatLlamaCpp(
+        return chat_class(
             model_path=model_path,
             n_ctx=n_ctx,
             n_threads=n_threads,

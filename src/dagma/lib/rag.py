@@ -216,6 +216,8 @@ class RagPipeline:
     """Question answering over a retriever with a chat model.
 
     ``stream`` yields the raw text chunks; ``answer(q).text`` equals their concatenation.
+    With the local model (temperature 0, i.e. greedy) the same question over the same store
+    gives the same text. The local model is one shared llama.cpp context: not thread-safe.
     """
 
     def __init__(

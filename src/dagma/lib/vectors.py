@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -60,6 +61,11 @@ class VectorStoreError(RuntimeError):
 def point_id(*parts: str) -> str:
     """Deterministic point id (uuid5 over the parts), so re-publishing never duplicates."""
     return str(uuid.uuid5(_NAMESPACE, "\x1f".join(parts)))
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """Short fingerprint of a set of point ids: equal digests mean the same points."""
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
 
 
 class VectorStore(ABC):
@@ -446,7 +452,9 @@ class EmbeddedStore(VectorStore):
         try:
             shard = qe.EdgeShard.create(str(folder), _edge_config(vectors.shape[1]))
         except Exception as exc:
-            raise _edge_error(folder, exc) from exc
+            raise VectorStoreError(
+                f"cannot create {folder}: {exc}. Fix: make {folder.parent} writable, with free space."
+            ) from exc
         try:
             for start in range(0, len(ids), batch_size):
                 stop = min(start + batch_size, len(ids))
@@ -485,7 +493,7 @@ def _points(ids: Sequence[str], rows: np.ndarray, payloads: Sequence[dict[str, A
 
 def _edge_error(folder: Path, exc: Exception) -> VectorStoreError:
     reason = str(exc)
-    if "WouldBlock" in reason or "already" in reason:
+    if "WouldBlock" in reason:
         return VectorStoreError(
             f"{folder} is locked by another process ({reason}). Fix: stop the other process "
             "that has it open, or wait for it to finish."
@@ -679,10 +687,3 @@ class ServerStore(VectorStore):
 
     def close(self) -> None:
         self._client.close()
-
-
-def ids_digest(ids: Sequence[str]) -> str:
-    """One hash for a set of point ids, to compare two builds without listing them."""
-    import hashlib
-
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]

@@ -1,0 +1,313 @@
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dagma.lib.vectors import (
+    CollectionVersion,
+    EmbeddedStore,
+    ServerStore,
+    VectorStoreError,
+    ids_digest,
+    open_store,
+    point_id,
+)
+
+DIM = 16
+COLORS = ("red", "green", "blue")
+
+
+def corpus(n: int = 300, gen: int = 1, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    ids = [point_id("doc", str(i)) for i in range(n)]
+    payloads = [
+        {"i": i, "gen": gen, "color": COLORS[i % 3], "even": i % 2 == 0, "half": i / 2}
+        for i in range(n)
+    ]
+    return ids, vectors, payloads
+
+
+def files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def wait_for(check, what: str, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_point_id_is_a_deterministic_uuid():
+    assert point_id("doc", "1") == point_id("doc", "1")
+    ids = {point_id("doc", "1"), point_id("doc", "2"), point_id("1", "doc"), point_id("doc1")}
+    assert len(ids) == 4
+    assert uuid.UUID(point_id("a")).version == 5
+    assert ids_digest(["b", "a"]) == ids_digest(["a", "b"]) != ids_digest(["a", "c"])
+
+
+def test_publish_then_search_returns_the_nearest_neighbour_with_its_payload(tmp_path):
+    ids, vectors, payloads = corpus()
+    with EmbeddedStore(tmp_path) as store:
+        seen: list[int] = []
+        version = store.publish(
+            "docs",
+            ids,
+            vectors,
+            payloads,
+            batch_size=64,
+            progress=seen.append,
+            metadata={"model": "m2v"},
+        )
+        hits = store.search("docs", vectors[42] + 0.01, k=3)
+
+        assert version == CollectionVersion("docs", 1, "v0001", 300, DIM)
+        assert seen == [64, 128, 192, 256, 300]
+        assert hits[0].id == ids[42] and hits[0].payload == payloads[42]
+        assert hits[0].score == pytest.approx(1.0, abs=1e-3)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        assert store.count("docs") == 300
+        assert store.current_version("docs") == version
+        assert store.current_version("docs").metadata == {"model": "m2v"}
+        assert store.collections() == [version]
+        assert (store.kind, store.location) == ("embedded", str(tmp_path.resolve()))
+
+
+def test_republishing_the_same_ids_replaces_rather_than_duplicates(tmp_path):
+    ids, vectors, payloads = corpus()
+    store = EmbeddedStore(tmp_path)
+    store.publish("docs", ids, vectors, payloads)
+    second = store.publish("docs", ids, vectors, corpus(gen=2)[2])
+
+    assert second.version == 2 and store.count("docs") == 300
+    assert store.search("docs", vectors[7], k=1)[0].payload["gen"] == 2
+
+
+def test_old_versions_are_pruned_to_keep(tmp_path):
+    ids, vectors, payloads = corpus(n=50)
+    store = EmbeddedStore(tmp_path, keep=2)
+    for _ in range(4):
+        store.publish("docs", ids, vectors, payloads)
+
+    assert files(tmp_path / "docs") == [".lock", "CURRENT", "v0003", "v0004"]
+    assert store.current_version("docs").version == 4
+
+
+def fail_in_progress(n: int) -> None:
+    if n > 64:
+        raise RuntimeError("callback failed")
+
+
+@pytest.mark.parametrize(
+    ("payload_50", "progress", "error"),
+    [(None, fail_in_progress, RuntimeError), ({"bad": object()}, None, ValueError)],
+    ids=["progress-raises", "bad-payload-mid-way"],
+)
+def test_a_failed_publish_keeps_the_previous_version_and_no_partial_folder(
+    tmp_path, payload_50, progress, error
+):
+    ids, vectors, payloads = corpus()
+    store = EmbeddedStore(tmp_path)
+    store.publish("docs", ids, vectors, payloads)
+    _, vectors2, payloads2 = corpus(gen=2, seed=1)
+    if payload_50:
+        payloads2[250] = payload_50
+
+    with pytest.raises(error):
+        store.publish("docs", ids, vectors2, payloads2, batch_size=64, progress=progress)
+
+    assert files(tmp_path / "docs") == [".lock", "CURRENT", "v0001"]
+    assert store.current_version("docs").version == 1
+    assert store.search("docs", vectors[3], k=1)[0].payload == payloads[3]
+
+
+def test_bad_input_is_refused_before_anything_is_built(tmp_path):
+    ids, vectors, payloads = corpus(n=10)
+    store = EmbeddedStore(tmp_path)
+    with pytest.raises(ValueError, match="appears twice"):
+        store.publish("docs", [ids[0], *ids[1:-1], ids[0]], vectors, payloads)
+    with pytest.raises(ValueError, match="2-D"):
+        store.publish("docs", ids, vectors[0], payloads)
+    with pytest.raises(ValueError, match="inhomogeneous"):
+        store.publish("docs", ids[:2], [vectors[0], vectors[1][:5]], payloads[:2])
+    with pytest.raises(ValueError, match="invalid"):
+        store.publish("bad name", ids, vectors, payloads)
+    assert store.collections() == []
+    assert not any((tmp_path / "docs").glob("v*"))
+
+
+def test_filter_keeps_only_exact_payload_matches(tmp_path):
+    ids, vectors, payloads = corpus()
+    store = EmbeddedStore(tmp_path)
+    store.publish("docs", ids, vectors, payloads)
+
+    def search(**filter):
+        return [h.payload for h in store.search("docs", vectors[0], k=20, filter=filter)]
+
+    assert {p["color"] for p in search(color="green")} == {"green"}
+    # bools must match booleans, not the integers 0/1 (a qdrant-edge binding quirk)
+    assert {p["even"] for p in search(even=False)} == {False}
+    assert [p["i"] for p in search(i=7)] == [7]
+    assert [p["half"] for p in search(half=3.5)] == [3.5]
+    assert {(p["color"], p["even"]) for p in search(color="red", even=True)} == {("red", True)}
+    assert search(color="purple") == []
+    with pytest.raises(ValueError, match="only str, int, float or bool"):
+        search(color=["red"])
+
+
+def test_unpublished_collection_and_wrong_query_dim_are_explained(tmp_path):
+    store = EmbeddedStore(tmp_path)
+    with pytest.raises(VectorStoreError, match="has not been published"):
+        store.search("docs", np.ones(DIM))
+    assert store.current_version("docs") is None
+    ids, vectors, payloads = corpus(n=10)
+    store.publish("docs", ids, vectors, payloads)
+    with pytest.raises(ValueError, match="dim 3 but 'docs' holds dim 16"):
+        store.search("docs", np.ones(3))
+
+
+def test_a_corrupt_current_pointer_names_the_folder_and_the_fix(tmp_path):
+    ids, vectors, payloads = corpus(n=10)
+    EmbeddedStore(tmp_path).publish("docs", ids, vectors, payloads)
+    (tmp_path / "docs" / "CURRENT").write_text("garbage")
+
+    with pytest.raises(VectorStoreError, match="publish the collection again") as err:
+        EmbeddedStore(tmp_path)
+    assert str(tmp_path / "docs") in str(err.value)
+
+
+def test_corrupt_version_files_name_the_folder_and_the_fix(tmp_path):
+    ids, vectors, payloads = corpus(n=10)
+    store = EmbeddedStore(tmp_path)
+    store.publish("docs", ids, vectors, payloads)
+    (tmp_path / "docs" / "v0001" / "edge_config.json").write_text("{not json")
+
+    with pytest.raises(VectorStoreError, match="looks corrupt") as err:
+        store.search("docs", vectors[0])
+    assert str(tmp_path / "docs" / "v0001") in str(err.value)
+
+
+def test_a_file_in_place_of_the_store_folder_is_refused(tmp_path):
+    (tmp_path / "store").write_text("")
+    with pytest.raises(VectorStoreError, match="DAGMA_QDRANT_PATH"):
+        EmbeddedStore(tmp_path / "store")
+
+
+def run_child(code: str, *args: object) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+READER = """
+import json, sys, time
+from pathlib import Path
+import numpy as np
+from dagma.lib.vectors import EmbeddedStore
+
+root, stop, seen = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+store, gens, times, errors = EmbeddedStore(root), [], [], []
+while not stop.exists():
+    try:
+        gen = store.search("docs", np.ones(16), k=3)[0].payload["gen"]
+        times.append(time.time())
+        if gen not in gens:
+            gens.append(gen)
+            seen.write_text(json.dumps(gens))
+    except Exception as exc:
+        errors.append(repr(exc))
+    time.sleep(0.002)
+print(json.dumps({"gens": gens, "times": times, "errors": errors[:3]}))
+"""
+
+
+def test_a_reader_process_searches_while_this_process_publishes(tmp_path):
+    ids, vectors, payloads = corpus()
+    store = EmbeddedStore(tmp_path, keep=1)  # keep=1: the version a reader has open gets deleted
+    store.publish("docs", ids, vectors, payloads)
+    stop, seen = tmp_path / "stop", tmp_path / "seen.json"
+    reader = run_child(READER, tmp_path, stop, seen)
+    try:
+        wait_for(seen.exists, "the reader's first search")
+        windows = []
+        for gen in (2, 3):
+            start = time.time()
+            store.publish(
+                "docs",
+                ids,
+                vectors,
+                corpus(gen=gen)[2],
+                batch_size=50,
+                progress=lambda n: time.sleep(0.03),
+            )
+            windows.append((start, time.time()))
+            wait_for(lambda g=gen: g in json.loads(seen.read_text()), f"the reader to see v{gen}")
+    finally:
+        stop.touch()
+        out, err = reader.communicate(timeout=15)
+    result = json.loads(out) if out else {"errors": [err]}
+
+    assert result["errors"] == []
+    assert result["gens"] == [1, 2, 3]
+    for start, end in windows:
+        assert any(start <= t <= end for t in result["times"]), "no search overlapped a publish"
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from dagma.lib.vectors import EmbeddedStore, point_id
+
+root, started, go = map(Path, sys.argv[1:4])
+def hold(n):
+    started.touch()
+    while not go.exists():
+        time.sleep(0.01)
+ids = [point_id(str(i)) for i in range(10)]
+EmbeddedStore(root).publish("docs", ids, np.ones((10, 16)), [{}] * 10, progress=hold)
+"""
+
+
+def test_a_second_writer_gets_a_locked_error_naming_the_folder(tmp_path):
+    ids, vectors, payloads = corpus(n=10)
+    store = EmbeddedStore(tmp_path)
+    store.publish("docs", ids, vectors, payloads)
+    started, go = tmp_path / "started", tmp_path / "go"
+    writer = run_child(WRITER, tmp_path, started, go)
+    try:
+        wait_for(started.exists, "the other writer to start")
+        with pytest.raises(VectorStoreError, match="locked by another writer") as err:
+            store.publish("docs", ids, vectors, payloads)
+        assert str(tmp_path / "docs") in str(err.value)
+        assert store.search("docs", vectors[0], k=1)[0].id == ids[0]  # readers unaffected
+    finally:
+        go.touch()
+        _, stderr = writer.communicate(timeout=15)
+    assert writer.returncode == 0, stderr
+    assert store.current_version("docs").version == 2
+
+
+def test_an_unreachable_server_fails_fast_naming_qdrant_url(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(VectorStoreError, match="QDRANT_URL"):
+        open_store(url="http://127.0.0.1:1", api_key=None, root=tmp_path)
+    with pytest.raises(VectorStoreError, match=r"cannot reach Qdrant at http://127\.0\.0\.1:1"):
+        ServerStore("http://127.0.0.1:1", timeout=2)
+    assert time.monotonic() - start < 5
+
+
+def test_open_store_without_url_is_embedded(tmp_path):
+    with open_store(url=None, api_key=None, root=tmp_path, keep=2) as store:
+        assert isinstance(store, EmbeddedStore) and store.keep == 2
+    with pytest.raises(ValueError, match="keep"):
+        EmbeddedStore(tmp_path, keep=0)
