@@ -29,7 +29,7 @@ install: .venv/.synced  ## Create .venv from uv.lock (bytecode compiled)
 demo: install  ## Materialize the whole demo graph into $DAGMA_HOME
 	$(UV) run --frozen dagma demo
 
-test: install  ## Run the whole test suite (unit, integration, nbval)
+test: lint  ## Lint, type-check, then the whole test suite (unit, integration, nbval)
 	$(UV) run --frozen pytest
 
 lint: install  ## ruff lint + format check, mypy

@@ -106,7 +106,7 @@ def test_scorecard_chart_is_written(demo):
 
 
 def test_status_json_names_every_asset_and_collection(demo):
-    settings, run = demo
+    _, run = demo
     result = CliRunner().invoke(app, ["status", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)

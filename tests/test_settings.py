@@ -7,8 +7,15 @@ from dagma.settings import Settings
 
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    for var in ("DAGMA_HOME", "DAGSTER_HOME", "MLFLOW_TRACKING_URI", "QDRANT_URL",
-                "QDRANT_API_KEY", "DAGMA_QDRANT_PATH", "MLFLOW_UI_URL"):
+    for var in (
+        "DAGMA_HOME",
+        "DAGSTER_HOME",
+        "MLFLOW_TRACKING_URI",
+        "QDRANT_URL",
+        "QDRANT_API_KEY",
+        "DAGMA_QDRANT_PATH",
+        "MLFLOW_UI_URL",
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.chdir(tmp_path)
     return tmp_path

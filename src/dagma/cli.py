@@ -31,7 +31,9 @@ def demo(
 
 @app.command()
 def run(
-    assets: Annotated[list[str] | None, typer.Argument(help="Asset keys; all when omitted.")] = None,
+    assets: Annotated[
+        list[str] | None, typer.Argument(help="Asset keys; all when omitted.")
+    ] = None,
     stale: Annotated[bool, typer.Option(help="Only what is stale or missing.")] = False,
 ) -> None:
     """Materialize some or all assets."""
@@ -67,8 +69,11 @@ def _print_status(report: dict[str, Any]) -> None:
         assets.add_column(col)
     for row in report["assets"]:
         assets.add_row(
-            row["key"], row["group"] or "", row["last_materialized"] or "never",
-            (row["run_id"] or "")[:8], "yes" if row["stale"] else "no",
+            row["key"],
+            row["group"] or "",
+            row["last_materialized"] or "never",
+            (row["run_id"] or "")[:8],
+            "yes" if row["stale"] else "no",
         )
     console.print(assets)
     runs = Table(title="Latest MLflow runs", title_justify="left")
@@ -78,8 +83,10 @@ def _print_status(report: dict[str, Any]) -> None:
         metrics = ", ".join(f"{k}={v:.3g}" for k, v in sorted(row["metrics"].items())[:4])
         runs.add_row(row["run_id"][:8], row["name"], row["status"], metrics)
     console.print(runs)
-    vectors = Table(title=f"Vector store ({report['vectors']['kind']}: "
-                    f"{report['vectors']['location']})", title_justify="left")
+    vectors = Table(
+        title=f"Vector store ({report['vectors']['kind']}: {report['vectors']['location']})",
+        title_justify="left",
+    )
     for col in ("collection", "version", "points", "dim"):
         vectors.add_column(col)
     for row in report["vectors"]["collections"]:
@@ -87,7 +94,9 @@ def _print_status(report: dict[str, Any]) -> None:
     console.print(vectors)
     for problem in report.get("problems", []):
         console.print(f"[yellow]! {problem}[/yellow]")
-    console.print(f"Dagster UI: {report['links']['dagster']}   MLflow UI: {report['links']['mlflow']}")
+    console.print(
+        f"Dagster UI: {report['links']['dagster']}   MLflow UI: {report['links']['mlflow']}"
+    )
 
 
 if __name__ == "__main__":

@@ -84,9 +84,9 @@ def materialize(
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     if seed is not None:
         run_config["ops"] = {
-                node.name: {"config": {"seed": seed}}
-                for node in job.graph.node_defs
-                if node.config_schema and "seed" in (node.config_schema.config_type.fields or {})
+            node.name: {"config": {"seed": seed}}
+            for node in job.graph.node_defs
+            if node.config_schema and "seed" in (node.config_schema.config_type.fields or {})
         }
     run_id = str(uuid.uuid4())
     outcome: dict[str, Any] = {}
@@ -119,20 +119,27 @@ def materialize(
     for key in run.materialized:
         try:
             run.values[key] = result.asset_value(key)
-        except Exception:  # noqa: S112  # nosec B112: a value not kept in memory is optional here
+        except Exception:  # nosec B112: a value not kept in memory is optional here
             continue
     if not result.success:
         failures = [e for e in result.all_events if e.is_step_failure]
-        run.error = "; ".join(
-            f"{e.step_key}: {e.step_failure_data.error.message.strip()}"  # type: ignore[union-attr]
-            for e in failures
-            if e.step_failure_data and e.step_failure_data.error
-        ) or "the run failed"
+        run.error = (
+            "; ".join(
+                f"{e.step_key}: {e.step_failure_data.error.message.strip()}"
+                for e in failures
+                if e.step_failure_data and e.step_failure_data.error
+            )
+            or "the run failed"
+        )
     return run
 
 
 def _follow(
-    instance: Any, run_id: str, total: int, worker: threading.Thread, console: Console,
+    instance: Any,
+    run_id: str,
+    total: int,
+    worker: threading.Thread,
+    console: Console,
     settings: Settings,
 ) -> None:
     """A progress bar fed by the run's materialization events."""
@@ -140,9 +147,13 @@ def _follow(
 
     console.print(f"Run [bold]{run_id[:8]}[/bold]: {settings.dagster_ui_url}/runs/{run_id}")
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
-        console=console, transient=False,
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as progress:
         task = progress.add_task("materializing", total=total)
         seen: set[str] = set()
@@ -225,22 +236,28 @@ def status(settings: Settings) -> dict[str, Any]:
     assets = []
     for key in keys:
         event = instance.get_latest_materialization_event(key)
-        assets.append({
-            "key": key.to_user_string(),
-            "group": graph.get(key).group_name,
-            "last_materialized": (
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.timestamp))
-                if event else None
-            ),
-            "run_id": event.run_id if event else None,
-            "stale": key in stale,
-        })
+        assets.append(
+            {
+                "key": key.to_user_string(),
+                "group": graph.get(key).group_name,
+                "last_materialized": (
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.timestamp))
+                    if event
+                    else None
+                ),
+                "run_id": event.run_id if event else None,
+                "stale": key in stale,
+            }
+        )
     report: dict[str, Any] = {
         "home": str(settings.home),
         "assets": assets,
         "mlflow": {"tracking_uri": settings.tracking_uri, "runs": []},
-        "vectors": {"kind": "server" if settings.qdrant_url else "embedded",
-                    "location": settings.vector_location, "collections": []},
+        "vectors": {
+            "kind": "server" if settings.qdrant_url else "embedded",
+            "location": settings.vector_location,
+            "collections": [],
+        },
         "links": {"dagster": settings.dagster_ui_url, "mlflow": settings.mlflow_ui},
         "problems": problems,
     }
@@ -254,9 +271,13 @@ def status(settings: Settings) -> dict[str, Any]:
             [exp], max_results=10, order_by=["attributes.start_time DESC"]
         )
         report["mlflow"]["runs"] = [
-            {"run_id": r.info.run_id, "name": r.info.run_name, "status": r.info.status,
-             "metrics": dict(r.data.metrics),
-             "url": tracking.run_url(settings.mlflow_ui, exp, r.info.run_id)}
+            {
+                "run_id": r.info.run_id,
+                "name": r.info.run_name,
+                "status": r.info.status,
+                "metrics": dict(r.data.metrics),
+                "url": tracking.run_url(settings.mlflow_ui, exp, r.info.run_id),
+            }
             for r in runs
         ]
     except Exception as exc:

@@ -64,7 +64,7 @@ class NotebookContext:
                 f"Run `dagma run {name}` first."
             )
         with open(path, "rb") as fh:
-            return pickle.load(fh)  # noqa: S301  # nosec B301: written by our own IO manager
+            return pickle.load(fh)  # nosec B301: written by our own IO manager
 
     def output(self, value: Any, *, name: str | None = None, metadata: dict | None = None) -> None:
         """Hand `value` to Dagster as the asset `name` (default: this notebook's asset)."""
@@ -89,15 +89,20 @@ class NotebookContext:
         from dagma.lib import tracking
 
         experiment_id = tracking.setup_experiment(
-            self.tracking_uri, self.experiment, Path(self.artifact_root) if self.artifact_root else None
+            self.tracking_uri,
+            self.experiment,
+            Path(self.artifact_root) if self.artifact_root else None,
         )
-        tags = tracking.lineage_tags(
-            notebook=self.notebook,
-            asset_key=",".join(self.asset_names),
-            dagster_run_id=self.run_id,
-            partition=self.partition_key,
-            code_version=self.code_version,
-        ) | self.tags
+        tags = (
+            tracking.lineage_tags(
+                notebook=self.notebook,
+                asset_key=",".join(self.asset_names),
+                dagster_run_id=self.run_id,
+                partition=self.partition_key,
+                code_version=self.code_version,
+            )
+            | self.tags
+        )
         with mlflow.start_run(
             experiment_id=experiment_id, run_name=run_name or self.notebook, tags=tags
         ) as run:
@@ -113,7 +118,9 @@ class NotebookContext:
         from dagma.lib.vectors import open_store
 
         return open_store(
-            url=self.qdrant_url, api_key=os.environ.get("QDRANT_API_KEY"), root=Path(self.qdrant_path)
+            url=self.qdrant_url,
+            api_key=os.environ.get("QDRANT_API_KEY"),
+            root=Path(self.qdrant_path),
         )
 
 

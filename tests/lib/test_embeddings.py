@@ -28,7 +28,7 @@ def test_unknown_embedder_lists_the_choices(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_missing_model_folder_says_how_to_rebuild(tmp_path: Path):
-    with pytest.raises(EmbedderError, match="distill_embedder.py"):
+    with pytest.raises(EmbedderError, match=r"distill_embedder\.py"):
         Model2VecEmbedder(tmp_path)
 
 

@@ -35,7 +35,11 @@ def test_parameters_cell_declares_upstream_types_and_options(tmp_path: Path):
 
 def test_strings_are_coerced_to_declared_types(tmp_path: Path):
     spec = parse_notebook(write_nb(tmp_path / "nb.ipynb"))
-    assert spec.validate_params({"seed": "7", "rate": "0.25"}) == {"seed": 7, "rate": 0.25, "label": "x"}
+    assert spec.validate_params({"seed": "7", "rate": "0.25"}) == {
+        "seed": 7,
+        "rate": 0.25,
+        "label": "x",
+    }
 
 
 def test_unknown_parameter_names_the_notebook_and_the_known_ones(tmp_path: Path):
@@ -66,7 +70,9 @@ def test_malformed_notebook_names_the_file(tmp_path: Path):
 
 
 def test_missing_parameters_cell_says_how_to_fix(tmp_path: Path):
-    with pytest.raises(NotebookError, match="no cell is tagged 'parameters'.*prefix the file name"):
+    with pytest.raises(
+        NotebookError, match=r"no cell is tagged 'parameters'.*prefix the file name"
+    ):
         parse_notebook(write_nb(tmp_path / "nb.ipynb", params=None))
 
 

@@ -30,8 +30,12 @@ def latest_runs(limit: int = 20) -> pd.DataFrame:
     )
     return pd.DataFrame(
         [
-            {"run": r.info.run_name, "status": r.info.status, **r.data.metrics,
-             "link": tracking.run_url(settings.mlflow_ui, exp, r.info.run_id)}
+            {
+                "run": r.info.run_name,
+                "status": r.info.status,
+                **r.data.metrics,
+                "link": tracking.run_url(settings.mlflow_ui, exp, r.info.run_id),
+            }
             for r in runs
         ]
     )
@@ -47,8 +51,10 @@ def search(query: str, k: int) -> list[dict[str, Any]]:
 
 
 st.title("Dagma lab")
-st.caption(f"State in `{settings.home}` · [MLflow]({settings.mlflow_ui}) · "
-           f"[Dagster]({settings.dagster_ui_url})")
+st.caption(
+    f"State in `{settings.home}` · [MLflow]({settings.mlflow_ui}) · "
+    f"[Dagster]({settings.dagster_ui_url})"
+)
 
 st.header("Latest MLflow runs")
 try:

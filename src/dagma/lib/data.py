@@ -52,9 +52,13 @@ def markdown_documents(folder: Path) -> list[Document]:
         text = path.read_text(encoding="utf-8").strip()
         if not text:
             continue
-        heading = next((ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), "")
+        heading = next(
+            (ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#")), ""
+        )
         docs.append(
-            Document(source=f"docs:{path.relative_to(folder)}", title=heading or path.stem, text=text)
+            Document(
+                source=f"docs:{path.relative_to(folder)}", title=heading or path.stem, text=text
+            )
         )
     return docs
 

@@ -434,7 +434,7 @@ class EmbeddedStore(VectorStore):
                 shutil.rmtree(building, ignore_errors=True)
                 shutil.rmtree(final, ignore_errors=True)
                 raise
-            for old in sorted(v for v in versions if v <= version - self.keep):
+            for old in (v for v in versions if v <= version - self.keep):
                 shutil.rmtree(folder / f"v{old:04d}", ignore_errors=True)
         return info
 
@@ -458,7 +458,7 @@ class EmbeddedStore(VectorStore):
         try:
             for start in range(0, len(ids), batch_size):
                 stop = min(start + batch_size, len(ids))
-                # float64 rows convert fastest into qdrant-edge's Python bindings
+                # qdrant-edge's bindings convert float64 rows faster than float32 ones
                 rows = np.asarray(vectors[start:stop], dtype=np.float64)
                 batch = _points(ids[start:stop], rows, payloads[start:stop])
                 shard.update(qe.UpdateOperation.upsert_points(batch))

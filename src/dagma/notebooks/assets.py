@@ -1,6 +1,5 @@
 """Turn each notebook spec into a Dagster asset (or several, for a multi-output notebook)."""
 
-
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any

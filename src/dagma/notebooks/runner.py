@@ -13,7 +13,9 @@ from typing import Any
 from dagma.nb import CONTEXT_VAR, MLFLOW_RUN_FILE, NotebookContext
 from dagma.notebooks.spec import NotebookSpec
 
-KERNEL = "python3"  # jupyter_client maps the native kernel to this very interpreter (sys.executable)
+KERNEL = (
+    "python3"  # jupyter_client maps the native kernel to this very interpreter (sys.executable)
+)
 
 
 class NotebookFailed(RuntimeError):
@@ -146,6 +148,7 @@ def execute(
             str(execution.ipynb),
             parameters={**values, CONTEXT_VAR: str(context_path)},
             kernel_name=KERNEL,
+            language="python",
             cwd=str(spec.path.parent),
             progress_bar=False,
             log_output=False,
@@ -174,7 +177,7 @@ def execute(
                 execution,
             )
         with open(path, "rb") as fh:
-            execution.outputs[name] = pickle.load(fh)  # noqa: S301  # nosec B301: our own kernel wrote it
+            execution.outputs[name] = pickle.load(fh)  # nosec B301: our own kernel wrote it
         meta = outputs_dir / f"{name}.meta.json"
         execution.output_metadata[name] = json.loads(meta.read_text()) if meta.is_file() else {}
     return execution

@@ -25,8 +25,16 @@ ASSET_OPTIONS = {"group", "outputs", "kinds", "owners", "tags", "description"}
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 # Names an annotation may use; evaluated with no builtins, so nothing else is reachable.
 _TYPE_NAMES: dict[str, Any] = {
-    "int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict,
-    "Literal": Literal, "Annotated": Annotated, "Field": Field, "None": None,
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "list": list,
+    "dict": dict,
+    "Literal": Literal,
+    "Annotated": Annotated,
+    "Field": Field,
+    "None": None,
 }
 
 
@@ -72,7 +80,7 @@ class NotebookSpec:
 
     def params_model(self) -> type[BaseModel]:
         fields: dict[str, Any] = {n: (p.annotation, p.default) for n, p in self.params.items()}
-        return create_model(  # type: ignore[call-overload, no-any-return]
+        return create_model(
             f"{self.name}_params",
             __config__=ConfigDict(extra="forbid", validate_default=True),
             **fields,
@@ -126,7 +134,7 @@ def _annotation(node: ast.expr | None, default: Any, path: Path, name: str) -> t
     source = ast.unparse(node)
     try:
         code = compile(ast.Expression(node), str(path), "eval")
-        return eval(code, {"__builtins__": {}}, _TYPE_NAMES), source  # noqa: S307  # nosec B307
+        return eval(code, {"__builtins__": {}}, _TYPE_NAMES), source  # nosec B307
     except Exception:
         allowed = ", ".join(k for k in _TYPE_NAMES if k != "None")
         raise NotebookError(
@@ -138,7 +146,9 @@ def _parse_parameters(source: str, path: Path) -> tuple[dict[str, Any], dict[str
     try:
         tree = ast.parse(source)
     except SyntaxError as exc:
-        raise NotebookError(f"{path}: the parameters cell is not valid Python ({exc.msg}).") from None
+        raise NotebookError(
+            f"{path}: the parameters cell is not valid Python ({exc.msg})."
+        ) from None
     reserved: dict[str, Any] = {}
     params: dict[str, Param] = {}
     for stmt in tree.body:

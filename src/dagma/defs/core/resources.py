@@ -1,6 +1,5 @@
 """One resource per external system: MLflow, the vector store (Qdrant) and the LLM."""
 
-
 import os
 from pathlib import Path
 from typing import Any
@@ -26,14 +25,18 @@ class MLflowResource(dg.ConfigurableResource):
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self._experiment_id = tracking.setup_experiment(
-            self.tracking_uri, self.experiment, Path(self.artifact_root) if self.artifact_root else None
+            self.tracking_uri,
+            self.experiment,
+            Path(self.artifact_root) if self.artifact_root else None,
         )
 
     @property
     def experiment_id(self) -> str:
         if self._experiment_id is None:
             self._experiment_id = tracking.setup_experiment(
-                self.tracking_uri, self.experiment, Path(self.artifact_root) if self.artifact_root else None
+                self.tracking_uri,
+                self.experiment,
+                Path(self.artifact_root) if self.artifact_root else None,
             )
         return self._experiment_id
 
@@ -48,7 +51,9 @@ class QdrantResource(dg.ConfigurableResource):
     api_key: str | None = Field(default=None, description="Qdrant API key, from QDRANT_API_KEY.")
     path: str = Field(description="Folder of the embedded store.")
     collection: str = Field(default="dagma_docs", description="Collection of document chunks.")
-    keep_versions: int = Field(default=3, ge=1, description="Collection versions kept for rollback.")
+    keep_versions: int = Field(
+        default=3, ge=1, description="Collection versions kept for rollback."
+    )
 
     def open(self) -> Any:
         from dagma.lib.vectors import open_store

@@ -1,6 +1,5 @@
 """Raw datasets. Both ship inside installed packages and this repo, so nothing is downloaded."""
 
-
 import dagster as dg
 import pandas as pd
 

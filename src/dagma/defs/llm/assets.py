@@ -41,8 +41,13 @@ def rag_eval(
         experiment_id=mlflow.experiment_id, run_name="rag_eval", tags=tags
     ) as run:
         mlflow_lib.log_params(
-            {"questions": report["n"], "k": report["k"], "embedder": embedder.name,
-             "collection": doc_vectors.get("physical"), "llm": llm.backend}
+            {
+                "questions": report["n"],
+                "k": report["k"],
+                "embedder": embedder.name,
+                "collection": doc_vectors.get("physical"),
+                "llm": llm.backend,
+            }
         )
         mlflow_lib.log_metrics(metrics)
         mlflow_lib.log_dict(report["rows"], "retrieval_rows.json")

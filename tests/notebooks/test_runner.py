@@ -1,0 +1,91 @@
+"""The bridge against real kernels: values in, outputs and executed copies out."""
+
+from pathlib import Path
+
+import pytest
+
+from dagma.notebooks.runner import NotebookFailed, RunTarget, execute
+from dagma.notebooks.spec import NotebookError, parse_notebook
+from tests.notebooks.test_spec import write_nb
+
+pytestmark = pytest.mark.integration
+
+
+def target(tmp_path: Path) -> RunTarget:
+    return RunTarget(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        experiment="test",
+        artifact_root=str(tmp_path / "artifacts"),
+        qdrant_url=None,
+        qdrant_path=str(tmp_path / "qdrant"),
+        collection="test",
+        run_id="run-1",
+        partition_key="2026-11-29",
+    )
+
+
+def test_upstream_values_and_coerced_params_reach_the_kernel(tmp_path: Path):
+    path = write_nb(
+        tmp_path / "doubled.ipynb",
+        params='upstream = ["numbers"]\nfactor: int = 2',
+        body=(
+            "from dagma import nb\nctx = nb.context()\n"
+            "ctx.output([x * factor for x in ctx.upstream('numbers')],"
+            " metadata={'partition': ctx.partition_key})"
+        ),
+    )
+    run = execute(
+        parse_notebook(path),
+        run_dir=tmp_path / "run",
+        target=target(tmp_path),
+        params={"factor": "3"},
+        inputs={"numbers": [1, 2, 3]},
+    )
+    assert run.outputs == {"doubled": [3, 6, 9]}
+    assert run.output_metadata["doubled"] == {"partition": "2026-11-29"}
+    assert run.params == {"factor": 3}
+    assert run.ipynb.is_file() and run.html is not None
+    assert "factor = 3" in run.ipynb.read_text()  # papermill's injected cell keeps the value
+
+
+def test_a_failing_cell_keeps_ipynb_and_html_and_names_the_error(tmp_path: Path):
+    path = write_nb(tmp_path / "broken.ipynb", params="n: int = 1", body="raise ValueError('boom')")
+    with pytest.raises(NotebookFailed) as info:
+        execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
+    message = str(info.value)
+    assert "broken.ipynb failed: ValueError: boom" in message
+    assert "raise ValueError('boom')" in message
+    failed = info.value.execution
+    assert str(failed.ipynb) in message and failed.ipynb.is_file()
+    assert failed.html is not None and "boom" in failed.html.read_text()
+
+
+def test_a_notebook_that_never_outputs_is_an_error(tmp_path: Path):
+    path = write_nb(tmp_path / "silent.ipynb", params="n: int = 1", body="n + 1")
+    with pytest.raises(NotebookFailed, match=r"never called ctx.output\(\.\.\., name='silent'\)"):
+        execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
+
+
+def test_bad_parameters_fail_before_any_kernel_starts(tmp_path: Path):
+    path = write_nb(tmp_path / "typed.ipynb", params="n: int = 1", body="n")
+    with pytest.raises(NotebookError, match=r"typed\.ipynb: parameter 'n' = 'many'"):
+        execute(
+            parse_notebook(path),
+            run_dir=tmp_path / "run",
+            target=target(tmp_path),
+            params={"n": "many"},
+        )
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_notebook_can_output_several_assets(tmp_path: Path):
+    path = write_nb(
+        tmp_path / "pair.ipynb",
+        params='asset = {"outputs": ["model", "metrics"]}',
+        body=(
+            "from dagma import nb\nctx = nb.context()\n"
+            "ctx.output('m', name='model')\nctx.output({'acc': 1.0}, name='metrics')"
+        ),
+    )
+    run = execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
+    assert run.outputs == {"model": "m", "metrics": {"acc": 1.0}}
