@@ -9,6 +9,7 @@ export UV_PYTHON_DOWNLOADS := never
 # A portable llama.cpp build: no -march=native, so the wheel in uv's cache runs anywhere.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export DAGMA_HOME ?= $(CURDIR)/.dagma
+RUN = $(UV) run --frozen --no-sync
 
 .PHONY: help install demo test lint format typecheck dagster mlflow lab app clean
 
@@ -27,32 +28,33 @@ help:  ## List the targets
 install: .venv/.synced  ## Create .venv from uv.lock (bytecode compiled)
 
 demo: install  ## Materialize the whole demo graph into $DAGMA_HOME
-	$(UV) run --frozen dagma demo
+	$(RUN) dagma demo
 
 test: lint  ## Lint, type-check, then the whole test suite (unit, integration, nbval)
-	$(UV) run --frozen pytest
+	$(RUN) pytest
 
 lint: install  ## ruff lint + format check, mypy
-	$(UV) run --frozen ruff check .
-	$(UV) run --frozen ruff format --check .
-	$(UV) run --frozen mypy
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+	$(RUN) mypy
 
 format: install  ## Format and sort imports
-	$(UV) run --frozen ruff check --fix .
-	$(UV) run --frozen ruff format .
+	$(RUN) ruff check --fix .
+	$(RUN) ruff format .
 
 dagster: install  ## Dagster UI on http://127.0.0.1:3000
+	mkdir -p $(DAGMA_HOME)/dagster
 	DAGSTER_HOME=$(DAGMA_HOME)/dagster $(UV) run --frozen dagster dev -h 127.0.0.1 -p 3000
 
 mlflow: install  ## MLflow UI on http://127.0.0.1:5000
-	$(UV) run --frozen mlflow ui --host 127.0.0.1 --port 5000 \
+	$(RUN) mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri sqlite:///$(DAGMA_HOME)/mlflow/mlflow.db
 
 lab: install  ## JupyterLab on http://127.0.0.1:8888
-	$(UV) run --frozen jupyter lab --ip 127.0.0.1 --port 8888 --no-browser notebooks
+	$(RUN) jupyter lab --ip 127.0.0.1 --port 8888 --no-browser notebooks
 
 app: install  ## Streamlit app on http://127.0.0.1:8501
-	$(UV) run --frozen streamlit run src/dagma/app/streamlit_app.py \
+	$(RUN) streamlit run src/dagma/app/streamlit_app.py \
 	  --server.address 127.0.0.1 --server.port 8501 --server.headless true
 
 clean:  ## Remove the embedded state in $DAGMA_HOME

@@ -1,34 +1,29 @@
 """The whole demo graph, materialized for real into a temporary DAGMA_HOME."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
 import pytest
-from rich.console import Console
 from typer.testing import CliRunner
 
 from dagma.cli import app
-from dagma.lab import LabRun, materialize
+from dagma.lab import materialize
 from dagma.lib.vectors import open_store
-from dagma.settings import Settings, get_settings
+from dagma.settings import Settings
+from tests.conftest import QUIET
 
 pytestmark = pytest.mark.integration
 DEMO_ASSETS = {"wine_table", "doc_corpus", "wine_model", "doc_vectors", "rag_eval", "lab_scorecard"}
-QUIET = Console(quiet=True)
 
 
-@pytest.fixture(scope="session")
-def demo() -> tuple[Settings, LabRun]:
-    settings = get_settings()
-    run = materialize(settings, console=QUIET)
-    assert run.success, run.error
-    return settings, run
-
-
-def test_demo_materializes_every_asset(demo):
+def test_demo_materializes_every_asset_and_passes_its_checks(demo):
     _, run = demo
     assert set(run.materialized) == DEMO_ASSETS
+    assert run.checks == {"wine_model_quality": True, "rag_retrieval_quality": True}
 
 
 def test_mlflow_has_the_notebook_run_with_params_metrics_model_and_notebook(demo):
@@ -118,20 +113,20 @@ def test_status_json_names_every_asset_and_collection(demo):
     assert any(r["name"] == "wine_model" for r in report["mlflow"]["runs"])
 
 
-def test_two_fresh_homes_reproduce_metrics_point_ids_and_answer(
-    demo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
+def test_a_fresh_home_offline_reproduces_metrics_point_ids_and_answer(demo, tmp_path: Path):
+    """`dagma demo` in a new network namespace (no route out): nothing is downloaded."""
     _, first = demo
-    # materialize() exports these for child processes; monkeypatch restores them afterwards.
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("DAGMA_HOME", str(tmp_path / "second"))
-    second = materialize(get_settings(), console=QUIET)
-    assert second.success, second.error
-    assert second.values["wine_model"]["metrics"] == first.values["wine_model"]["metrics"]
-    assert second.values["doc_vectors"]["ids_digest"] == first.values["doc_vectors"]["ids_digest"]
-    assert second.values["rag_eval"]["metrics"] == first.values["rag_eval"]["metrics"]
-    assert second.values["rag_eval"]["sample"]["text"] == first.values["rag_eval"]["sample"]["text"]
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
+    env["DAGMA_HOME"] = str(tmp_path / "second")
+    dagma = str(Path(sys.executable).with_name("dagma"))
+    offline = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" demo --json', dagma]
+    done = subprocess.run(offline, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    second = json.loads(done.stdout)["values"]
+    assert second["wine_model"]["metrics"] == first.values["wine_model"]["metrics"]
+    assert second["doc_vectors"]["ids_digest"] == first.values["doc_vectors"]["ids_digest"]
+    assert second["rag_eval"]["metrics"] == first.values["rag_eval"]["metrics"]
+    assert second["rag_eval"]["sample"]["text"] == first.values["rag_eval"]["sample"]["text"]
 
 
 def test_run_stale_catches_up_and_then_has_nothing_to_do(demo):

@@ -18,13 +18,20 @@ console = Console()
 @app.command()
 def demo(
     seed: Annotated[int | None, typer.Option(help="Override every notebook's seed.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the summary as JSON; progress goes to stderr.")
+    ] = False,
 ) -> None:
     """Materialize the whole demo graph on the embedded defaults and summarise it."""
     from dagma import lab
 
     settings = get_settings()
-    result = lab.materialize(settings, selection=None, seed=seed, console=console)
-    lab.print_summary(result, settings, console)
+    out = Console(stderr=True) if as_json else console
+    result = lab.materialize(settings, selection=None, seed=seed, console=out)
+    if as_json:
+        typer.echo(json.dumps(lab.summary(result, settings), indent=2, default=str))
+    else:
+        lab.print_summary(result, settings, console)
     if not result.success:
         raise typer.Exit(1)
 

@@ -20,6 +20,7 @@ class LabRun:
     success: bool = True
     materialized: list[str] = field(default_factory=list)
     values: dict[str, Any] = field(default_factory=dict)
+    checks: dict[str, bool] = field(default_factory=dict)
     error: str | None = None
     seconds: float = 0.0
 
@@ -116,6 +117,8 @@ def materialize(
     for event in result.get_asset_materialization_events():
         key = event.asset_key.to_user_string()
         run.materialized.append(key)
+    for check in result.get_asset_check_evaluations():
+        run.checks[check.check_name] = check.passed
     for key in run.materialized:
         try:
             run.values[key] = result.asset_value(key)
@@ -173,6 +176,24 @@ def _follow(
             worker.join(timeout=0.25)
 
 
+def summary(run: LabRun, settings: Settings) -> dict[str, Any]:
+    """The run as plain data: what was materialized and the demo's headline values."""
+    return {
+        "run_id": run.run_id,
+        "success": run.success,
+        "seconds": round(run.seconds, 2),
+        "materialized": run.materialized,
+        "values": {k: v for k, v in run.values.items() if isinstance(v, dict)},
+        "checks": run.checks,
+        "error": run.error,
+        "home": str(settings.home),
+        "links": {
+            "dagster": f"{settings.dagster_ui_url}/runs/{run.run_id}",
+            "mlflow": settings.mlflow_ui,
+        },
+    }
+
+
 def print_summary(run: LabRun, settings: Settings, console: Console) -> None:
     """What the run made, with links and one RAG answer."""
     status = "[green]succeeded[/green]" if run.success else "[red]failed[/red]"
@@ -206,6 +227,10 @@ def print_summary(run: LabRun, settings: Settings, console: Console) -> None:
         console.print(f"\n[bold]Q:[/bold] {sample['question']}\n[bold]A:[/bold] {sample['text']}")
         for i, src in enumerate(sample["sources"], 1):
             console.print(f"  [{i}] {src['source']} (score {src['score']:.3f})")
+    for name, passed in run.checks.items():
+        console.print(
+            f"Check {name}: " + ("[green]passed[/green]" if passed else "[red]failed[/red]")
+        )
     if run.error:
         console.print(f"[red]{run.error}[/red]")
     console.print(f"\nDagster UI: {settings.dagster_ui_url}  (run `make dagster`)")

@@ -21,11 +21,12 @@ def embedder() -> embeddings.Embedder:
 
 
 @st.cache_data(ttl=30)
-def latest_runs(limit: int = 20) -> pd.DataFrame:
-    exp = tracking.setup_experiment(
-        settings.tracking_uri, settings.dagma_experiment, settings.artifact_root
-    )
-    runs = tracking.client(settings.tracking_uri).search_runs(
+def latest_runs(tracking_uri: str, experiment: str, limit: int = 20) -> pd.DataFrame:
+    found = tracking.client(tracking_uri).get_experiment_by_name(experiment)
+    if found is None:
+        return pd.DataFrame()
+    exp = found.experiment_id
+    runs = tracking.client(tracking_uri).search_runs(
         [exp], max_results=limit, order_by=["attributes.start_time DESC"]
     )
     return pd.DataFrame(
@@ -42,11 +43,11 @@ def latest_runs(limit: int = 20) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=10)
-def search(query: str, k: int) -> list[dict[str, Any]]:
+def search(location: str, collection: str, query: str, k: int) -> list[dict[str, Any]]:
     vector = embedder().embed([query])[0]
     api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
     with open_store(url=settings.qdrant_url, api_key=api_key, root=settings.qdrant_path) as store:
-        hits = store.search(settings.dagma_collection, vector, k=k)
+        hits = store.search(collection, vector, k=k)
     return [{"score": round(h.score, 4), **h.payload} for h in hits]
 
 
@@ -58,7 +59,7 @@ st.caption(
 
 st.header("Latest MLflow runs")
 try:
-    runs = latest_runs()
+    runs = latest_runs(settings.tracking_uri, settings.dagma_experiment)
 except Exception as exc:
     st.info(f"No MLflow runs yet ({exc}). Run `make demo` first.")
     runs = pd.DataFrame()
@@ -74,7 +75,7 @@ query = st.text_input("Question or keywords", placeholder="How do I catch an exc
 k = st.slider("Results", 1, 20, 5)
 if query.strip():
     try:
-        results = search(query.strip(), k)
+        results = search(settings.vector_location, settings.dagma_collection, query.strip(), k)
     except Exception as exc:
         st.warning(f"The collection cannot be searched yet ({exc}). Run `make demo` first.")
     else:
