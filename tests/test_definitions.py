@@ -29,3 +29,27 @@ def test_notebook_assets_carry_code_versions_and_launchpad_config():
 def test_resources_are_wired_once_per_external_system():
     defs = load_definitions(get_settings())
     assert {"mlflow", "qdrant", "llm", "io_manager"} <= set(defs.resources or {})
+
+
+def test_dg_check_defs_loads_the_project(tmp_path):
+    """The same check a developer runs: `dg check defs` from the project root."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dagma.settings import PROJECT_ROOT
+
+    env = {**os.environ, "DAGMA_HOME": str(tmp_path), "VIRTUAL_ENV": sys.prefix}
+    env.pop("DAGSTER_HOME", None)
+    dg_cli = Path(sys.executable).with_name("dg")
+    done = subprocess.run(
+        [str(dg_cli), "check", "defs"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "All definitions loaded successfully" in done.stdout + done.stderr
