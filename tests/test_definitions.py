@@ -3,7 +3,15 @@ import dagster as dg
 from dagma.lab import load_definitions
 from dagma.settings import get_settings
 
-DEMO_ASSETS = {"wine_table", "doc_corpus", "wine_model", "doc_vectors", "rag_eval", "lab_scorecard"}
+DEMO_ASSETS = {
+    "wine_table",
+    "doc_corpus",
+    "wine_model",
+    "wine_daily_scores",
+    "doc_vectors",
+    "rag_eval",
+    "lab_scorecard",
+}
 
 
 def test_the_whole_graph_loads_with_its_groups_and_lineage():

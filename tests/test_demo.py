@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import mlflow
 import pytest
 from typer.testing import CliRunner
@@ -17,7 +18,15 @@ from dagma.settings import Settings
 from tests.conftest import QUIET
 
 pytestmark = pytest.mark.integration
-DEMO_ASSETS = {"wine_table", "doc_corpus", "wine_model", "doc_vectors", "rag_eval", "lab_scorecard"}
+DEMO_ASSETS = {
+    "wine_table",
+    "doc_corpus",
+    "wine_model",
+    "wine_daily_scores",
+    "doc_vectors",
+    "rag_eval",
+    "lab_scorecard",
+}
 
 
 def test_demo_materializes_every_asset_and_passes_its_checks(demo):
@@ -53,6 +62,17 @@ def model_input_example(settings: Settings):
     from dagma.lib.data import load_wine
 
     return load_wine().drop(columns=["target"]).head(3)
+
+
+def test_partitioned_notebook_sees_its_partition_key(demo):
+    settings, run = demo
+    scores = run.values["wine_daily_scores"]
+    latest = dg.DailyPartitionsDefinition(start_date="2026-11-01").get_last_partition_key()
+    assert scores["partition"] == latest
+    assert 0 <= scores["accuracy"] <= 1 and scores["rows"] == 40
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    tags = mlflow.get_run(scores["mlflow_run_id"]).data.tags
+    assert tags["dagma.partition"] == latest
 
 
 def test_executed_notebooks_are_kept_as_ipynb_and_html(demo):

@@ -106,5 +106,16 @@ def _print_status(report: dict[str, Any]) -> None:
     )
 
 
+def main() -> None:
+    """Console entry point: known input errors print their message, not a traceback."""
+    from dagma.notebooks.spec import NotebookError
+
+    try:
+        app()
+    except NotebookError as exc:
+        console.print(f"Notebook error: {exc}", style="red", markup=False, highlight=False)
+        raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -21,6 +21,7 @@ class LabRun:
     materialized: list[str] = field(default_factory=list)
     values: dict[str, Any] = field(default_factory=dict)
     checks: dict[str, bool] = field(default_factory=dict)
+    run_ids: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
 
@@ -30,12 +31,27 @@ def load_definitions(settings: Settings) -> Any:
     settings.ensure_dirs()
     settings.export_env()
     from dagma.definitions import defs
+    from dagma.notebooks.spec import NotebookError
 
-    return defs()
+    try:
+        return defs()
+    except Exception as exc:
+        # Dagster wraps errors raised while loading defs/; surface ours, which name the file.
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, NotebookError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
 
 
-def _stale_keys(instance: Any, definitions: Any, keys: list[Any]) -> list[Any]:
-    """Keys Dagster reports as stale or missing (code version, upstream data or never run)."""
+def _stale_keys(
+    instance: Any, definitions: Any, keys: list[Any], partitions: dict[Any, str]
+) -> list[Any]:
+    """Keys Dagster reports as stale or missing (code version, upstream data or never run).
+
+    A partitioned key is judged by the partition in `partitions` (its latest).
+    """
     from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
     from dagster._core.definitions.data_version import CachingStaleStatusResolver, StaleStatus
     from dagster._time import get_current_datetime
@@ -47,7 +63,18 @@ def _stale_keys(instance: Any, definitions: Any, keys: list[Any]) -> list[Any]:
         asset_graph=graph,
     )
     resolver = CachingStaleStatusResolver(instance, graph, loading_context=view)
-    return [k for k in keys if resolver.get_status(k) != StaleStatus.FRESH]
+    return [k for k in keys if resolver.get_status(k, partitions.get(k)) != StaleStatus.FRESH]
+
+
+def _latest_partitions(graph: Any, keys: list[Any]) -> dict[Any, str]:
+    latest = {}
+    for key in keys:
+        partitions_def = graph.get(key).partitions_def
+        if partitions_def is not None:
+            last = partitions_def.get_last_partition_key()
+            if last is not None:
+                latest[key] = last
+    return latest
 
 
 def materialize(
@@ -58,7 +85,10 @@ def materialize(
     seed: int | None = None,
     console: Console | None = None,
 ) -> LabRun:
-    """Materialize `selection` (default: everything) in-process, with a progress bar."""
+    """Materialize `selection` (default: everything) in-process, with a progress bar.
+
+    Unpartitioned assets run first; partitioned ones then run for their latest partition.
+    """
     import dagster as dg
 
     console = console or Console()
@@ -75,19 +105,53 @@ def materialize(
             )
         keys = [known[s] for s in selection]
     instance = dg.DagsterInstance.get()
+    partitions = _latest_partitions(graph, keys)
     if stale_only:
-        keys = _stale_keys(instance, definitions, keys)
+        keys = _stale_keys(instance, definitions, keys, partitions)
         if not keys:
             return LabRun(run_id=None)
 
     job = definitions.resolve_implicit_global_asset_job_def()
+    batches: list[tuple[list[Any], str | None]] = []
+    plain = [k for k in keys if graph.get(k).partitions_def is None]
+    if plain:
+        batches.append((plain, None))
+    for partition in sorted(set(partitions.values())):
+        batches.append(([k for k in keys if partitions.get(k) == partition], partition))
+
+    total = LabRun(run_id=None)
+    for batch, batch_partition in batches:
+        run = _execute(job, instance, batch, batch_partition, seed, console, settings)
+        total.run_id = total.run_id or run.run_id
+        total.run_ids.append(run.run_id or "")
+        total.seconds += run.seconds
+        total.materialized += run.materialized
+        total.values.update(run.values)
+        total.checks.update(run.checks)
+        if not run.success:
+            total.success, total.error = False, run.error
+            break
+    return total
+
+
+def _execute(
+    job: Any,
+    instance: Any,
+    keys: list[Any],
+    partition: str | None,
+    seed: int | None,
+    console: Console,
+    settings: Settings,
+) -> LabRun:
     # Dagster's DEBUG event lines would drown the progress bar; failures still print.
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     if seed is not None:
+        selected = set(keys)
         run_config["ops"] = {
-            node.name: {"config": {"seed": seed}}
-            for node in job.graph.node_defs
-            if node.config_schema and "seed" in (node.config_schema.config_type.fields or {})
+            node.node_def.name: {"config": {"seed": seed}}
+            for node in job.graph.nodes
+            if "seed" in getattr(node.node_def.config_schema.config_type, "fields", {})
+            and set(job.asset_layer.get_assets_def_for_node(node.node_handle).keys) & selected
         }
     run_id = str(uuid.uuid4())
     outcome: dict[str, Any] = {}
@@ -98,6 +162,7 @@ def materialize(
                 instance=instance,
                 run_id=run_id,
                 asset_selection=keys,
+                partition_key=partition,
                 run_config=run_config,
                 raise_on_error=False,
             )
@@ -107,7 +172,7 @@ def materialize(
     started = time.perf_counter()
     worker = threading.Thread(target=_run, daemon=True)
     worker.start()
-    _follow(instance, run_id, len(keys), worker, console, settings)
+    _follow(instance, run_id, len(keys), worker, console, settings, partition)
     result = outcome.get("result")
     run = LabRun(run_id=run_id, seconds=time.perf_counter() - started)
     if result is None:
@@ -144,11 +209,13 @@ def _follow(
     worker: threading.Thread,
     console: Console,
     settings: Settings,
+    partition: str | None = None,
 ) -> None:
     """A progress bar fed by the run's materialization events."""
     import dagster as dg
 
-    console.print(f"Run [bold]{run_id[:8]}[/bold]: {settings.dagster_ui_url}/runs/{run_id}")
+    label = f" (partition {partition})" if partition else ""
+    console.print(f"Run [bold]{run_id[:8]}[/bold]{label}: {settings.dagster_ui_url}/runs/{run_id}")
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -180,6 +247,7 @@ def summary(run: LabRun, settings: Settings) -> dict[str, Any]:
     """The run as plain data: what was materialized and the demo's headline values."""
     return {
         "run_id": run.run_id,
+        "run_ids": run.run_ids,
         "success": run.success,
         "seconds": round(run.seconds, 2),
         "materialized": run.materialized,
@@ -197,7 +265,8 @@ def summary(run: LabRun, settings: Settings) -> dict[str, Any]:
 def print_summary(run: LabRun, settings: Settings, console: Console) -> None:
     """What the run made, with links and one RAG answer."""
     status = "[green]succeeded[/green]" if run.success else "[red]failed[/red]"
-    console.print(f"\nRun {run.run_id} {status} in {run.seconds:.1f} s.")
+    runs = ", ".join(run.run_ids or [str(run.run_id)])
+    console.print(f"\nRun {runs} {status} in {run.seconds:.1f} s.")
     console.print(f"Assets materialized ({len(run.materialized)}): {', '.join(run.materialized)}")
     model = run.values.get("wine_model")
     if isinstance(model, dict):
@@ -232,7 +301,7 @@ def print_summary(run: LabRun, settings: Settings, console: Console) -> None:
             f"Check {name}: " + ("[green]passed[/green]" if passed else "[red]failed[/red]")
         )
     if run.error:
-        console.print(f"[red]{run.error}[/red]")
+        console.print(run.error, style="red", markup=False)
     console.print(f"\nDagster UI: {settings.dagster_ui_url}  (run `make dagster`)")
     console.print(f"MLflow UI:  {settings.mlflow_ui}  (run `make mlflow`)")
 
@@ -256,7 +325,7 @@ def status(settings: Settings) -> dict[str, Any]:
     graph = definitions.resolve_asset_graph()
     instance = dg.DagsterInstance.get()
     keys = sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string())
-    stale = set(_stale_keys(instance, definitions, keys))
+    stale = set(_stale_keys(instance, definitions, keys, _latest_partitions(graph, keys)))
     problems: list[str] = []
     assets = []
     for key in keys:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import pickle
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class NotebookContext:
     collection: str
     run_id: str | None = None
     partition_key: str | None = None
+    partition_range: list[str] | None = None
     code_version: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     _mlflow_run_id: str | None = None
@@ -103,6 +105,10 @@ class NotebookContext:
             )
             | self.tags
         )
+        if "sklearn" in sys.modules:  # autolog only what the notebook already imported
+            import mlflow.sklearn
+
+            mlflow.sklearn.autolog(log_models=False, silent=True)
         with mlflow.start_run(
             experiment_id=experiment_id, run_name=run_name or self.notebook, tags=tags
         ) as run:
@@ -112,6 +118,12 @@ class NotebookContext:
                     json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id})
                 )
             yield run
+
+    def load_model(self, uri: str) -> Any:
+        """A model logged to this lab's MLflow, e.g. an upstream's `model_uri`."""
+        import mlflow.sklearn
+
+        return mlflow.sklearn.load_model(uri)
 
     def vector_store(self) -> Any:
         """The lab's vector store: the Qdrant server when configured, else the embedded one."""
@@ -163,7 +175,11 @@ def context(name: str | None = None) -> NotebookContext:
     if not path:
         session = ns.get("__session__") or ns.get("__vsc_ipynb_file__") or ""
         notebook = name or (Path(str(session)).stem if session else "interactive")
-        return _interactive(notebook, list(ns.get("upstream") or []))
+        ctx = _interactive(notebook, list(ns.get("upstream") or []))
+        os.environ.setdefault("MLFLOW_TRACKING_URI", ctx.tracking_uri)
+        return ctx
     data = json.loads(Path(path).read_text())
     data["outputs_dir"] = Path(data["outputs_dir"])
-    return NotebookContext(**data)
+    ctx = NotebookContext(**data)
+    os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri
+    return ctx

@@ -103,3 +103,23 @@ def log_result(result: TrainResult, *, registered_name: str = REGISTERED_MODEL) 
         "metrics": result.metrics,
         "params": result.params,
     }
+
+
+def daily_batch(frame: pd.DataFrame, day: str, size: int = 40) -> pd.DataFrame:
+    """A reproducible stand-in for one day's incoming rows: a sample seeded by the date."""
+    import hashlib
+
+    if size < 1:
+        raise ValueError(f"size must be at least 1, got {size}.")
+    seed = int(hashlib.sha256(day.encode()).hexdigest()[:8], 16)
+    return frame.sample(n=min(size, len(frame)), random_state=seed)
+
+
+def score_batch(model: Any, batch: pd.DataFrame, target: str = "target") -> dict[str, float]:
+    """Accuracy and class balance of `model` on one labelled batch."""
+    predictions = model.predict(batch.drop(columns=[target]))
+    return {
+        "accuracy": float((predictions == batch[target].to_numpy()).mean()),
+        "rows": float(len(batch)),
+        "predicted_class_0_share": float((predictions == 0).mean()),
+    }

@@ -8,10 +8,12 @@ import dagster as dg
 
 from dagma.defs.core.resources import MLflowResource, QdrantResource
 from dagma.notebooks.runner import NotebookFailed, RunTarget, execute
-from dagma.notebooks.spec import NotebookSpec
+from dagma.notebooks.spec import NotebookError, NotebookSpec
 from dagma.settings import get_settings
 
 _CONFIG_TYPES: dict[type, Any] = {int: dg.Int, float: dg.Float, str: dg.String, bool: dg.Bool}
+# Declared in a parameters cell, these are filled by Dagster rather than by run config.
+PARTITION_PARAMS = ("partition_key", "partition_range")
 
 
 def _config_schema(spec: NotebookSpec) -> dict[str, dg.Field]:
@@ -24,7 +26,25 @@ def _config_schema(spec: NotebookSpec) -> dict[str, dg.Field]:
             description=f"{p.type_name} parameter of {spec.path.name}",
         )
         for name, p in spec.params.items()
+        if name not in PARTITION_PARAMS
     }
+
+
+def partitions_def(spec: NotebookSpec) -> dg.PartitionsDefinition | None:
+    if spec.partitions is None:
+        return None
+    kind, arg = spec.partitions
+    if kind == "static":
+        return dg.StaticPartitionsDefinition(list(arg))
+    cls = {
+        "daily": dg.DailyPartitionsDefinition,
+        "hourly": dg.HourlyPartitionsDefinition,
+        "weekly": dg.WeeklyPartitionsDefinition,
+        "monthly": dg.MonthlyPartitionsDefinition,
+    }[kind]
+    if kind == "hourly" and len(arg) == len("2026-01-01"):
+        arg += "-00:00"  # Dagster's hourly format is %Y-%m-%d-%H:%M
+    return cls(start_date=arg)
 
 
 def _file_metadata(path: Path | None) -> dg.MetadataValue | None:
@@ -51,7 +71,8 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         outs=outs,
         ins={name: dg.AssetIn(dg.AssetKey(name)) for name in spec.upstream},
         config_schema=_config_schema(spec),
-        op_tags={"dagma/notebook": spec.path.name},
+        partitions_def=partitions_def(spec),
+        op_tags={"dagma/notebook": str(spec.path)},
     )
     def _notebook(
         context: dg.AssetExecutionContext,
@@ -61,6 +82,15 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
     ) -> Iterator[dg.Output]:
         settings = get_settings()
         partition = context.partition_key if context.has_partition_key else None
+        window = None
+        if context.has_partition_key_range:
+            key_range = context.partition_key_range
+            window = [key_range.start, key_range.end]
+        params = dict(context.op_config)
+        if "partition_key" in spec.params:
+            params["partition_key"] = partition or ""
+        if "partition_range" in spec.params:
+            params["partition_range"] = window or ([partition, partition] if partition else [])
         run_dir = settings.runs_dir / context.run_id / spec.name
         target = RunTarget(
             tracking_uri=mlflow.tracking_uri,
@@ -71,11 +101,10 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
             collection=qdrant.collection,
             run_id=context.run_id,
             partition_key=partition,
+            partition_range=window,
         )
         try:
-            run = execute(
-                spec, run_dir=run_dir, target=target, params=dict(context.op_config), inputs=inputs
-            )
+            run = execute(spec, run_dir=run_dir, target=target, params=params, inputs=inputs)
         except NotebookFailed as exc:
             failed = exc.execution
             raise dg.Failure(
@@ -107,3 +136,25 @@ def notebook_assets(folder: Path) -> list[dg.AssetsDefinition]:
     from dagma.notebooks.spec import discover
 
     return [notebook_asset(spec) for spec in discover(folder)]
+
+
+def check_upstreams(defs: dg.Definitions) -> None:
+    """Fail the load with the notebook's file name when it names an upstream nobody makes."""
+    produced: set[dg.AssetKey] = set()
+    for item in defs.assets or []:
+        if isinstance(item, dg.AssetsDefinition):
+            produced |= set(item.keys)
+        elif isinstance(item, dg.AssetSpec | dg.SourceAsset):
+            produced.add(item.key)
+    for item in defs.assets or []:
+        if not isinstance(item, dg.AssetsDefinition):
+            continue
+        notebook = item.op.tags.get("dagma/notebook") if item.is_executable else None
+        if notebook is None:
+            continue
+        for key in sorted(set(item.keys_by_input_name.values()) - produced):
+            known = ", ".join(sorted(k.to_user_string() for k in produced))
+            raise NotebookError(
+                f"{notebook}: upstream {key.to_user_string()!r} is not an asset. Fix the "
+                f"`upstream` list in its parameters cell; known assets: {known}."
+            )

@@ -53,6 +53,7 @@ class RunTarget:
     collection: str
     run_id: str | None = None
     partition_key: str | None = None
+    partition_range: list[str] | None = None
     tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -131,6 +132,7 @@ def execute(
         collection=target.collection,
         run_id=target.run_id,
         partition_key=target.partition_key,
+        partition_range=target.partition_range,
         code_version=spec.code_version,
         tags=target.tags,
     )

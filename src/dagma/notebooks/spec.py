@@ -21,7 +21,8 @@ import nbformat
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 RESERVED = ("upstream", "asset")
-ASSET_OPTIONS = {"group", "outputs", "kinds", "owners", "tags", "description"}
+ASSET_OPTIONS = {"group", "outputs", "kinds", "owners", "tags", "description", "partitions"}
+PARTITION_KINDS = ("daily", "hourly", "weekly", "monthly", "static")
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 # Names an annotation may use; evaluated with no builtins, so nothing else is reachable.
 _TYPE_NAMES: dict[str, Any] = {
@@ -69,6 +70,7 @@ class NotebookSpec:
     kinds: frozenset[str] = frozenset({"jupyter"})
     owners: tuple[str, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
+    partitions: tuple[str, Any] | None = None
 
     @property
     def asset_names(self) -> tuple[str, ...]:
@@ -198,6 +200,35 @@ def _string_list(value: Any, path: Path, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _partitions(value: Any, path: Path) -> tuple[str, Any] | None:
+    """`{"daily": "2026-01-01"}` (also hourly, weekly, monthly) or `{"static": ["a", "b"]}`."""
+    if value is None:
+        return None
+    if isinstance(value, dict) and len(value) == 1:
+        kind, arg = next(iter(value.items()))
+        if kind == "static" and isinstance(arg, list) and all(isinstance(v, str) for v in arg):
+            return kind, tuple(arg)
+        if kind in PARTITION_KINDS and kind != "static" and isinstance(arg, str):
+            return kind, arg
+    raise NotebookError(
+        f"{path}: `asset['partitions']` must be like {{'daily': '2026-01-01'}} (one of "
+        f"{', '.join(PARTITION_KINDS)}; static takes a list of keys), got {value!r}."
+    )
+
+
+def _check_language(nb: nbformat.NotebookNode, path: Path) -> None:
+    language = (
+        nb.metadata.get("kernelspec", {}).get("language")
+        or nb.metadata.get("language_info", {}).get("name")
+        or "python"
+    )
+    if language.lower() != "python":
+        raise NotebookError(
+            f"{path}: its kernel language is {language!r}; Dagma runs Python notebooks in this "
+            "project's own environment. Switch the notebook's kernel to Python 3."
+        )
+
+
 def read_notebook(path: Path) -> nbformat.NotebookNode:
     try:
         nb = nbformat.read(path, as_version=4)
@@ -216,6 +247,7 @@ def parse_notebook(path: Path) -> NotebookSpec:
     """Parse one notebook into a spec; raise NotebookError naming the file on any problem."""
     path = path.resolve()
     nb = read_notebook(path)
+    _check_language(nb, path)
     reserved, params = _parse_parameters(_parameters_cell(nb, path), path)
     name = path.stem
     if not _NAME.match(name):
@@ -245,6 +277,7 @@ def parse_notebook(path: Path) -> NotebookSpec:
         kinds=frozenset(_string_list(options.get("kinds", ["jupyter"]), path, "kinds")),
         owners=_string_list(options.get("owners", []), path, "owners"),
         tags={str(k): str(v) for k, v in options.get("tags", {}).items()},
+        partitions=_partitions(options.get("partitions"), path),
     )
 
 

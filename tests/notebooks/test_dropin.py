@@ -1,0 +1,115 @@
+"""Issue 3's acceptance: a notebook dropped into notebooks/ is an asset, with no Python code."""
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import nbformat
+import pytest
+
+from dagma.lab import load_definitions, materialize
+from dagma.notebooks.spec import NotebookError
+from dagma.settings import PROJECT_ROOT, get_settings
+from tests.conftest import QUIET
+from tests.notebooks.test_spec import write_nb
+
+pytestmark = pytest.mark.integration
+
+BODY = (
+    "from dagma import nb\nctx = nb.context()\nwine = ctx.upstream('wine_table')\n"
+    "ctx.output({'rows': len(wine), 'top': top, 'label': label})"
+)
+
+
+@pytest.fixture
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temp copy of notebooks/ and a fresh DAGMA_HOME."""
+    folder = tmp_path / "notebooks"
+    shutil.copytree(PROJECT_ROOT / "notebooks", folder)
+    monkeypatch.setenv("DAGMA_NOTEBOOKS_DIR", str(folder))
+    monkeypatch.setenv("DAGMA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return folder
+
+
+def summary_notebook(folder: Path) -> Path:
+    return write_nb(
+        folder / "wine_summary.ipynb",
+        params='upstream = ["wine_table"]\ntop: int = 3\nlabel: str = "wine"',
+        body=BODY,
+    )
+
+
+def test_a_dropped_in_notebook_becomes_an_asset_and_materializes(lab: Path):
+    summary_notebook(lab)
+    defs = load_definitions(get_settings())
+    node = defs.resolve_assets_def("wine_summary")
+    assert node.descriptions_by_key[dg.AssetKey("wine_summary")].startswith("# Title")
+    assert dg.AssetKey("wine_table") in node.keys_by_input_name.values()
+    run = materialize(get_settings(), selection=["wine_table", "wine_summary"], console=QUIET)
+    assert run.success, run.error
+    assert run.values["wine_summary"] == {"rows": 178, "top": 3, "label": "wine"}
+    event = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey("wine_summary"))
+    metadata = event.asset_materialization.metadata
+    assert Path(metadata["executed_notebook"].value).is_file()
+    assert Path(metadata["html"].value).read_text().startswith("<!DOCTYPE html>")
+
+
+def test_an_unknown_upstream_fails_the_load_naming_the_file(lab: Path):
+    write_nb(lab / "orphan.ipynb", params='upstream = ["no_such_asset"]', body=BODY)
+    with pytest.raises(NotebookError, match=r"orphan\.ipynb: upstream 'no_such_asset' is not"):
+        load_definitions(get_settings())
+
+
+def test_a_malformed_notebook_fails_the_load_naming_the_file(lab: Path):
+    (lab / "broken.ipynb").write_text("{not json")
+    with pytest.raises(NotebookError, match=r"broken\.ipynb: not a valid Jupyter notebook"):
+        load_definitions(get_settings())
+
+
+def test_a_raising_notebook_fails_the_run_keeps_its_copies_and_fails_its_mlflow_run(lab: Path):
+    write_nb(
+        lab / "late_failure.ipynb",
+        params="n: int = 1",
+        body=(
+            "from dagma import nb\nctx = nb.context()\nwith ctx.start_run():\n    pass\n"
+            "raise RuntimeError('late failure')"
+        ),
+    )
+    run = materialize(get_settings(), selection=["late_failure"], console=QUIET)
+    assert not run.success
+    assert "RuntimeError: late failure" in run.error
+    copy = Path(run.error.split("Executed copy: ")[1].split("\n")[0].strip())
+    assert copy.is_file() and copy.with_suffix(".html").is_file()
+    settings = get_settings()
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    [failed] = mlflow.search_runs(
+        experiment_names=[settings.dagma_experiment],
+        filter_string="tags.`dagma.notebook` = 'late_failure'",
+        output_format="list",
+    )
+    assert failed.info.status == "FAILED"
+    files = {a.path for a in mlflow.MlflowClient().list_artifacts(failed.info.run_id, "notebook")}
+    assert files == {"notebook/late_failure.ipynb", "notebook/late_failure.html"}
+
+
+def test_markdown_edits_keep_the_code_version_and_code_edits_make_it_stale(lab: Path):
+    path = summary_notebook(lab)
+    assert materialize(
+        get_settings(), selection=["wine_table", "wine_summary"], console=QUIET
+    ).success
+    assert materialize(get_settings(), stale_only=True, selection=["wine_summary"]).run_id is None
+
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[0].source = "# A better title\n\nSame code."
+    nbformat.write(nb, path)
+    assert materialize(get_settings(), stale_only=True, selection=["wine_summary"]).run_id is None
+
+    nb.cells[-1].source = BODY.replace("len(wine)", "len(wine) + 1")
+    nbformat.write(nb, path)
+    rerun = materialize(get_settings(), stale_only=True, console=QUIET)
+    assert rerun.success, rerun.error
+    assert "wine_summary" in rerun.materialized and "wine_table" not in rerun.materialized
+    assert rerun.values["wine_summary"]["rows"] == 179
