@@ -12,7 +12,23 @@ from rich.table import Table
 from dagma.settings import get_settings
 
 app = typer.Typer(help="Dagma: a reproducible ML lab of notebook assets.", no_args_is_help=True)
+notebook_app = typer.Typer(help="Author production notebooks.", no_args_is_help=True)
+app.add_typer(notebook_app, name="notebook")
 console = Console()
+
+
+@notebook_app.command("new")
+def notebook_new(
+    name: Annotated[str, typer.Argument(help="Asset name, snake_case.")],
+    upstream: Annotated[str, typer.Option(help="Comma-separated upstream assets.")] = "",
+    group: Annotated[str | None, typer.Option(help="Asset group.")] = None,
+) -> None:
+    """Scaffold notebooks/NAME.ipynb following the conventions (see docs/notebooks.md)."""
+    from dagma.notebooks.scaffold import scaffold
+
+    ups = [u.strip() for u in upstream.split(",") if u.strip()]
+    path = scaffold(name, get_settings().notebooks_dir, ups, group)
+    console.print(f"Created {path}. It is the asset {name!r} at the next definitions load.")
 
 
 @app.command()

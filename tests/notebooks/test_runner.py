@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+import nbformat
 import pytest
 
-from dagma.notebooks.runner import NotebookFailed, RunTarget, execute
+from dagma.notebooks.runner import KernelError, NotebookFailed, RunTarget, execute
 from dagma.notebooks.spec import NotebookError, parse_notebook
 from tests.notebooks.test_spec import write_nb
 
@@ -89,3 +90,27 @@ def test_one_notebook_can_output_several_assets(tmp_path: Path):
     )
     run = execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
     assert run.outputs == {"model": "m", "metrics": {"acc": 1.0}}
+
+
+def test_a_mismatched_kernel_is_a_clear_error_with_the_fix(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    kernels = tmp_path / "jupyter" / "kernels" / "python3"
+    kernels.mkdir(parents=True)
+    (kernels / "kernel.json").write_text(
+        '{"argv": ["/usr/bin/false", "-f", "{connection_file}"], "display_name": "other",'
+        ' "language": "python"}'
+    )
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    path = write_nb(tmp_path / "k.ipynb", params="n: int = 1", body="n")
+    with pytest.raises(KernelError, match=r"runs '/usr/bin/false'.*jupyter kernelspec remove"):
+        execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
+
+
+def test_a_non_python_notebook_is_refused_at_load(tmp_path: Path):
+    path = write_nb(tmp_path / "r.ipynb", params="n = 1", body="n")
+    nb = nbformat.read(path, as_version=4)
+    nb.metadata["kernelspec"] = {"name": "ir", "language": "R", "display_name": "R"}
+    nbformat.write(nb, path)
+    with pytest.raises(NotebookError, match=r"kernel language is 'R'.*Switch the notebook's kernel"):
+        parse_notebook(path)

@@ -57,6 +57,35 @@ class RunTarget:
     tags: dict[str, str] = field(default_factory=dict)
 
 
+class KernelError(RuntimeError):
+    """The project's kernel cannot be used; the message says how to fix it."""
+
+
+def check_kernel() -> None:
+    """Fail before execution unless `python3` resolves to this very interpreter."""
+    import os
+    import sys
+
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    try:
+        spec = KernelSpecManager().get_kernel_spec(KERNEL)
+    except NoSuchKernel:
+        raise KernelError(
+            f"No Jupyter kernel {KERNEL!r}: ipykernel is missing from {sys.prefix}. "
+            "Run `uv sync --frozen` (or `make install`)."
+        ) from None
+    exe = spec.argv[0] if spec.argv else ""
+    if exe in {"python", "python3", f"python{sys.version_info[0]}.{sys.version_info[1]}"}:
+        return  # jupyter_client runs these names as sys.executable
+    if not os.path.exists(exe) or not os.path.samefile(exe, sys.executable):
+        raise KernelError(
+            f"The Jupyter kernel {KERNEL!r} in {spec.resource_dir} runs {exe!r}, not this "
+            f"project's interpreter {sys.executable}. Remove it with `jupyter kernelspec "
+            f"remove {KERNEL}` so the project's own kernel is used."
+        )
+
+
 def render_html(ipynb: Path) -> Path:
     """A self-contained HTML copy (images inlined) next to the executed notebook."""
     import nbformat
@@ -109,6 +138,7 @@ def execute(
     import papermill
 
     values = spec.validate_params(params)
+    check_kernel()
     started = time.perf_counter()
     inputs_dir, outputs_dir = run_dir / "inputs", run_dir / "outputs"
     for folder in (inputs_dir, outputs_dir):
