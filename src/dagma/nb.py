@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 CONTEXT_VAR = "dagma_context"
-MLFLOW_RUN_FILE = "mlflow_run.json"
 
 
 class NotebookContextError(RuntimeError):
@@ -45,7 +44,7 @@ class NotebookContext:
     partition_range: list[str] | None = None
     code_version: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
-    _mlflow_run_id: str | None = None
+    mlflow_run_id: str | None = None
 
     @property
     def interactive(self) -> bool:
@@ -83,19 +82,11 @@ class NotebookContext:
         if metadata:
             (self.outputs_dir / f"{name}.meta.json").write_text(json.dumps(metadata, default=str))
 
-    @contextlib.contextmanager
-    def start_run(self, run_name: str | None = None) -> Iterator[Any]:
-        """An MLflow run for this materialization, tagged with its lineage."""
-        import mlflow
-
+    def lineage(self) -> dict[str, str]:
+        """Tags that tie an MLflow run to this notebook, its Dagster run and the code."""
         from dagma.lib import tracking
 
-        experiment_id = tracking.setup_experiment(
-            self.tracking_uri,
-            self.experiment,
-            Path(self.artifact_root) if self.artifact_root else None,
-        )
-        tags = (
+        return (
             tracking.lineage_tags(
                 notebook=self.notebook,
                 asset_key=",".join(self.asset_names),
@@ -105,18 +96,37 @@ class NotebookContext:
             )
             | self.tags
         )
+
+    @contextlib.contextmanager
+    def start_run(self, run_name: str | None = None) -> Iterator[Any]:
+        """This materialization's MLflow run (created by Dagma before the kernel started).
+
+        By hand, a new run tagged with the same lineage is started instead.
+        """
+        import mlflow
+
+        from dagma.lib import tracking
+
         if "sklearn" in sys.modules:  # autolog only what the notebook already imported
             import mlflow.sklearn
 
             mlflow.sklearn.autolog(log_models=False, silent=True)
-        with mlflow.start_run(
-            experiment_id=experiment_id, run_name=run_name or self.notebook, tags=tags
-        ) as run:
-            self._mlflow_run_id = run.info.run_id
-            if self.outputs_dir is not None:
-                (self.outputs_dir / MLFLOW_RUN_FILE).write_text(
-                    json.dumps({"run_id": run.info.run_id, "experiment_id": experiment_id})
-                )
+        if self.mlflow_run_id:
+            kwargs: dict[str, Any] = {"run_id": self.mlflow_run_id}
+            if run_name:
+                kwargs["run_name"] = run_name
+        else:
+            experiment_id = tracking.setup_experiment(
+                self.tracking_uri,
+                self.experiment,
+                Path(self.artifact_root) if self.artifact_root else None,
+            )
+            kwargs = {
+                "experiment_id": experiment_id,
+                "run_name": run_name or self.notebook,
+                "tags": self.lineage(),
+            }
+        with mlflow.start_run(**kwargs) as run:
             yield run
 
     def load_model(self, uri: str) -> Any:

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import mlflow
 import nbformat
 import pytest
 
@@ -47,6 +48,22 @@ def test_upstream_values_and_coerced_params_reach_the_kernel(tmp_path: Path):
     assert run.params == {"factor": 3}
     assert run.ipynb.is_file() and run.html is not None
     assert "factor = 3" in run.ipynb.read_text()  # papermill's injected cell keeps the value
+
+
+def test_every_materialization_gets_one_finished_mlflow_run_with_its_notebook(tmp_path: Path):
+    path = write_nb(
+        tmp_path / "quiet.ipynb",
+        params="n: int = 1",
+        body="from dagma import nb\nnb.context().output(n)",
+    )
+    run = execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
+    client = mlflow.MlflowClient(target(tmp_path).tracking_uri)
+    logged = client.get_run(run.mlflow_run_id)
+    assert logged.info.status == "FINISHED"
+    assert logged.data.tags["dagma.notebook"] == "quiet"
+    assert logged.data.tags["dagma.partition"] == "2026-11-29"
+    files = {a.path for a in client.list_artifacts(run.mlflow_run_id, "notebook")}
+    assert files == {"notebook/quiet.ipynb", "notebook/quiet.html"}
 
 
 def test_a_failing_cell_keeps_ipynb_and_html_and_names_the_error(tmp_path: Path):
@@ -112,5 +129,7 @@ def test_a_non_python_notebook_is_refused_at_load(tmp_path: Path):
     nb = nbformat.read(path, as_version=4)
     nb.metadata["kernelspec"] = {"name": "ir", "language": "R", "display_name": "R"}
     nbformat.write(nb, path)
-    with pytest.raises(NotebookError, match=r"kernel language is 'R'.*Switch the notebook's kernel"):
+    with pytest.raises(
+        NotebookError, match=r"kernel language is 'R'.*Switch the notebook's kernel"
+    ):
         parse_notebook(path)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dagma.nb import CONTEXT_VAR, MLFLOW_RUN_FILE, NotebookContext
+from dagma.nb import CONTEXT_VAR, NotebookContext
 from dagma.notebooks.spec import NotebookSpec
 
 KERNEL = (
@@ -109,21 +109,32 @@ def _failure_summary(exc: Exception) -> str:
     return f"{ename}: {evalue} in {where}:\n    {snippet}" if snippet else f"{ename}: {evalue}"
 
 
-def _log_to_mlflow(execution: Execution, target: RunTarget, failed: bool) -> None:
-    run_file = execution.run_dir / "outputs" / MLFLOW_RUN_FILE
-    if not run_file.is_file():
-        return
-    from mlflow import MlflowClient
+def _start_mlflow_run(context: NotebookContext) -> tuple[str, str]:
+    """One MLflow run per materialization, created before the kernel so it is never missing."""
+    from dagma.lib import tracking
 
-    info = json.loads(run_file.read_text())
-    execution.mlflow_run_id = info["run_id"]
-    execution.mlflow_experiment_id = info["experiment_id"]
-    client = MlflowClient(tracking_uri=target.tracking_uri)
+    experiment_id = tracking.setup_experiment(
+        context.tracking_uri,
+        context.experiment,
+        Path(context.artifact_root) if context.artifact_root else None,
+    )
+    run = tracking.client(context.tracking_uri).create_run(
+        experiment_id, run_name=context.notebook, tags=context.lineage()
+    )
+    return run.info.run_id, experiment_id
+
+
+def _finish_mlflow_run(execution: Execution, target: RunTarget, failed: bool) -> None:
+    """Attach the executed copies, then end the run as FINISHED or FAILED."""
+    from dagma.lib import tracking
+
+    if execution.mlflow_run_id is None:
+        return
+    client = tracking.client(target.tracking_uri)
     for path in (execution.ipynb, execution.html):
         if path is not None and path.is_file():
-            client.log_artifact(info["run_id"], str(path), artifact_path="notebook")
-    if failed:
-        client.set_terminated(info["run_id"], status="FAILED")
+            client.log_artifact(execution.mlflow_run_id, str(path), artifact_path="notebook")
+    client.set_terminated(execution.mlflow_run_id, status="FAILED" if failed else "FINISHED")
 
 
 def execute(
@@ -166,11 +177,12 @@ def execute(
         code_version=spec.code_version,
         tags=target.tags,
     )
-    context_path = run_dir / "context.json"
-    payload = {k: v for k, v in asdict(context).items() if not k.startswith("_")}
-    context_path.write_text(json.dumps(payload, default=str, indent=1))
-
     execution = Execution(spec=spec, params=values, run_dir=run_dir, ipynb=run_dir / spec.path.name)
+    execution.mlflow_run_id, execution.mlflow_experiment_id = _start_mlflow_run(context)
+    context.mlflow_run_id = execution.mlflow_run_id
+    context_path = run_dir / "context.json"
+    context_path.write_text(json.dumps(asdict(context), default=str, indent=1))
+
     failure: Exception | None = None
     # papermill logs a warning per injected name not in the parameters cell; ours is expected.
     logging.getLogger("papermill").setLevel(logging.ERROR)
@@ -190,9 +202,9 @@ def execute(
     execution.seconds = time.perf_counter() - started
     if execution.ipynb.is_file():
         execution.html = render_html(execution.ipynb)
-    _log_to_mlflow(execution, target, failed=failure is not None)
     if failure is not None:
         execution.error = _failure_summary(failure)
+        _finish_mlflow_run(execution, target, failed=True)
         raise NotebookFailed(
             f"Notebook {spec.path.name} failed: {execution.error}\n"
             f"Executed copy: {execution.ipynb}\nHTML: {execution.html}",
@@ -203,6 +215,7 @@ def execute(
         path = outputs_dir / f"{name}.pkl"
         if not path.is_file():
             execution.error = f"it never called ctx.output(..., name={name!r})"
+            _finish_mlflow_run(execution, target, failed=True)
             raise NotebookFailed(
                 f"Notebook {spec.path.name} finished but {execution.error}. "
                 f"Executed copy: {execution.ipynb}",
@@ -212,4 +225,5 @@ def execute(
             execution.outputs[name] = pickle.load(fh)  # nosec B301: our own kernel wrote it
         meta = outputs_dir / f"{name}.meta.json"
         execution.output_metadata[name] = json.loads(meta.read_text()) if meta.is_file() else {}
+    _finish_mlflow_run(execution, target, failed=False)
     return execution
