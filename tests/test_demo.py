@@ -16,17 +16,9 @@ from dagma.lab import materialize
 from dagma.lib.vectors import open_store
 from dagma.settings import Settings
 from tests.conftest import QUIET
+from tests.test_definitions import DEMO_ASSETS
 
 pytestmark = pytest.mark.integration
-DEMO_ASSETS = {
-    "wine_table",
-    "doc_corpus",
-    "wine_model",
-    "wine_daily_scores",
-    "doc_vectors",
-    "rag_eval",
-    "lab_scorecard",
-}
 
 
 def test_demo_materializes_every_asset_and_passes_its_checks(demo):
