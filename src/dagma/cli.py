@@ -9,11 +9,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dagma.services.cli import app as services_app
 from dagma.settings import get_settings
 
 app = typer.Typer(help="Dagma: a reproducible ML lab of notebook assets.", no_args_is_help=True)
 notebook_app = typer.Typer(help="Author production notebooks.", no_args_is_help=True)
 app.add_typer(notebook_app, name="notebook")
+app.add_typer(services_app, name="services")
 console = Console()
 
 

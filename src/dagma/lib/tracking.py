@@ -73,7 +73,16 @@ def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path | N
         if artifact_root is not None and not tracking_uri.startswith(("http://", "https://")):
             artifact_root.mkdir(parents=True, exist_ok=True)
             location = (artifact_root / experiment).as_uri()
-        return str(mlflow.create_experiment(experiment, artifact_location=location))
+        try:
+            return str(mlflow.create_experiment(experiment, artifact_location=location))
+        except mlflow.exceptions.MlflowException as exc:
+            # Parallel steps race to create it; the loser reads the winner's experiment.
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            winner = mlflow.get_experiment_by_name(experiment)
+            if winner is None:
+                raise
+            return str(winner.experiment_id)
     except Exception as exc:
         raise TrackingError(
             f"MLflow at MLFLOW_TRACKING_URI={tracking_uri} cannot be used ({exc}). "

@@ -1,0 +1,118 @@
+"""`dagma services up|down|status|logs`: services mode as local processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    help="Services mode: Postgres, an MLflow server and Dagster's webserver, daemon and code "
+    "server as local processes (no Docker).",
+    no_args_is_help=True,
+)
+console = Console()
+
+
+def _topology() -> Any:
+    from dagma.services.config import get_config
+    from dagma.services.supervisor import Topology
+
+    return Topology(get_config())
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    console.print(f"[red]error:[/red] {exc}")
+    return typer.Exit(1)
+
+
+@app.command()
+def up() -> None:
+    """Start what is not running and wait until every service is healthy."""
+    from dagma.services.procs import ServiceError
+
+    topology = _topology()
+    try:
+        statuses = topology.up(progress=lambda line: console.print(f"  {line}"))
+    except ServiceError as exc:
+        raise _fail(exc) from exc
+    _print_table(statuses)
+    c = topology.config
+    console.print(
+        f"\nDagster UI  {c.dagster_url}\nMLflow      {c.mlflow_url}\n"
+        f"Use it from a shell: export MLFLOW_TRACKING_URI={c.mlflow_url}"
+    )
+    if not all(s.healthy for s in statuses):
+        raise typer.Exit(1)
+
+
+@app.command()
+def down() -> None:
+    """Stop exactly what `up` started; the data under DAGMA_HOME stays."""
+    _topology().down(progress=lambda line: console.print(f"  {line}"))
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+) -> None:
+    """Each process: pid, alive, health and URL; and which vector store is in use."""
+    from dagma.services.supervisor import vector_store
+
+    topology = _topology()
+    statuses = topology.status()
+    vectors = vector_store(
+        os.environ.get("QDRANT_URL") or None,
+        os.environ.get("QDRANT_API_KEY") or None,
+        topology.config.home / "qdrant",
+    )
+    healthy = all(s.healthy for s in statuses) and bool(vectors["healthy"])
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "healthy": healthy,
+                    "home": str(topology.config.home),
+                    "services": [asdict(s) for s in statuses],
+                    "vector_store": vectors,
+                },
+                indent=2,
+            )
+        )
+    else:
+        _print_table(statuses)
+        state = "[green]ok[/green]" if vectors["healthy"] else "[red]not answering[/red]"
+        console.print(f"vector store: {vectors['kind']} at {vectors['location']} ({state})")
+    if not healthy:
+        raise typer.Exit(1)
+
+
+@app.command()
+def logs(
+    name: Annotated[str | None, typer.Argument(help="postgres, mlflow, code-server, …")] = None,
+    lines: Annotated[int, typer.Option("-n", "--lines", help="Lines per log.")] = 40,
+) -> None:
+    """Print the last lines of each service's log."""
+    from dagma.services.config import get_config
+    from dagma.services.supervisor import iter_logs, tail
+
+    for path in iter_logs(get_config(), name):
+        console.rule(path.stem)
+        console.print(tail(path, lines), markup=False, highlight=False)
+
+
+def _print_table(statuses: list[Any]) -> None:
+    table = Table("service", "pid", "alive", "health", "url")
+    for s in statuses:
+        health = "[green]healthy[/green]" if s.healthy else f"[red]{s.detail}[/red]"
+        table.add_row(s.name, str(s.pid or "-"), "yes" if s.alive else "no", health, s.url or "")
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,110 @@
+"""Ports, credentials and limits of services mode, read from the environment (and `.env`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+LOOPBACK = "127.0.0.1"
+
+
+class ServicesConfig(BaseSettings):
+    """Everything `dagma services` needs beyond `dagma.settings.Settings`."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", frozen=True
+    )
+
+    dagma_home: Path = Field(default=Path(".dagma"), description="Folder that holds all state.")
+    dagma_pg_port: int = Field(default=55432, description="Postgres port on 127.0.0.1.")
+    dagma_mlflow_port: int = Field(default=55000, description="MLflow server port.")
+    dagma_dagster_port: int = Field(default=53000, description="Dagster webserver port.")
+    dagma_grpc_port: int = Field(default=54000, description="Dagster gRPC code server port.")
+    dagster_max_concurrent_runs: int = Field(
+        default=4, ge=1, description="Runs the daemon launches at once; the rest stay QUEUED."
+    )
+    dagma_pg_bin: Path | None = Field(
+        default=None, description="Postgres server binaries; default the newest Debian major."
+    )
+    dagma_pg_os_user: str = Field(
+        default="postgres", description="Unprivileged user that runs Postgres when we are root."
+    )
+    dagma_pg_superuser_password: SecretStr | None = Field(default=None)
+    dagma_pg_dagster_password: SecretStr | None = Field(default=None)
+    dagma_pg_mlflow_password: SecretStr | None = Field(default=None)
+    dagma_services_timeout: float = Field(
+        default=180.0, description="Seconds `up` waits for each health check."
+    )
+
+    @cached_property
+    def home(self) -> Path:
+        return self.dagma_home.expanduser().resolve()
+
+    @property
+    def pg_dir(self) -> Path:
+        return self.home / "postgres"
+
+    @property
+    def dagster_home(self) -> Path:
+        """The services-mode Dagster instance; the embedded one stays in $DAGMA_HOME/dagster."""
+        return self.home / "dagster-services"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.home / "services"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.home / "mlflow" / "artifacts"
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.state_dir / "secrets.json"
+
+    def url(self, port: int) -> str:
+        return f"http://{LOOPBACK}:{port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return self.url(self.dagma_mlflow_port)
+
+    @property
+    def dagster_url(self) -> str:
+        return self.url(self.dagma_dagster_port)
+
+    def passwords(self) -> dict[str, str]:
+        """Role passwords: from the environment when set, else generated once into a 0600 file."""
+        stored: dict[str, str] = {}
+        if self.secrets_file.is_file():
+            stored = json.loads(self.secrets_file.read_text())
+        wanted = {
+            "postgres": self.dagma_pg_superuser_password,
+            "dagster": self.dagma_pg_dagster_password,
+            "mlflow": self.dagma_pg_mlflow_password,
+        }
+        result = {
+            role: (env.get_secret_value() if env else stored.get(role) or secrets.token_urlsafe(24))
+            for role, env in wanted.items()
+        }
+        if result != stored:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.secrets_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(result, handle)
+            os.chmod(self.secrets_file, 0o600)
+        return result
+
+
+def get_config() -> ServicesConfig:
+    return ServicesConfig()

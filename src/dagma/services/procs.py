@@ -1,0 +1,161 @@
+"""Start, find and stop detached processes; their pids live in a small JSON state file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+MARKER = "DAGMA_SERVICES_HOME"
+
+
+class ServiceError(RuntimeError):
+    """A service cannot start or stop; the message names it and the fix."""
+
+
+@dataclass
+class ProcRecord:
+    name: str
+    pid: int
+    argv0: str
+    log: str
+    started: float
+
+
+class StateFile:
+    """`{name: ProcRecord}` in `<state_dir>/state.json`, rewritten atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def load(self) -> dict[str, ProcRecord]:
+        if not self.path.is_file():
+            return {}
+        raw = json.loads(self.path.read_text() or "{}")
+        return {name: ProcRecord(**rec) for name, rec in raw.items()}
+
+    def save(self, records: Mapping[str, ProcRecord]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({n: asdict(r) for n, r in records.items()}, indent=2))
+        tmp.replace(self.path)
+
+    def put(self, record: ProcRecord) -> None:
+        records = self.load()
+        records[record.name] = record
+        self.save(records)
+
+    def drop(self, name: str) -> None:
+        records = self.load()
+        if records.pop(name, None) is not None:
+            self.save(records)
+
+
+def pid_alive(pid: int) -> bool:
+    """True for a running process; a zombie (exited, not yet reaped) counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def record_alive(record: ProcRecord) -> bool:
+    """Alive and still the program we started (guards against a recycled pid)."""
+    if not pid_alive(record.pid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name == record.argv0 for arg in cmdline[:3])
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def spawn(
+    name: str,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    log: Path,
+    cwd: Path | None = None,
+    user: str | None = None,
+) -> ProcRecord:
+    """Start `argv` detached (own session), appending stdout and stderr to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        out.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {name}\n".encode())
+        out.flush()
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                env=dict(env),
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                user=user,
+            )
+        except FileNotFoundError as exc:
+            raise ServiceError(f"{name}: {argv[0]} not found ({exc}).") from exc
+    return ProcRecord(
+        name=name, pid=proc.pid, argv0=Path(argv[0]).name, log=str(log), started=time.time()
+    )
+
+
+def marked_pids(marker_value: str) -> list[int]:
+    """Pids whose environment carries `MARKER=marker_value`: everything we started, and its
+    descendants, including those that left our process groups (Jupyter kernels do)."""
+    needle = f"{MARKER}={marker_value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environ.split(b"\0") and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def terminate(pids: Sequence[int], *, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    """Signal each pid's process group (or the pid), then SIGKILL whatever outlives `timeout`."""
+    for pid in pids:
+        _signal(pid, sig)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if pid_alive(pid):
+            _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

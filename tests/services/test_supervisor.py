@@ -1,0 +1,115 @@
+"""The pure parts of the supervisor: binaries, passwords, state, ports and error messages."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from dagma.services import postgres
+from dagma.services.config import ServicesConfig
+from dagma.services.procs import (
+    ProcRecord,
+    ServiceError,
+    StateFile,
+    free_port,
+    pid_alive,
+    port_in_use,
+    record_alive,
+    spawn,
+    terminate,
+)
+from dagma.services.supervisor import Topology, vector_store
+
+
+def test_newest_postgres_major_is_chosen(tmp_path):
+    for major in ("9", "15", "16"):
+        (tmp_path / major / "bin").mkdir(parents=True)
+        (tmp_path / major / "bin" / "initdb").touch()
+    (tmp_path / "17").mkdir()  # a major without server binaries
+    assert postgres.find_bin_dir(root=tmp_path) == tmp_path / "16" / "bin"
+
+
+def test_missing_postgres_says_install_postgresql(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ServiceError, match="install postgresql"):
+        postgres.find_bin_dir(root=tmp_path / "none")
+
+
+def test_passwords_are_generated_once_into_a_private_file(tmp_path, monkeypatch):
+    for name in ("SUPERUSER", "DAGSTER", "MLFLOW"):
+        monkeypatch.delenv(f"DAGMA_PG_{name}_PASSWORD", raising=False)
+    config = ServicesConfig(dagma_home=tmp_path)
+    first = config.passwords()
+    assert set(first) == {"postgres", "dagster", "mlflow"}
+    assert len(set(first.values())) == 3
+    assert config.secrets_file.stat().st_mode & 0o777 == 0o600
+    assert ServicesConfig(dagma_home=tmp_path).passwords() == first
+
+
+def test_a_password_from_the_environment_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("DAGMA_PG_MLFLOW_PASSWORD", "from-env")
+    assert ServicesConfig(dagma_home=tmp_path).passwords()["mlflow"] == "from-env"
+
+
+def test_database_url_quotes_the_password():
+    url = postgres.database_url("mlflow", "a/b@c", 5555)
+    assert url == "postgresql+psycopg://mlflow:a%2Fb%40c@127.0.0.1:5555/mlflow"
+
+
+def test_state_file_round_trip(tmp_path):
+    state = StateFile(tmp_path / "state.json")
+    record = ProcRecord("x", 123, "python", "/log", 1.0)
+    state.put(record)
+    assert state.load() == {"x": record}
+    state.drop("x")
+    assert state.load() == {}
+
+
+def test_spawned_process_is_detached_logged_and_terminated(tmp_path):
+    argv = [sys.executable, "-c", "import time; print('hello', flush=True); time.sleep(60)"]
+    record = spawn("sleeper", argv, env={}, log=tmp_path / "sleeper.log")
+    try:
+        assert record_alive(record)
+        assert subprocess.run(
+            ["ps", "-o", "sid=", "-p", str(record.pid)], capture_output=True, text=True, check=True
+        ).stdout.strip() == str(record.pid)
+    finally:
+        terminate([record.pid], timeout=5)
+    assert not pid_alive(record.pid)
+    assert "hello" in (tmp_path / "sleeper.log").read_text()
+
+
+def test_a_recycled_pid_is_not_mistaken_for_our_process():
+    assert not record_alive(ProcRecord("mlflow", 1, "mlflow", "", 0.0))
+
+
+def test_up_names_the_port_in_use_and_the_variable_to_change(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert port_in_use(port)
+        config = ServicesConfig(dagma_home=tmp_path, dagma_mlflow_port=port)
+        topology = Topology(config)
+        mlflow = next(s for s in topology.services(config.passwords()) if s.name == "mlflow")
+        with pytest.raises(ServiceError, match=f"port {port}.*DAGMA_MLFLOW_PORT"):
+            topology._ensure_started(mlflow, progress=lambda _: None)
+    assert not port_in_use(free_port())
+
+
+def test_every_service_binds_loopback(tmp_path):
+    config = ServicesConfig(dagma_home=tmp_path)
+    for service in Topology(config).services(config.passwords()):
+        argv = " ".join(service.argv)
+        assert "0.0.0.0" not in argv
+        if service.port is not None:
+            assert "127.0.0.1" in argv
+
+
+def test_embedded_vector_store_unless_qdrant_url(tmp_path):
+    assert vector_store(None, None, tmp_path)["kind"] == "embedded"
+    down = vector_store(f"http://127.0.0.1:{free_port()}", "key", tmp_path)
+    assert down == {"kind": "qdrant-server", "location": down["location"], "healthy": False}
