@@ -88,6 +88,16 @@ def status(
     _print_status(report)
 
 
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Check this environment against what is pinned, with the fix for each failure."""
+    from dagma.doctor import run as run_doctor
+
+    raise typer.Exit(run_doctor(as_json))
+
+
 def _print_status(report: dict[str, Any]) -> None:
     assets = Table(title="Assets", title_justify="left")
     for col in ("asset", "group", "last materialized", "run", "stale"):

@@ -99,7 +99,7 @@ class Topology:
     def services(self, passwords: dict[str, str]) -> list[Service]:
         c = self.config
         env = self.env(passwords)
-        workspace = str(PROJECT_ROOT / "workspace.yaml")
+        workspace = str(PROJECT_ROOT / "deploy" / "services" / "workspace.yaml")
         mlflow_env = {
             **env,
             "MLFLOW_BACKEND_STORE_URI": postgres.database_url(
@@ -218,7 +218,9 @@ class Topology:
         if postgres.initdb(self.pg_bin, c.pg_dir, passwords["postgres"], pg.user):
             progress(f"postgres: initialized a cluster in {c.pg_dir / 'data'}")
         c.dagster_home.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(PROJECT_ROOT / "dagster.yaml", c.dagster_home / "dagster.yaml")
+        shutil.copyfile(
+            PROJECT_ROOT / "deploy" / "services" / "dagster.yaml", c.dagster_home / "dagster.yaml"
+        )
         c.artifacts_dir.mkdir(parents=True, exist_ok=True)
         for wave in sorted({s.wave for s in services}):
             batch = [s for s in services if s.wave == wave]
