@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -73,6 +74,10 @@ def test_spawned_process_is_detached_logged_and_terminated(tmp_path):
     record = spawn("sleeper", argv, env={}, log=tmp_path / "sleeper.log")
     try:
         assert record_alive(record)
+        deadline = time.monotonic() + 60
+        while "hello" not in (tmp_path / "sleeper.log").read_text():
+            assert time.monotonic() < deadline, "the child never wrote to its log"
+            time.sleep(0.1)
         assert subprocess.run(
             ["ps", "-o", "sid=", "-p", str(record.pid)], capture_output=True, text=True, check=True
         ).stdout.strip() == str(record.pid)

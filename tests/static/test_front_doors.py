@@ -19,9 +19,8 @@ import yaml
 from dagma.services.config import ServicesConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-# CI places the shared schemas beside the clone, as ../shared relative to the repo root.
-SHARED_SCHEMAS = ROOT.parent / "shared" / "schemas"
-DEVCONTAINER_SCHEMA = SHARED_SCHEMAS / "devContainer.base.schema.json"
+# The official schema, vendored so the check needs nothing outside the repository.
+DEVCONTAINER_SCHEMA = ROOT / "deploy" / "schemas" / "devContainer.base.schema.json"
 CHECK_JSONSCHEMA = Path(sys.executable).with_name("check-jsonschema")
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 SERVICES = ROOT / "deploy" / "process-compose.yaml"
@@ -37,10 +36,7 @@ def check_jsonschema(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 def validate_devcontainer(path: Path) -> subprocess.CompletedProcess[str]:
     if not DEVCONTAINER_SCHEMA.is_file():
-        pytest.fail(
-            f"{DEVCONTAINER_SCHEMA} is missing: the shared schemas must sit beside the repository "
-            f"as {SHARED_SCHEMAS.parent} (CI copies them there; see docs/environments.md)"
-        )
+        pytest.fail(f"{DEVCONTAINER_SCHEMA} is missing: restore it from git (deploy/schemas/).")
     return check_jsonschema("--force-filetype", "json5", "--schemafile", DEVCONTAINER_SCHEMA, path)
 
 
