@@ -20,12 +20,9 @@ help:  ## List the targets
 	python3.11 -m venv .tools || python3 -m venv .tools
 	.tools/bin/pip install --quiet "uv==$(UV_VERSION)"
 
-.venv/.synced: uv.lock pyproject.toml | $(UV)
-	@echo "Installing the locked environment (the first build of llama-cpp-python takes ~6 min)."
+install: | $(UV)  ## Create or update .venv from uv.lock (bytecode compiled)
+	@test -d .venv || echo "Installing the locked environment (the first build of llama-cpp-python takes ~6 min)."
 	$(UV) sync --frozen
-	@touch $@
-
-install: .venv/.synced  ## Create .venv from uv.lock (bytecode compiled)
 
 demo: install  ## Materialize the whole demo graph into $DAGMA_HOME
 	$(RUN) dagma demo
@@ -53,8 +50,8 @@ mlflow: install  ## MLflow UI on http://127.0.0.1:5000
 	$(RUN) mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri sqlite:///$(DAGMA_HOME)/mlflow/mlflow.db
 
-lab: install  ## JupyterLab on http://127.0.0.1:8888
-	$(RUN) jupyter lab --ip 127.0.0.1 --port 8888 --no-browser notebooks
+lab: install  ## JupyterLab on http://127.0.0.1:8888 (adds the locked `lab` group)
+	$(UV) run --frozen --group lab jupyter lab --ip 127.0.0.1 --port 8888 --no-browser notebooks
 
 app: install  ## Streamlit app on http://127.0.0.1:8501
 	$(RUN) streamlit run src/dagma/app/streamlit_app.py \

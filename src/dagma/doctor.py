@@ -98,9 +98,19 @@ def _marker_ok(marker: str | None) -> bool:
     return marker is None or Marker(marker).evaluate({"extra": ""})
 
 
+def _default_groups(lock_path: Path) -> list[str]:
+    """The dependency groups `uv sync` installs: `[tool.uv] default-groups`, else dev."""
+    pyproject = lock_path.with_name("pyproject.toml")
+    if not pyproject.is_file():
+        return ["dev"]
+    uv_config = tomllib.loads(pyproject.read_text()).get("tool", {}).get("uv", {})
+    return list(uv_config.get("default-groups", ["dev"]))
+
+
 def locked_requirements(lock_path: Path) -> dict[str, str]:
-    """Name -> version of every package uv.lock installs here (project, dev group, markers)."""
+    """Name -> version of every package `uv sync` installs here (project, default groups)."""
     lock = tomllib.loads(lock_path.read_text())
+    groups = _default_groups(lock_path)
     by_name: dict[str, list[dict]] = {}
     for pkg in lock["package"]:
         by_name.setdefault(_norm(pkg["name"]), []).append(pkg)
@@ -119,8 +129,9 @@ def locked_requirements(lock_path: Path) -> dict[str, str]:
         for extra in extras:
             deps += pkg.get("optional-dependencies", {}).get(extra, [])
         if pkg in roots:
-            for group in pkg.get("dev-dependencies", {}).values():
-                deps += group
+            for group, group_deps in pkg.get("dev-dependencies", {}).items():
+                if group in groups:
+                    deps += group_deps
         for dep in deps:
             if not _marker_ok(dep.get("marker")):
                 continue

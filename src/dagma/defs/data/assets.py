@@ -1,14 +1,13 @@
 """Raw datasets. Both ship inside installed packages and this repo, so nothing is downloaded."""
 
 import dagster as dg
-import pandas as pd
 
 from dagma.lib import data
 from dagma.settings import PROJECT_ROOT
 
 
 @dg.asset(group_name="data", kinds={"pandas", "sklearn"}, code_version="1")
-def wine_table() -> dg.Output[pd.DataFrame]:
+def wine_table() -> dg.Output:
     """scikit-learn's wine recognition dataset: 13 chemical measurements and a cultivar label."""
     frame = data.load_wine()
     return dg.Output(

@@ -3,7 +3,6 @@
 from typing import Any
 
 import dagster as dg
-import mlflow as mlflow_lib
 
 from dagma.defs.core.resources import LLMResource, MLflowResource, QdrantResource
 from dagma.lib import tracking
@@ -26,6 +25,8 @@ def rag_eval(
     llm: LLMResource,
 ) -> dg.Output[dict[str, Any]]:
     """Retrieval hit-rate@k and MRR on the labelled questions, plus one answered example."""
+    import mlflow as mlflow_lib
+
     questions = load_questions(QUESTIONS)
     embedder = get_embedder()
     with qdrant.open() as store:
