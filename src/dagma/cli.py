@@ -60,18 +60,63 @@ def run(
         list[str] | None, typer.Argument(help="Asset keys; all when omitted.")
     ] = None,
     stale: Annotated[bool, typer.Option(help="Only what is stale or missing.")] = False,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            help="NOTEBOOK.NAME=VALUE, or NAME=VALUE when one notebook is selected; "
+            "coerced to the declared type.",
+        ),
+    ] = None,
 ) -> None:
     """Materialize some or all assets."""
     from dagma import lab
 
     settings = get_settings()
-    result = lab.materialize(settings, selection=assets, stale_only=stale, console=console)
+    params = _notebook_params(param or [], assets or [], settings)
+    result = lab.materialize(
+        settings, selection=assets, stale_only=stale, params=params, console=console
+    )
     if result.run_id is None:
         console.print("[green]Nothing is stale: every asset is up to date.[/green]")
         return
     lab.print_summary(result, settings, console)
     if not result.success:
         raise typer.Exit(1)
+
+
+def _notebook_params(
+    pairs: list[str], selection: list[str], settings: Any
+) -> dict[str, dict[str, Any]]:
+    """`-p` strings -> typed values per notebook, validated like a run would validate them."""
+    from dagma.notebooks.spec import NotebookError, discover
+
+    specs = {s.name: s for s in discover(settings.notebooks_dir)}
+    chosen = [name for name in selection if name in specs]
+    raw: dict[str, dict[str, str]] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise NotebookError(f"--param {pair!r}: write NAME=VALUE or NOTEBOOK.NAME=VALUE.")
+        notebook, dot, name = key.rpartition(".")
+        if not dot:
+            if len(chosen) != 1:
+                raise NotebookError(
+                    f"--param {pair!r}: name the notebook (NOTEBOOK.{key}=...) unless exactly "
+                    "one notebook asset is selected."
+                )
+            notebook = chosen[0]
+        if notebook not in specs:
+            raise NotebookError(
+                f"--param {pair!r}: {notebook!r} is not a notebook asset "
+                f"(notebooks: {', '.join(sorted(specs))})."
+            )
+        raw.setdefault(notebook, {})[name] = value
+    return {
+        nb: {k: v for k, v in specs[nb].validate_params(values).items() if k in values}
+        for nb, values in raw.items()
+    }
 
 
 @app.command()

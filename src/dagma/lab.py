@@ -83,9 +83,12 @@ def materialize(
     selection: list[str] | None = None,
     stale_only: bool = False,
     seed: int | None = None,
+    params: dict[str, dict[str, Any]] | None = None,
     console: Console | None = None,
 ) -> LabRun:
     """Materialize `selection` (default: everything) in-process, with a progress bar.
+
+    `params` maps a notebook to typed parameter values, passed as its run config.
 
     Unpartitioned assets run first; partitioned ones then run for their latest partition.
     """
@@ -121,7 +124,7 @@ def materialize(
 
     total = LabRun(run_id=None)
     for batch, batch_partition in batches:
-        run = _execute(job, instance, batch, batch_partition, seed, console, settings)
+        run = _execute(job, instance, batch, batch_partition, seed, params, console, settings)
         total.run_id = total.run_id or run.run_id
         total.run_ids.append(run.run_id or "")
         total.seconds += run.seconds
@@ -140,19 +143,22 @@ def _execute(
     keys: list[Any],
     partition: str | None,
     seed: int | None,
+    params: dict[str, dict[str, Any]] | None,
     console: Console,
     settings: Settings,
 ) -> LabRun:
     # Dagster's DEBUG event lines would drown the progress bar; failures still print.
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    if seed is not None:
-        selected = set(keys)
-        run_config["ops"] = {
-            node.node_def.name: {"config": {"seed": seed}}
-            for node in job.graph.nodes
-            if "seed" in getattr(node.node_def.config_schema.config_type, "fields", {})
-            and set(job.asset_layer.get_assets_def_for_node(node.node_handle).keys) & selected
-        }
+    ops: dict[str, Any] = {}
+    for op in {job.asset_layer.get(key).assets_def.op for key in keys}:
+        fields = getattr(op.config_schema.config_type, "fields", {}) or {}
+        values = dict((params or {}).get(op.name, {}))
+        if seed is not None and "seed" in fields:
+            values.setdefault("seed", seed)
+        if values:
+            ops[op.name] = {"config": values}
+    if ops:
+        run_config["ops"] = ops
     run_id = str(uuid.uuid4())
     outcome: dict[str, Any] = {}
 

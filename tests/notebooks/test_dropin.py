@@ -113,3 +113,22 @@ def test_markdown_edits_keep_the_code_version_and_code_edits_make_it_stale(lab: 
     assert rerun.success, rerun.error
     assert "wine_summary" in rerun.materialized and "wine_table" not in rerun.materialized
     assert rerun.values["wine_summary"]["rows"] == 179
+
+
+def test_cli_parameters_are_coerced_to_declared_types_and_checked(lab: Path):
+    from typer.testing import CliRunner
+
+    from dagma.cli import app
+
+    summary_notebook(lab)
+    runner = CliRunner()
+    done = runner.invoke(app, ["run", "wine_table", "wine_summary", "-p", "top=5"])
+    assert done.exit_code == 0, done.output
+    event = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey("wine_summary"))
+    assert event.asset_materialization.metadata["parameters"].value == {"top": 5, "label": "wine"}
+
+    wrong = runner.invoke(app, ["run", "wine_summary", "-p", "top=many"])
+    assert isinstance(wrong.exception, NotebookError)
+    assert "parameter 'top' = 'many'" in str(wrong.exception)
+    unknown = runner.invoke(app, ["run", "wine_summary", "-p", "wine_summary.tpo=1"])
+    assert "unknown parameter 'tpo'" in str(unknown.exception)
