@@ -71,12 +71,14 @@ class LLMResource(dg.ConfigurableResource):
     """The chat model behind the RAG chain, chosen by DAGMA_LLM."""
 
     backend: str = Field(default="local", description="local, openai or ollama (DAGMA_LLM).")
-    max_tokens: int = Field(default=160, ge=1, description="Longest answer, in tokens.")
+    max_tokens: int = Field(default=200, ge=1, description="Longest answer, in tokens.")
 
     def settings(self) -> Any:
         from dagma.lib.llm import LLMSettings
 
-        return LLMSettings.from_env()
+        return LLMSettings.from_env(
+            backend=self.backend.strip().lower(), max_tokens=self.max_tokens
+        )
 
 
 def _optional_secret(name: str) -> Any:
