@@ -50,8 +50,8 @@ mlflow: install  ## MLflow UI on http://127.0.0.1:5000
 	$(RUN) mlflow ui --host 127.0.0.1 --port 5000 \
 	  --backend-store-uri sqlite:///$(DAGMA_HOME)/mlflow/mlflow.db
 
-lab: install  ## JupyterLab on http://127.0.0.1:8888 (adds the locked `lab` group)
-	$(UV) run --frozen --group lab jupyter lab --ip 127.0.0.1 --port 8888 --no-browser notebooks
+lab: install  ## dagster dev, MLflow UI, JupyterLab and the app together (adds the `lab` group)
+	$(UV) run --frozen --group lab dagma lab
 
 app: install  ## Streamlit app on http://127.0.0.1:8501
 	$(RUN) streamlit run src/dagma/app/streamlit_app.py \

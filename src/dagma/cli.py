@@ -14,7 +14,9 @@ from dagma.settings import get_settings
 
 app = typer.Typer(help="Dagma: a reproducible ML lab of notebook assets.", no_args_is_help=True)
 notebook_app = typer.Typer(help="Author production notebooks.", no_args_is_help=True)
+llm_app = typer.Typer(help="The chat model behind the RAG chain.", no_args_is_help=True)
 app.add_typer(notebook_app, name="notebook")
+app.add_typer(llm_app, name="llm")
 app.add_typer(services_app, name="services")
 console = Console()
 
@@ -141,6 +143,131 @@ def doctor(
     from dagma.doctor import run as run_doctor
 
     raise typer.Exit(run_doctor(as_json))
+
+
+@app.command()
+def ask(
+    question: Annotated[str, typer.Argument(help="The question, in quotes.")],
+    k: Annotated[int, typer.Option(min=1, max=20, help="Passages given to the model.")] = 4,
+    source: Annotated[
+        str | None, typer.Option(help="Only passages of this source, e.g. pydoc:try.")
+    ] = None,
+    mmr: Annotated[bool, typer.Option(help="Diverse passages (maximal marginal relevance).")] = (
+        False
+    ),
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the whole answer as JSON instead of streaming.")
+    ] = False,
+) -> None:
+    """Answer a question from the document collection: streams the answer, then its sources."""
+    from dagma.lib import rag
+    from dagma.lib.llm import LLMError, LLMSettings, chat_model, check_backend
+    from dagma.lib.vectors import VectorStoreError
+    from dagma.qa import open_pipeline
+
+    try:
+        question = rag.validate_question(question)
+        llm_settings = LLMSettings.from_env()
+        check_backend(llm_settings)
+        with open_pipeline(
+            get_settings(), chat_model(llm_settings), k=k, source=source, mmr=mmr
+        ) as pipeline:
+            if as_json:
+                typer.echo(pipeline.answer(question).model_dump_json(indent=2))
+                return
+            docs = pipeline.retrieve(question)
+            chunks = []
+            for chunk in pipeline.stream(question, docs):
+                chunks.append(chunk)
+                console.print(chunk, end="", markup=False, highlight=False, soft_wrap=True)
+            console.print()
+            answer = rag.assemble_answer(question, docs, "".join(chunks))
+    except (ValueError, LLMError, VectorStoreError) as exc:
+        console.print(f"error: {exc}", style="red", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    _print_sources(answer)
+
+
+def _print_sources(answer: Any) -> None:
+    table = Table(title="Sources", title_justify="left")
+    for col in ("", "source", "score", "passage"):
+        table.add_column(col)
+    for s in answer.sources:
+        mark = "cited" if s.cited else ""
+        table.add_row(f"[{s.rank}] {mark}", s.source, f"{s.score:.3f}", s.snippet)
+    console.print(table)
+    console.print(f"confidence {answer.confidence:.2f}")
+
+
+@llm_app.command("serve")
+def llm_serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    alias: Annotated[str, typer.Option(help="Model name clients ask for.")] = "smollm2",
+) -> None:
+    """Serve the offline model over the OpenAI protocol (llama.cpp's server) until Ctrl-C."""
+    import os
+    import subprocess
+
+    from dagma.lib.llm import LLMError, LLMSettings, openai_server_command
+
+    try:
+        argv = openai_server_command(
+            LLMSettings.from_env(backend="local"), host, port, model_alias=alias
+        )
+    except LLMError as exc:
+        console.print(f"error: {exc}", style="red", markup=False, highlight=False)
+        raise typer.Exit(2) from None
+    console.print(
+        f"Serving {alias} on http://{host}:{port}/v1. Use it with:\n"
+        f"  DAGMA_LLM=openai OPENAI_BASE_URL=http://{host}:{port}/v1 DAGMA_LLM_MODEL={alias}",
+        markup=False,
+    )
+    try:
+        code = subprocess.call(argv, env=os.environ.copy())
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+@app.command("lab")
+def lab_command(
+    dagster_port: Annotated[int, typer.Option(help="Port of dagster dev.")] = 3000,
+    mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    jupyter_port: Annotated[int, typer.Option(help="Port of JupyterLab.")] = 8888,
+    app_port: Annotated[int, typer.Option(help="Port of the Streamlit app.")] = 8501,
+    jupyter: Annotated[bool, typer.Option(help="Start JupyterLab too.")] = True,
+) -> None:
+    """dagster dev, the MLflow UI, JupyterLab and the app together; Ctrl-C stops them all."""
+    from dagma.services import devlab
+    from dagma.services.procs import ServiceError
+
+    settings = get_settings()
+    ports = {"dagster": dagster_port, "mlflow": mlflow_port, "jupyter": jupyter_port}
+    plan = devlab.plan(settings, {**ports, "app": app_port}, jupyter=jupyter)
+    lab = devlab.Lab(settings, plan)
+    code = 0
+    try:
+        lab.start(progress=lambda line: console.print(f"  {line}", markup=False))
+        table = Table(title="Dagma lab (Ctrl-C stops everything)", title_justify="left")
+        table.add_column("service")
+        table.add_column("url")
+        for name, url in plan.urls.items():
+            table.add_row(name, url)
+        console.print(table)
+        for name, why in plan.skipped.items():
+            console.print(f"  {name} not started: {why}", markup=False)
+        lab.wait()
+    except ServiceError as exc:
+        console.print(f"error: {exc}", style="red", markup=False, highlight=False)
+        code = 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        console.print("Stopping the lab...")
+        lab.stop()
+        console.print("Stopped.")
+    raise typer.Exit(code)
 
 
 def _print_status(report: dict[str, Any]) -> None:

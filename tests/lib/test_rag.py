@@ -2,25 +2,35 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from langchain_core.documents import Document
+from langchain_core.language_models import FakeListChatModel
+from langchain_core.messages import AIMessage
+from langchain_core.runnables import RunnableLambda
+from pydantic import Field
 
-from dagma.lib.llm import LLMSettings, chat_model
+from dagma.lib.llm import LLMError, LLMSettings, chat_model
 from dagma.lib.rag import (
     NO_CONTEXT_ANSWER,
     Answer,
+    AnswerOutputParser,
+    Draft,
     RagPipeline,
     StoreRetriever,
     assemble_answer,
     build_rag_chain,
     cited_numbers,
     format_context,
+    parse_draft,
+    parse_structured_result,
     validate_question,
 )
 
@@ -192,6 +202,10 @@ def test_answer(first: Answer) -> None:
     assert ans.sources[0].id == "c5"  # retrieval order is kept
     assert [s.score for s in ans.sources] == sorted((s.score for s in ans.sources), reverse=True)
     assert 0.0 <= ans.confidence <= 1.0
+    assert ans.parsed == "text" and ans.model_confidence is None
+    assert ans.output_tokens == MAX_TOKENS  # SmolLM2 rambles up to the limit
+    assert 0 < ans.generation_s <= ans.latency_s
+    assert ans.tokens_per_s == pytest.approx(ans.output_tokens / ans.generation_s)
     assert Answer.model_validate_json(ans.model_dump_json()) == ans
 
 
@@ -208,9 +222,23 @@ def test_lcel_chain_matches_pipeline(pipeline: RagPipeline, first: Answer) -> No
     assert chain.invoke(QUESTION) == first.text
 
 
+TIMINGS = {"latency_s", "generation_s"}
+
+
 def test_deterministic_in_process(pipeline: RagPipeline, first: Answer) -> None:
     pipeline.answer("What does the pass statement do?")  # replaces llama.cpp's cached prompt
-    assert pipeline.answer(QUESTION) == first
+    again = pipeline.answer(QUESTION)
+    assert again.model_dump(exclude=TIMINGS) == first.model_dump(exclude=TIMINGS)
+
+
+def test_local_generation_is_serialised_across_threads(
+    pipeline: RagPipeline, first: Answer
+) -> None:
+    # one llama.cpp context: without the lock, concurrent calls corrupt each other's output
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        answers = list(pool.map(lambda _: pipeline.answer(QUESTION).text, range(2)))
+        streamed = pool.submit(lambda: "".join(pipeline.stream(QUESTION)))
+        assert answers == [first.text] * 2 and streamed.result() == first.text
 
 
 def test_deterministic_across_processes(first: Answer) -> None:
@@ -231,6 +259,7 @@ def test_deterministic_across_processes(first: Answer) -> None:
 def test_no_hits_skips_model(pipeline: RagPipeline) -> None:
     ans = pipeline.answer("zzz qqq")
     assert ans.text == NO_CONTEXT_ANSWER and ans.sources == [] and ans.confidence == 0.0
+    assert (ans.output_tokens, ans.generation_s, ans.parsed) == (0, 0.0, "text")
     assert list(pipeline.stream("zzz qqq")) == [NO_CONTEXT_ANSWER]
 
 
@@ -253,3 +282,167 @@ def test_context_overflow_is_a_clear_error(pipeline: RagPipeline) -> None:
     docs = [_doc(str(i), 1.0, "7" * 600) for i in range(4)]
     with pytest.raises(ValueError, match="does not fit the model's context window"):
         pipeline.answer("9" * 1000, docs=docs)
+
+
+# --- draft parsing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "answer", "citations", "confidence"),
+    [
+        (
+            '{"answer": "NameError [1]", "citations": [1], "confidence": 0.9}',
+            "NameError [1]",
+            [1],
+            0.9,
+        ),
+        ('```json\n{"answer": "fenced", "citations": ["2", "x"]}\n```', "fenced", [2], None),
+        ('```\n{"answer": "bare fence"}\n```', "bare fence", [], None),
+        (
+            'Sure! Here it is: {"answer": "embedded", "confidence": 3.4} Hope it helps.',
+            "embedded",
+            [],
+            1.0,
+        ),
+        ('{"text": "text key", "citations": 1, "confidence": "high"}', "text key", [1], None),
+        ('{"answer": "cut short by the token li', "cut short by the token li", [], None),
+    ],
+)
+def test_parse_draft_json(
+    text: str, answer: str, citations: list[int], confidence: float | None
+) -> None:
+    draft = parse_draft(text)
+    assert draft == Draft(answer=answer, citations=citations, confidence=confidence)
+    out = AnswerOutputParser().parse(text)
+    assert (out.text, out.parsed, out.citations, out.raw_text) == (
+        answer,
+        "structured",
+        citations,
+        text,
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "NameError is raised [1].",
+        "[1] (pydoc:del) Deleting a name removes its binding.",
+        '{"citations": [1]}',  # no answer
+        "d = {'a': 1}",
+        "[1, 2]",
+        "",
+        "}{",
+    ],
+)
+def test_parse_draft_garbage_falls_back_to_text(text: str) -> None:
+    assert parse_draft(text) is None
+    out = AnswerOutputParser().parse(text)
+    assert (out.text, out.parsed, out.citations, out.confidence) == (text, "text", [], None)
+
+
+def test_answer_parser_reads_usage_from_the_message() -> None:
+    message = AIMessage(
+        content="Plain [1].",
+        usage_metadata={"input_tokens": 10, "output_tokens": 4, "total_tokens": 14},
+    )
+    out = AnswerOutputParser().invoke(message)
+    assert (out.text, out.parsed, out.output_tokens) == ("Plain [1].", "text", 4)
+    assert AnswerOutputParser().invoke(AIMessage(content="x")).output_tokens is None
+
+
+def test_parse_structured_result() -> None:
+    usage = {"input_tokens": 1, "output_tokens": 7, "total_tokens": 8}
+    call = {"name": "Draft", "args": {"answer": "From the tool [2]", "confidence": [1]}, "id": "1"}
+    raw = AIMessage(content="", tool_calls=[call], usage_metadata=usage)  # type: ignore[arg-type]
+    ok = parse_structured_result(
+        {"raw": raw, "parsed": Draft(answer="A", citations=[1]), "parsing_error": None}
+    )
+    assert (ok.text, ok.parsed, ok.citations, ok.output_tokens) == ("A", "structured", [1], 7)
+    # the schema was not honoured: the tool call's answer, or the content, read as text
+    failed = parse_structured_result({"raw": raw, "parsed": None, "parsing_error": ValueError()})
+    assert (failed.text, failed.parsed, failed.output_tokens) == ("From the tool [2]", "text", 7)
+    content = AIMessage(content='```json\n{"answer": "In content"}\n```')
+    assert parse_structured_result({"raw": content, "parsed": None}).parsed == "structured"
+    plain = parse_structured_result({"raw": AIMessage(content="Just text"), "parsed": None})
+    assert (plain.text, plain.parsed, plain.output_tokens) == ("Just text", "text", None)
+    assert parse_structured_result(Draft(answer="no raw")).text == "no raw"
+
+
+def test_assemble_answer_with_draft_fields() -> None:
+    docs = [_doc("a", 0.8), _doc("b", 0.6), _doc("c", 0.9)]
+    ans = assemble_answer("q", docs, "It is A.", citations=[1, 7], model_confidence=0.3)
+    assert [s.cited for s in ans.sources] == [True, False, False]
+    assert ans.model_confidence == 0.3 and ans.confidence == pytest.approx(0.3)  # min of the two
+    sure = assemble_answer("q", docs, "It is B [2].", citations=[3], model_confidence=1.0)
+    assert [s.cited for s in sure.sources] == [False, True, True]
+    assert sure.confidence == pytest.approx(0.9)  # the model cannot raise it
+
+
+# --- pipeline with stand-in models --------------------------------------------------------------
+
+
+def fake_pipeline(model: Any, **kwargs: Any) -> RagPipeline:
+    return RagPipeline(StoreRetriever(search=keyword_search, k=3), model, **kwargs)
+
+
+def test_plain_text_model_answers_json_or_text() -> None:
+    reply = '{"answer": "NameError [1]", "citations": [1], "confidence": 0.4}'
+    ans = fake_pipeline(FakeListChatModel(responses=[reply])).answer(QUESTION)
+    assert (ans.text, ans.parsed, ans.model_confidence) == ("NameError [1]", "structured", 0.4)
+    assert ans.sources[0].cited and ans.confidence == pytest.approx(0.4)
+    assert ans.output_tokens == 0  # unknown for this model
+    text = fake_pipeline(FakeListChatModel(responses=["It is NameError [1]."])).answer(QUESTION)
+    assert (text.text, text.parsed, text.sources[0].cited) == ("It is NameError [1].", "text", True)
+
+
+class StructuredFake(FakeListChatModel):
+    """Plain replies from ``responses``; structured output returns ``draft`` as raw + parsed."""
+
+    draft: dict[str, Any] = Field(default_factory=dict)
+    methods: list[str] = Field(default_factory=list)
+
+    def with_structured_output(
+        self, schema: Any, *, include_raw: bool = False, **kwargs: Any
+    ) -> Any:
+        self.methods.append(kwargs["method"])
+        return RunnableLambda(lambda _: self.draft)
+
+
+def test_structured_output_and_its_fallbacks() -> None:
+    usage = {"input_tokens": 1, "output_tokens": 5, "total_tokens": 6}
+    good = {
+        "raw": AIMessage(content="", usage_metadata=usage),  # type: ignore[arg-type]
+        "parsed": Draft(answer="NameError", citations=[1], confidence=0.8),
+    }
+    model = StructuredFake(responses=["streamed"], draft=good)
+    pipeline = fake_pipeline(model, structured_method="json_schema")
+    ans = pipeline.answer(QUESTION)
+    assert model.methods == ["json_schema"]
+    assert (ans.text, ans.parsed, ans.output_tokens) == ("NameError", "structured", 5)
+    assert ans.sources[0].cited and ans.model_confidence == 0.8
+    assert "".join(pipeline.stream(QUESTION)) == "streamed"  # streaming stays plain text
+    # an empty draft: the answer is generated again as plain text
+    empty = StructuredFake(
+        responses=["Plain [2]."], draft={"raw": AIMessage(content=""), "parsed": None}
+    )
+    ans = fake_pipeline(empty, structured_method="json_schema").answer(QUESTION)
+    assert (ans.text, ans.parsed) == ("Plain [2].", "text")
+    assert fake_pipeline(empty).structured_method is None  # "auto": no native method known
+
+
+def test_unreachable_backend_is_a_clear_error() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {
+        "DAGMA_LLM": "openai",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1",
+        "DAGMA_LLM_MODEL": "m",
+    }
+    pipeline = fake_pipeline(chat_model(LLMSettings.from_env(env)))
+    assert pipeline.structured_method == "function_calling"
+    match = rf"DAGMA_LLM=openai: cannot reach OPENAI_BASE_URL=http://127.0.0.1:{port}/v1 \(connection refused\)"
+    with pytest.raises(LLMError, match=match):
+        pipeline.answer(QUESTION)
+    with pytest.raises(LLMError, match=match):
+        list(pipeline.stream(QUESTION))

@@ -1,40 +1,65 @@
 """Retrieval-augmented answering over a vector store with a LangChain (LCEL) chain.
 
-Answers are plain text, parsed afterwards for citations like ``[2]``. ``with_structured_output``
-is not used: with ChatLlamaCpp it yields grammar-valid JSON, but SmolLM2-135M fills it with
-wrong answers and invalid citations, and it cannot stream tokens.
+``retriever -> prompt -> model -> parser``. :meth:`RagPipeline.stream` yields plain text;
+:meth:`RagPipeline.answer` asks backends with native structured output (OpenAI-compatible,
+Ollama) for a :class:`Draft` and falls back to the raw text. The local SmolLM2-135M answers in
+plain text: forced into JSON it fills the schema with wrong answers and invalid citations. Its
+text is still read as a draft if it happens to be JSON, else citations like ``[2]`` are parsed.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
+from langchain_core.exceptions import ContextOverflowError
 from langchain_core.language_models import BaseChatModel
-from langchain_core.output_parsers import StrOutputParser
+from langchain_core.messages import AIMessage
+from langchain_core.output_parsers import BaseOutputParser, StrOutputParser
+from langchain_core.outputs import Generation
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
-from pydantic import BaseModel, Field
+from langchain_core.utils.json import parse_json_markdown
+from langchain_core.vectorstores.utils import maximal_marginal_relevance
+from pydantic import (
+    BaseModel,
+    Field,
+    SkipValidation,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from dagma.lib.embeddings import Embedder
+from dagma.lib.llm import backend_errors, count_output_tokens, model_lock, structured_output_method
 
 __all__ = [
     "MAX_QUESTION_CHARS",
     "NO_CONTEXT_ANSWER",
     "Answer",
+    "AnswerOutputParser",
+    "Draft",
     "Hit",
+    "ModelOutput",
     "RagPipeline",
     "Source",
     "StoreRetriever",
     "assemble_answer",
     "build_answer_chain",
+    "build_draft_chain",
     "build_rag_chain",
     "cited_numbers",
     "format_context",
     "hit_to_document",
+    "parse_draft",
+    "parse_structured_result",
     "validate_question",
 ]
 
@@ -67,15 +92,45 @@ class Hit(Protocol):
 
 
 class StoreRetriever(BaseRetriever):
-    """LangChain retriever over a ``search(query, k) -> hits`` callable."""
+    """LangChain retriever over a ``search(query, k[, filter=...]) -> hits`` callable.
 
-    search: Callable[[str, int], Sequence[Any]]
+    ``filter`` (payload key -> value, e.g. ``{"source": "pydoc:try"}``) is passed to ``search``
+    when set. With ``mmr`` it fetches ``fetch_k`` candidates and keeps ``k`` by maximal marginal
+    relevance (``lambda_mult``: 1 = relevance only, 0 = diversity only), comparing texts
+    re-embedded with ``embedder`` (cheap with the static default embedder, and store-agnostic).
+    """
+
+    search: Callable[..., Sequence[Any]]
     k: int = Field(default=4, ge=1)
+    filter: dict[str, Any] | None = None
+    mmr: bool = False
+    fetch_k: int = Field(default=20, ge=1)
+    lambda_mult: float = Field(default=0.5, ge=0.0, le=1.0)
+    embedder: SkipValidation[Embedder | None] = None
+
+    @model_validator(mode="after")
+    def _mmr_needs_embedder(self) -> StoreRetriever:
+        if self.mmr and self.embedder is None:
+            raise ValueError("mmr=True needs an embedder to compare the candidate passages")
+        return self
 
     def _get_relevant_documents(
         self, query: str, *, run_manager: CallbackManagerForRetrieverRun
     ) -> list[Document]:
-        return [hit_to_document(h) for h in list(self.search(query, self.k))[: self.k]]
+        n = max(self.k, self.fetch_k) if self.mmr else self.k
+        args = {} if self.filter is None else {"filter": self.filter}
+        hits = list(self.search(query, n, **args))[:n]
+        if self.mmr and len(hits) > self.k:
+            hits = [hits[i] for i in self._mmr(query, hits)]
+        return [hit_to_document(h) for h in hits[: self.k]]
+
+    def _mmr(self, query: str, hits: list[Any]) -> list[int]:
+        assert self.embedder is not None
+        texts = [str(h.payload.get("text", "")) for h in hits]
+        vectors = self.embedder.embed([query, *texts])
+        return maximal_marginal_relevance(
+            vectors[0], vectors[1:].tolist(), lambda_mult=self.lambda_mult, k=self.k
+        )
 
 
 def hit_to_document(hit: Hit) -> Document:
@@ -100,17 +155,164 @@ class Source(BaseModel):
 
 
 class Answer(BaseModel):
-    """A generated answer with its retrieved sources in retrieval order."""
+    """A generated answer with its retrieved sources in retrieval order.
+
+    ``parsed`` says how the model output was read: ``structured`` (a :class:`Draft`, through
+    structured output or JSON in the text) or ``text``. ``latency_s`` is the wall time of
+    :meth:`RagPipeline.answer` (retrieval included), ``generation_s`` the time in the model and
+    ``output_tokens`` the tokens it generated (0 when the backend does not say).
+    ``confidence`` is the retrieval heuristic of :func:`assemble_answer`, lowered to
+    ``model_confidence`` when the model reports a lower one (structured output only).
+    """
 
     question: str
     text: str
     sources: list[Source]
     confidence: float = Field(ge=0.0, le=1.0)
+    model_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    parsed: Literal["structured", "text"] = "text"
+    latency_s: float = Field(default=0.0, ge=0.0)
+    generation_s: float = Field(default=0.0, ge=0.0)
+    output_tokens: int = Field(default=0, ge=0)
 
     @property
     def cited_sources(self) -> list[Source]:
         """Sources the answer cites, or all sources when it cites none."""
         return [s for s in self.sources if s.cited] or list(self.sources)
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Generation speed, when both the tokens and the time are known."""
+        if self.output_tokens and self.generation_s > 0:
+            return self.output_tokens / self.generation_s
+        return None
+
+
+class Draft(BaseModel):
+    """The answer a model fills in through structured output.
+
+    Lenient on purpose: bad citations are dropped and a confidence that is not a number in
+    [0, 1] is clipped or dropped, so only a missing answer makes a draft invalid.
+    """
+
+    answer: str = Field(description="The answer in one or two sentences, citing passages as [1].")
+    citations: list[int] = Field(
+        default_factory=list, description="Numbers of the passages the answer uses."
+    )
+    confidence: float | None = Field(
+        default=None, description="How sure you are, from 0 (a guess) to 1 (certain)."
+    )
+
+    @field_validator("citations", mode="before")
+    @classmethod
+    def _int_citations(cls, value: Any) -> list[int]:
+        items = value if isinstance(value, list) else [value]
+        return [int(x) for x in items if str(x).strip().lstrip("[").rstrip("]").isdigit()]
+
+    @field_validator("confidence", mode="before")
+    @classmethod
+    def _unit_confidence(cls, value: Any) -> float | None:
+        try:
+            return min(1.0, max(0.0, float(value)))
+        except (TypeError, ValueError):
+            return None
+
+
+class ModelOutput(BaseModel):
+    """One model reply, parsed: the answer text, its draft fields, and the raw text."""
+
+    text: str
+    parsed: Literal["structured", "text"]
+    citations: list[int] = Field(default_factory=list)
+    confidence: float | None = None
+    raw_text: str = ""
+    output_tokens: int | None = None
+
+
+def parse_draft(text: str) -> Draft | None:
+    """A :class:`Draft` from JSON with an ``answer`` (or ``text``) key, else ``None``.
+
+    The JSON may be the whole text, fenced in ```` ```json ````, embedded in prose, or cut short
+    by the token limit.
+    """
+    start, end = text.find("{"), text.rfind("}")
+    candidates = [text] if start < 0 else [text, text[start : end + 1], text[start:]]
+    for candidate in candidates:
+        try:
+            obj = parse_json_markdown(candidate)
+        except ValueError:
+            continue
+        if not isinstance(obj, dict):
+            continue
+        if "answer" not in obj and "text" in obj:
+            obj = {**obj, "answer": obj["text"]}
+        try:
+            return Draft.model_validate(obj)
+        except ValidationError:
+            continue
+    return None
+
+
+def _from_draft(draft: Draft, raw_text: str) -> ModelOutput:
+    return ModelOutput(
+        text=draft.answer,
+        parsed="structured",
+        citations=draft.citations,
+        confidence=draft.confidence,
+        raw_text=raw_text,
+    )
+
+
+class AnswerOutputParser(BaseOutputParser[ModelOutput]):
+    """Model reply -> :class:`ModelOutput`: a JSON :class:`Draft` if there is one, else the text.
+
+    Keeps the reply's ``usage_metadata`` output token count when the backend reports one.
+    """
+
+    def parse(self, text: str) -> ModelOutput:
+        draft = parse_draft(text)
+        if draft is None:
+            return ModelOutput(text=text, parsed="text", raw_text=text)
+        return _from_draft(draft, text)
+
+    def parse_result(self, result: list[Generation], *, partial: bool = False) -> ModelOutput:
+        out = self.parse(result[0].text)
+        message = getattr(result[0], "message", None)
+        out.output_tokens = _output_tokens(message)
+        return out
+
+    @property
+    def _type(self) -> str:
+        return "dagma_answer"
+
+
+def parse_structured_result(result: Mapping[str, Any] | BaseModel) -> ModelOutput:
+    """``with_structured_output(Draft, include_raw=True)`` result -> :class:`ModelOutput`.
+
+    When the model ignored the schema, the raw reply is parsed like plain text: its content, or
+    else the ``answer`` argument of its tool call.
+    """
+    if isinstance(result, BaseModel):  # without include_raw
+        result = {"parsed": result}
+    raw = result.get("raw")
+    message = raw if isinstance(raw, AIMessage) else AIMessage(content="")
+    content = str(message.text)
+    args = message.tool_calls[0]["args"] if message.tool_calls else {}
+    raw_text = content or (json.dumps(args) if args else "")
+    draft = result.get("parsed")
+    if isinstance(draft, Draft):
+        out = _from_draft(draft, raw_text)
+    else:
+        answer = args.get("answer")
+        out = AnswerOutputParser().parse(content or (answer if isinstance(answer, str) else ""))
+        out.raw_text = raw_text
+    out.output_tokens = _output_tokens(message)
+    return out
+
+
+def _output_tokens(message: Any) -> int | None:
+    usage = getattr(message, "usage_metadata", None)
+    return int(usage["output_tokens"]) if usage else None
 
 
 def validate_question(question: str, max_chars: int = MAX_QUESTION_CHARS) -> str:
@@ -160,13 +362,23 @@ def cited_numbers(text: str, n_docs: int) -> list[int]:
     return out
 
 
-def assemble_answer(question: str, docs: Sequence[Document], text: str) -> Answer:
-    """Build an :class:`Answer` from retrieved docs and the model's raw text.
+def assemble_answer(
+    question: str,
+    docs: Sequence[Document],
+    text: str,
+    *,
+    citations: Sequence[int] = (),
+    model_confidence: float | None = None,
+) -> Answer:
+    """Build an :class:`Answer` from retrieved docs, the answer text and the draft's fields.
 
+    Cited passages: ``[n]`` in the text plus ``citations``, within 1..len(docs).
     Confidence heuristic: the best retrieval score among cited passages (or among all
     passages if none is cited), clipped to [0, 1]; halved when nothing is cited; 0 without docs.
+    A model's own ``model_confidence`` can only lower it (the minimum of the two is kept); both
+    are reported.
     """
-    cited = set(cited_numbers(text, len(docs)))
+    cited = set(cited_numbers(text, len(docs))) | {c for c in citations if 1 <= c <= len(docs)}
     sources = [
         Source(
             id=str(d.metadata.get("id", "")),
@@ -186,19 +398,48 @@ def assemble_answer(question: str, docs: Sequence[Document], text: str) -> Answe
         confidence = min(1.0, max(0.0, max(s.score for s in pool)))
         if not cited:
             confidence *= 0.5
-    return Answer(question=question, text=text, sources=sources, confidence=confidence)
+    if model_confidence is not None:
+        confidence = min(confidence, model_confidence)
+    return Answer(
+        question=question,
+        text=text,
+        sources=sources,
+        confidence=confidence,
+        model_confidence=model_confidence,
+    )
+
+
+def _prompt_inputs(max_chars: int, max_passages: int) -> Runnable[dict[str, Any], dict[str, str]]:
+    def to_prompt_inputs(x: dict[str, Any]) -> dict[str, str]:
+        context = format_context(x["docs"], max_chars, max_passages)
+        return {"question": x["question"], "context": context}
+
+    return RunnableLambda(to_prompt_inputs)
 
 
 def build_answer_chain(
     model: BaseChatModel, max_chars: int = CONTEXT_CHARS, max_passages: int = MAX_PASSAGES
 ) -> Runnable[dict[str, Any], str]:
     """``{"question", "docs"}`` -> prompt -> model -> text."""
+    return _prompt_inputs(max_chars, max_passages) | RAG_PROMPT | model | StrOutputParser()
 
-    def to_prompt_inputs(x: dict[str, Any]) -> dict[str, str]:
-        context = format_context(x["docs"], max_chars, max_passages)
-        return {"question": x["question"], "context": context}
 
-    return RunnableLambda(to_prompt_inputs) | RAG_PROMPT | model | StrOutputParser()
+def build_draft_chain(
+    model: BaseChatModel,
+    method: str | None = None,
+    max_chars: int = CONTEXT_CHARS,
+    max_passages: int = MAX_PASSAGES,
+) -> Runnable[dict[str, Any], ModelOutput]:
+    """``{"question", "docs"}`` -> prompt -> model -> :class:`ModelOutput`.
+
+    With a ``method`` the model fills a :class:`Draft` through ``with_structured_output``
+    (falling back to its raw reply); without, its text goes through :class:`AnswerOutputParser`.
+    """
+    head = _prompt_inputs(max_chars, max_passages) | RAG_PROMPT
+    if method is None:
+        return head | model | AnswerOutputParser()
+    structured = model.with_structured_output(Draft, method=method, include_raw=True)
+    return head | structured | RunnableLambda(parse_structured_result)
 
 
 def build_rag_chain(
@@ -215,9 +456,14 @@ def build_rag_chain(
 class RagPipeline:
     """Question answering over a retriever with a chat model.
 
-    ``stream`` yields the raw text chunks; ``answer(q).text`` equals their concatenation.
-    With the local model (temperature 0, i.e. greedy) the same question over the same store
-    gives the same text. The local model is one shared llama.cpp context: not thread-safe.
+    ``stream`` yields the raw text chunks. ``answer`` returns an :class:`Answer`; with
+    ``structured_method="auto"`` it uses the backend's native structured output (see
+    :func:`dagma.lib.llm.structured_output_method`), ``None`` forces plain text, or name a
+    ``with_structured_output`` method. In plain text, ``answer(q).text`` equals the streamed
+    text unless the reply is JSON. With the local model (temperature 0, i.e. greedy) the same
+    question over the same store gives the same text; its generation is serialised across
+    threads by :data:`dagma.lib.llm.LOCAL_MODEL_LOCK`. Unreachable remote backends raise
+    :class:`dagma.lib.llm.LLMError` naming the setting to fix.
     """
 
     def __init__(
@@ -225,6 +471,7 @@ class RagPipeline:
         retriever: BaseRetriever,
         model: BaseChatModel,
         *,
+        structured_method: str | None = "auto",
         max_question_chars: int = MAX_QUESTION_CHARS,
         context_chars: int = CONTEXT_CHARS,
         max_passages: int = MAX_PASSAGES,
@@ -233,7 +480,12 @@ class RagPipeline:
         self.model = model
         self.max_question_chars = max_question_chars
         self.max_passages = max_passages
+        if structured_method == "auto":
+            structured_method = structured_output_method(model)
+        self.structured_method = structured_method
         self.answer_chain = build_answer_chain(model, context_chars, max_passages)
+        self.text_draft_chain = build_draft_chain(model, None, context_chars, max_passages)
+        self.draft_chain = build_draft_chain(model, structured_method, context_chars, max_passages)
         self.chain = build_rag_chain(retriever, model, context_chars, max_passages)
 
     def retrieve(self, question: str) -> list[Document]:
@@ -254,20 +506,50 @@ class RagPipeline:
         if not docs:
             yield NO_CONTEXT_ANSWER
             return
-        with _context_overflow_as_value_error():
+        with self._generating():
             for chunk in self.answer_chain.stream({"question": question, "docs": docs}):
                 if chunk:
                     yield chunk
 
     def answer(self, question: str, docs: Sequence[Document] | None = None) -> Answer:
-        """Retrieve, generate and return an :class:`Answer` with sources and confidence."""
+        """Retrieve, generate and return an :class:`Answer` with sources, confidence, timings."""
+        start = time.perf_counter()
         q = validate_question(question, self.max_question_chars)
         docs = self.retrieve(q) if docs is None else list(docs)[: self.max_passages]
         if not docs:
-            return assemble_answer(q, docs, NO_CONTEXT_ANSWER)
-        with _context_overflow_as_value_error():
-            text = self.answer_chain.invoke({"question": q, "docs": docs})
-        return assemble_answer(q, docs, text)
+            ans = assemble_answer(q, docs, NO_CONTEXT_ANSWER)
+            return ans.model_copy(update={"latency_s": time.perf_counter() - start})
+        inputs = {"question": q, "docs": docs}
+        with self._generating():
+            generation_start = time.perf_counter()
+            out = self.draft_chain.invoke(inputs)
+            tokens = _count(self.model, out)
+            if not out.text.strip() and self.structured_method is not None:
+                out = self.text_draft_chain.invoke(inputs)  # nothing usable in the draft
+                tokens += _count(self.model, out)
+            generation_s = time.perf_counter() - generation_start
+        ans = assemble_answer(
+            q, docs, out.text, citations=out.citations, model_confidence=out.confidence
+        )
+        return ans.model_copy(
+            update={
+                "parsed": out.parsed,
+                "latency_s": time.perf_counter() - start,
+                "generation_s": generation_s,
+                "output_tokens": tokens,
+            }
+        )
+
+    @contextmanager
+    def _generating(self) -> Iterator[None]:
+        with model_lock(self.model), backend_errors(self.model), _context_overflow_as_value_error():
+            yield
+
+
+def _count(model: BaseChatModel, out: ModelOutput) -> int:
+    if out.output_tokens is not None:
+        return out.output_tokens
+    return count_output_tokens(model, out.raw_text) or 0
 
 
 @contextmanager
@@ -275,8 +557,8 @@ def _context_overflow_as_value_error() -> Iterator[None]:
     # Only pathological text (e.g. 1000 chars of digits) overflows n_ctx with the default caps.
     try:
         yield
-    except ValueError as e:
-        if "context window" not in str(e):
+    except (ValueError, ContextOverflowError) as e:
+        if isinstance(e, ValueError) and "context window" not in str(e):
             raise
         raise ValueError(
             f"the question plus retrieved context does not fit the model's context window ({e}); "

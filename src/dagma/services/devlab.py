@@ -1,0 +1,234 @@
+"""`dagma lab`: dagster dev, the MLflow UI, JupyterLab and the app in the foreground, together.
+
+Unlike services mode nothing is detached: the processes live as long as the command, and
+Ctrl-C (or any of them dying) stops them all, including the kernels they started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dagma.services import health
+from dagma.services.procs import (
+    MARKER,
+    ProcRecord,
+    ServiceError,
+    marked_pids,
+    pid_alive,
+    port_in_use,
+    spawn,
+    terminate,
+)
+from dagma.services.supervisor import _venv_bin, tail
+from dagma.settings import PROJECT_ROOT, Settings
+
+LOOPBACK = "127.0.0.1"
+DEFAULT_PORTS = {"dagster": 3000, "mlflow": 5000, "jupyter": 8888, "app": 8501}
+
+
+@dataclass
+class LabProcess:
+    name: str
+    argv: list[str]
+    port: int
+    url: str
+    health_url: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class LabPlan:
+    processes: list[LabProcess]
+    skipped: dict[str, str]
+    urls: dict[str, str]
+
+
+def plan(settings: Settings, ports: Mapping[str, int], jupyter: bool = True) -> LabPlan:
+    """What `dagma lab` starts; an MLflow server already in use (services mode) is reused."""
+    ports = {**DEFAULT_PORTS, **ports}
+    url = {name: f"http://{LOOPBACK}:{port}" for name, port in ports.items()}
+    skipped: dict[str, str] = {}
+    procs = [
+        LabProcess(
+            "dagster",
+            [
+                _venv_bin("dagster"),
+                "dev",
+                "-m",
+                "dagma.definitions",
+                "-h",
+                LOOPBACK,
+                "-p",
+                str(ports["dagster"]),
+            ],
+            ports["dagster"],
+            url["dagster"],
+            url["dagster"] + "/server_info",
+            {"DAGSTER_HOME": str(settings.dagster_dir)},
+        )
+    ]
+    if settings.tracking_uri.startswith(("http://", "https://")):
+        url["mlflow"] = settings.mlflow_ui
+        skipped["mlflow"] = f"MLFLOW_TRACKING_URI is the server {settings.tracking_uri}"
+    else:
+        procs.append(
+            LabProcess(
+                "mlflow",
+                [
+                    _venv_bin("mlflow"),
+                    "ui",
+                    "--host",
+                    LOOPBACK,
+                    "--port",
+                    str(ports["mlflow"]),
+                    "--backend-store-uri",
+                    settings.tracking_uri,
+                    "--default-artifact-root",
+                    str(settings.artifact_root),
+                ],
+                ports["mlflow"],
+                url["mlflow"],
+                url["mlflow"] + "/health",
+            )
+        )
+    jupyter_bin = Path(sys.executable).parent / "jupyter-lab"
+    if not jupyter:
+        skipped["jupyter"] = "--no-jupyter"
+    elif not jupyter_bin.exists():
+        skipped["jupyter"] = "JupyterLab is not installed: run `make lab` (uv's `lab` group)"
+    else:
+        procs.append(
+            LabProcess(
+                "jupyter",
+                [
+                    str(jupyter_bin),
+                    "--ip",
+                    LOOPBACK,
+                    "--port",
+                    str(ports["jupyter"]),
+                    "--no-browser",
+                    "--ServerApp.token=",
+                    "--ServerApp.password=",
+                    "--notebook-dir",
+                    str(settings.notebooks_dir),
+                ],
+                ports["jupyter"],
+                url["jupyter"],
+                url["jupyter"] + "/api",
+            )
+        )
+    procs.append(
+        LabProcess(
+            "app",
+            [
+                _venv_bin("streamlit"),
+                "run",
+                str(PROJECT_ROOT / "src/dagma/app/streamlit_app.py"),
+                "--server.address",
+                LOOPBACK,
+                "--server.port",
+                str(ports["app"]),
+                "--server.headless",
+                "true",
+                "--browser.gatherUsageStats",
+                "false",
+            ],
+            ports["app"],
+            url["app"],
+            url["app"] + "/_stcore/health",
+        )
+    )
+    urls = {p.name: p.url for p in procs}
+    if "mlflow" in skipped:
+        urls["mlflow"] = url["mlflow"]
+    return LabPlan(procs, skipped, urls)
+
+
+class Lab:
+    """The started processes; `stop()` ends them and everything they spawned."""
+
+    def __init__(self, settings: Settings, lab_plan: LabPlan) -> None:
+        self.settings = settings
+        self.plan = lab_plan
+        self.marker = f"lab-{uuid.uuid4().hex[:12]}"
+        self.records: dict[str, ProcRecord] = {}
+        self.logs = settings.home / "logs" / "lab"
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, MARKER: self.marker, "DAGMA_HOME": str(self.settings.home)}
+        env["DAGSTER_UI_URL"] = self.plan.urls["dagster"]
+        env["MLFLOW_UI_URL"] = self.plan.urls["mlflow"]
+        env.setdefault("MLFLOW_TRACKING_URI", self.settings.tracking_uri)
+        return env
+
+    def start(self, progress: Callable[[str], None], timeout: float = 120.0) -> None:
+        """Start every process and wait until each answers its health URL."""
+        busy = [p for p in self.plan.processes if port_in_use(p.port)]
+        if busy:
+            names = ", ".join(f"{p.name} ({p.port})" for p in busy)
+            raise ServiceError(
+                f"port in use: {names}. Stop what listens there or pick other ports, "
+                f"e.g. `dagma lab --{busy[0].name}-port {busy[0].port + 1}`."
+            )
+        self.settings.ensure_dirs()
+        base = self.env()
+        for proc in self.plan.processes:
+            log = self.logs / f"{proc.name}.log"
+            self.records[proc.name] = spawn(
+                proc.name, proc.argv, env={**base, **proc.env}, log=log, cwd=PROJECT_ROOT
+            )
+            progress(f"starting {proc.name} (log: {log})")
+        deadline = time.monotonic() + timeout
+        waiting = list(self.plan.processes)
+        while waiting:
+            for proc in list(waiting):
+                self.check_alive(proc.name)
+                if health.http_ok(proc.health_url, timeout=2)[0]:
+                    progress(f"{proc.name} is up at {proc.url}")
+                    waiting.remove(proc)
+            if waiting and time.monotonic() > deadline:
+                names = ", ".join(p.name for p in waiting)
+                raise ServiceError(
+                    f"{names} did not answer within {timeout:.0f} s; see the logs in {self.logs}"
+                )
+            time.sleep(0.5)
+
+    def check_alive(self, name: str) -> None:
+        record = self.records[name]
+        if not pid_alive(record.pid):
+            raise ServiceError(
+                f"{name} exited; the end of its log ({record.log}):\n{tail(Path(record.log), 15)}"
+            )
+
+    def wait(self) -> None:
+        """Block until Ctrl-C/SIGTERM (returns) or a process dies (raises ServiceError)."""
+        stop = {"now": False}
+
+        def handler(signum: int, frame: Any) -> None:
+            stop["now"] = True
+
+        previous = signal.signal(signal.SIGTERM, handler)
+        try:
+            while not stop["now"]:
+                for name in self.records:
+                    self.check_alive(name)
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            return
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def stop(self, timeout: float = 20.0) -> list[int]:
+        """SIGTERM each process group, then whatever still carries the marker (kernels)."""
+        terminate([r.pid for r in self.records.values()], timeout=timeout)
+        leftovers = marked_pids(self.marker)
+        terminate(leftovers, timeout=5)
+        return leftovers

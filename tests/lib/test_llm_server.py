@@ -1,0 +1,147 @@
+"""The ``openai`` backend against a real OpenAI-compatible server: llama.cpp's, serving SmolLM2."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from dagma.lib.llm import LLMError, LLMSettings, chat_model, check_backend, openai_server_command
+from dagma.lib.rag import Answer, RagPipeline, StoreRetriever
+
+pytestmark = pytest.mark.integration
+
+START_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class Hit:
+    id: str
+    score: float
+    payload: dict[str, Any]
+
+
+CORPUS = [
+    Hit(
+        "d1",
+        0.8,
+        {
+            "source": "pydoc:del",
+            "title": "del",
+            "text": "Deleting an unbound name raises NameError.",
+        },
+    ),
+    Hit("d2", 0.5, {"source": "pydoc:pass", "title": "pass", "text": "pass is a null operation."}),
+    Hit(
+        "d3",
+        0.3,
+        {"source": "pydoc:break", "title": "break", "text": "break ends the nearest loop."},
+    ),
+]
+QUESTION = "What error is raised when you delete an unbound name?"
+
+
+def search(query: str, k: int, filter: dict[str, Any] | None = None) -> list[Hit]:
+    return CORPUS[:k]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a llama.cpp OpenAI-compatible server, stopped after the module."""
+    port = free_port()
+    log_path: Path = tmp_path_factory.mktemp("llm-server") / "server.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            openai_server_command(LLMSettings(), "127.0.0.1", port),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        base_url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"the server exited ({proc.returncode}): {log_path.read_text()[-2000:]}"
+                )
+            try:
+                if httpx.get(f"{base_url}/models", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"no answer in {START_TIMEOUT_S} s: {log_path.read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield base_url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def settings(server: str) -> LLMSettings:
+    served = httpx.get(f"{server}/models", timeout=5).json()["data"]
+    env = {"DAGMA_LLM": "openai", "OPENAI_BASE_URL": server, "DAGMA_LLM_MODEL": served[0]["id"]}
+    return LLMSettings.from_env(env, max_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def pipeline(settings: LLMSettings) -> RagPipeline:
+    return RagPipeline(StoreRetriever(search=search, k=3), chat_model(settings))
+
+
+def test_check_backend_passes(settings: LLMSettings) -> None:
+    assert settings.model == "SmolLM2-135M-Instruct.Q4_1"  # the alias from openai_server_command
+    assert check_backend(settings) == f"openai: {settings.model} at {settings.openai_base_url}"
+
+
+def test_check_backend_names_a_model_the_server_lacks(settings: LLMSettings) -> None:
+    other = replace(settings, model="gpt-none")
+    with pytest.raises(
+        LLMError, match=r"does not serve DAGMA_LLM_MODEL=gpt-none; it serves: SmolLM2"
+    ):
+        check_backend(other)
+
+
+def test_stream_yields_tokens(pipeline: RagPipeline) -> None:
+    chunks = list(pipeline.stream(QUESTION))
+    assert len(chunks) > 1 and all(isinstance(c, str) for c in chunks)
+    assert "".join(chunks).strip()
+
+
+def test_answer_through_structured_output(pipeline: RagPipeline) -> None:
+    assert pipeline.structured_method == "function_calling"
+    ans = pipeline.answer(QUESTION)
+    assert isinstance(ans, Answer) and ans.text.strip()
+    assert [s.id for s in ans.sources] == ["d1", "d2", "d3"]
+    assert ans.parsed in {"structured", "text"}
+    assert 0 < ans.output_tokens <= 32  # reported by the server, within max_tokens
+    assert 0 < ans.generation_s <= ans.latency_s
+    assert 0.0 <= ans.confidence <= 1.0
+
+
+def test_closed_port_fails_clearly(settings: LLMSettings) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    closed = replace(settings, openai_base_url=url)
+    match = rf"DAGMA_LLM=openai: cannot reach OPENAI_BASE_URL={url} \(connection refused\); start"
+    with pytest.raises(LLMError, match=match):
+        check_backend(closed, timeout=2)
+    with pytest.raises(LLMError, match=match):
+        RagPipeline(StoreRetriever(search=search, k=3), chat_model(closed)).answer(QUESTION)
