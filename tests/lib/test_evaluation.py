@@ -1,24 +1,41 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from pydoc_data.topics import topics
 from typing import Any
 
 import pytest
+from langchain_core.documents import Document
 
+from dagma.lib.chunking import Chunk
 from dagma.lib.evaluation import (
     EvalQuestion,
     QuestionFileError,
+    citation_numbers,
+    citation_precision,
+    citation_valid,
+    content_tokens,
+    evaluate_answers,
     evaluate_retrieval,
+    faithfulness,
     hit_at_k,
+    label_chunks,
+    latency_percentiles,
     load_questions,
+    normalise,
     reciprocal_rank,
+    tokens_per_second,
 )
+from dagma.lib.rag import assemble_answer
 
-QUESTIONS = Path(__file__).resolve().parents[2] / "evals" / "questions.jsonl"
+ROOT = Path(__file__).resolve().parents[2]
+QUESTIONS = ROOT / "evals" / "questions.jsonl"
+LABEL_SCRIPT = ROOT / "scripts" / "label_eval_chunks.py"
 
 
 @dataclass
@@ -79,9 +96,31 @@ def test_evaluate_retrieval() -> None:
     assert rows["c"]["rank"] is None and rows["c"]["rr"] == 0.0
 
 
+def test_evaluate_retrieval_scores_chunks_of_labelled_questions() -> None:
+    hits = [
+        Hit("1", 0.9, {"source": "pydoc:try", "chunk": 0}),
+        Hit("2", 0.8, {"source": "pydoc:try", "chunk": 3}),
+    ]
+    questions = [
+        {"id": "a", "question": "q", "sources": ["pydoc:try"], "chunks": ["pydoc:try#3"]},
+        {"id": "b", "question": "q", "sources": ["pydoc:try"], "chunks": ["pydoc:try#9"]},
+        {"id": "c", "question": "q", "sources": ["pydoc:try"]},  # no chunk labels: not scored
+    ]
+    res = evaluate_retrieval(questions, lambda q, k: hits, k=5)
+    assert res["hit@1"] == res["hit@5"] == res["mrr"] == 1.0
+    assert res["chunk_n"] == 2
+    assert res["chunk_hit@5"] == pytest.approx(0.5)
+    assert res["chunk_mrr"] == pytest.approx(0.25)
+    rows = {r["id"]: r for r in res["rows"]}
+    assert rows["a"]["retrieved_chunks"] == ["pydoc:try#0", "pydoc:try#3"]
+    assert rows["a"]["chunk_rank"] == 2 and rows["b"]["chunk_rank"] is None
+    assert "chunk_rr" not in rows["c"]
+
+
 def test_evaluate_retrieval_edge_cases() -> None:
     res = evaluate_retrieval([], lambda q, k: [], k=5)
     assert res["n"] == 0 and res["hit@1"] == res["hit@5"] == res["mrr"] == 0.0
+    assert res["chunk_n"] == 0 and res["chunk_hit@5"] == res["chunk_mrr"] == 0.0
     # a search returning more than k hits is truncated to k
     hits = [Hit(str(i), 1.0, {"source": f"s{i}"}) for i in range(10)]
     res = evaluate_retrieval(
@@ -151,4 +190,143 @@ def test_questions_file_is_valid_and_labels_match_pydoc_topics() -> None:
 
 def test_questions_file_lines_are_plain_json() -> None:
     for line in QUESTIONS.read_text(encoding="utf-8").splitlines():
-        assert set(json.loads(line)) <= {"id", "question", "sources", "evidence"}
+        assert set(json.loads(line)) <= {"id", "question", "sources", "evidence", "chunks"}
+
+
+def _label_script() -> Any:
+    spec = importlib.util.spec_from_file_location("label_eval_chunks", LABEL_SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chunk_labels_match_the_demo_chunking() -> None:
+    script = _label_script()
+    chunks = {c.key: c for c in script.corpus_chunks()}
+    fix = f"chunk labels are stale: run `.venv/bin/python {LABEL_SCRIPT.relative_to(ROOT)}`"
+    for q in load_questions(QUESTIONS):
+        assert q.chunks, f"{q.id}: no chunk labels; {fix}"
+        for key in q.chunks:
+            assert key in chunks, f"{q.id}: {key} is not a chunk of the corpus; {fix}"
+            assert chunks[key].source in q.sources, f"{q.id}: {key} is not from its sources"
+            text = normalise(chunks[key].text)
+            assert any(normalise(e) in text for e in q.evidence), f"{q.id}: {key}; {fix}"
+        assert q.chunks == label_chunks(q, chunks.values()), f"{q.id}: {fix}"
+        # every labelled source keeps at least one labelled chunk
+        assert {k.rsplit("#", 1)[0] for k in q.chunks} == set(q.sources), q.id
+    assert script.main(["--check"]) == 0
+
+
+def test_label_chunks() -> None:
+    q = EvalQuestion(
+        id="x", question="?", sources=("pydoc:a", "pydoc:b"), evidence=("Is  a NULL\noperation",)
+    )
+    chunks = [
+        Chunk("pydoc:a", "a", 0, "nothing here"),
+        Chunk("pydoc:a", "a", 1, "pass is a null operation; see"),
+        Chunk("pydoc:c", "c", 0, "is a null operation"),  # not a labelled source
+        Chunk("pydoc:b", "b", 2, "It IS A null   operation."),
+    ]
+    assert label_chunks(q, chunks) == ("pydoc:a#1", "pydoc:b#2")
+    assert normalise(" A\tb\n c ") == "a b c"
+
+
+def test_citation_numbers_and_validity() -> None:
+    assert citation_numbers("See [2] and [1, 3], again [2] and [9].") == [2, 1, 3, 9]
+    assert citation_numbers("no citations, [a] or [] or [1 2]") == []
+    assert citation_valid([1, 2], 4)
+    assert not citation_valid([], 4)  # citing nothing is not valid
+    assert not citation_valid([1, 5], 4)  # out of range
+    assert not citation_valid([0], 4)
+
+
+def test_citation_precision_is_the_share_of_all_cited_passages_that_are_relevant() -> None:
+    answers = [(["a#1", "b#0"], {"a#1"}), ([], {"c#0"}), (["c#0"], {"c#0", "c#1"})]
+    assert citation_precision(answers) == pytest.approx(2 / 3)
+    assert citation_precision([([], {"a"})]) == 0.0
+    assert citation_precision([]) == 0.0
+
+
+def test_content_tokens_and_faithfulness() -> None:
+    assert content_tokens("The `finally` clause [1] always runs, isn\u2019t it? [2, 3]") == [
+        "finally",
+        "clause",
+        "always",
+        "runs",
+    ]
+    passages = ["A finally clause runs on the way out.", "Unrelated text."]
+    assert faithfulness("The finally clause runs [1].", passages) == 1.0
+    assert faithfulness("The finally clause explodes [1].", passages) == pytest.approx(2 / 3)
+    assert faithfulness("It is the [1].", passages) == 0.0  # no content tokens
+    assert faithfulness("finally", []) == 0.0
+
+
+def test_latency_percentiles_and_tokens_per_second() -> None:
+    assert latency_percentiles([]) == (0.0, 0.0)
+    assert latency_percentiles([2.0]) == (2.0, 2.0)
+    p50, p95 = latency_percentiles([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert p50 == 3.0 and p95 == pytest.approx(80.8)
+    assert tokens_per_second([10, 30], [1.0, 3.0]) == 10.0
+    assert tokens_per_second([10, None, 0, 5], [1.0, 2.0, 3.0, 0.0]) == 10.0  # unknowns skipped
+    assert tokens_per_second([None], [1.0]) == 0.0
+
+
+PASSAGES = {
+    "try": [
+        Document("The finally clause always runs.", metadata={"source": "pydoc:try", "chunk": 2}),
+        Document("Loops repeat a suite.", metadata={"source": "pydoc:for", "chunk": 0}),
+    ],
+    "loop": [Document("A while loop repeats.", metadata={"source": "pydoc:while", "chunk": 1})],
+}
+REPLIES = {
+    "try": "The finally clause always runs [1].",
+    "loop": "It repeats forever [1][3].",
+}
+
+
+class FakePipeline:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def retrieve(self, question: str) -> list[Document]:
+        self.calls.append(question)
+        return PASSAGES[question]
+
+    def answer(self, question: str, docs: Any = None) -> Any:
+        return assemble_answer(question, docs, REPLIES[question])
+
+
+def test_evaluate_answers_scores_citations_faithfulness_and_latency() -> None:
+    questions = [
+        {"id": "a", "question": "try", "sources": ["pydoc:try"], "chunks": ["pydoc:try#2"]},
+        {"id": "b", "question": "loop", "sources": ["pydoc:while"], "chunks": ["pydoc:while#0"]},
+        {"id": "c", "question": "never asked", "sources": ["pydoc:x"]},
+    ]
+    traced: list[str] = []
+
+    @contextmanager
+    def trace(q: EvalQuestion) -> Any:
+        traced.append(q.id)
+        yield
+
+    pipeline = FakePipeline()
+    res = evaluate_answers(questions, pipeline, limit=2, trace=trace)
+    assert pipeline.calls == ["try", "loop"] and traced == ["a", "b"]
+    assert res["answered"] == 2
+    rows = {r["id"]: r for r in res["rows"]}
+    assert rows["a"]["cited"] == ["pydoc:try#2"] and rows["a"]["citation_valid"]
+    # [3] is out of range for one passage: the citations are invalid, [1] still counts
+    assert rows["b"]["citations"] == [1, 3] and not rows["b"]["citation_valid"]
+    assert rows["b"]["cited"] == ["pydoc:while#1"]
+    assert res["citation_validity"] == 0.5
+    assert res["citation_precision"] == 0.5  # pydoc:while#1 is not the labelled chunk
+    assert res["citation_source_precision"] == 1.0
+    assert rows["a"]["faithfulness"] == 1.0
+    assert rows["b"]["faithfulness"] == pytest.approx(1 / 2)  # "repeats" yes, "forever" no
+    assert res["faithfulness"] == pytest.approx(0.75)
+    assert 0 <= res["latency_p50_s"] <= res["latency_p95_s"]
+    assert all(r["latency_s"] >= r["generation_s"] >= 0 for r in res["rows"])
+    assert evaluate_answers(questions, pipeline, limit=0)["answered"] == 0
+    with pytest.raises(ValueError, match="limit"):
+        evaluate_answers(questions, pipeline, limit=-1)

@@ -1,26 +1,45 @@
-"""Retrieval evaluation: hit@k, reciprocal rank and a labelled question set.
+"""RAG evaluation over a labelled question set: retrieval, citations, faithfulness, latency.
 
-A question is relevant to a hit when the hit's payload ``source`` is one of the
-question's labelled ``sources`` (e.g. ``"pydoc:try"``).
+A hit is relevant by source when its payload ``source`` is one of the question's ``sources``
+(e.g. ``"pydoc:try"``), and by chunk when its key ``source#chunk`` is one of the question's
+``chunks`` (e.g. ``"pydoc:try#3"``): the chunks of those sources that quote an evidence phrase.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
+    "STOPWORDS",
+    "AnsweringPipeline",
     "EvalQuestion",
     "QuestionFileError",
+    "citation_numbers",
+    "citation_precision",
+    "citation_valid",
+    "content_tokens",
+    "evaluate_answers",
     "evaluate_retrieval",
+    "faithfulness",
     "hit_at_k",
+    "hit_chunk",
     "hit_source",
+    "label_chunks",
+    "latency_percentiles",
     "load_questions",
+    "normalise",
     "reciprocal_rank",
+    "score_answer",
+    "tokens_per_second",
 ]
 
 
@@ -29,7 +48,11 @@ class QuestionFileError(ValueError):
 
 
 class EvalQuestion(BaseModel):
-    """One labelled question; ``evidence`` holds verbatim phrases backing the labels."""
+    """One labelled question; ``evidence`` holds verbatim phrases backing the labels.
+
+    ``chunks`` are the keys (``source#index``) of the chunks that answer it, written by
+    ``scripts/label_eval_chunks.py``.
+    """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -37,6 +60,7 @@ class EvalQuestion(BaseModel):
     question: str = Field(min_length=1)
     sources: tuple[str, ...] = Field(min_length=1)
     evidence: tuple[str, ...] = ()
+    chunks: tuple[str, ...] = ()
 
     @field_validator("question")
     @classmethod
@@ -72,10 +96,44 @@ def reciprocal_rank(
     return 0.0
 
 
+def _payload(hit: Any) -> Mapping[str, Any]:
+    return hit["payload"] if isinstance(hit, Mapping) else hit.payload
+
+
 def hit_source(hit: Any) -> str:
     """The ``source`` of a hit: ``hit.payload["source"]`` or, for mappings, ``hit["payload"]``."""
-    payload = hit["payload"] if isinstance(hit, Mapping) else hit.payload
-    return str(payload["source"])
+    return str(_payload(hit)["source"])
+
+
+def hit_chunk(hit: Any) -> str:
+    """The chunk key ``source#chunk`` of a hit, as :attr:`dagma.lib.chunking.Chunk.key`."""
+    payload = _payload(hit)
+    return f"{payload['source']}#{payload.get('chunk', '?')}"
+
+
+def normalise(text: str) -> str:
+    """Whitespace collapsed and lowercased, for matching evidence phrases."""
+    return " ".join(text.split()).lower()
+
+
+class _ChunkLike(Protocol):
+    @property
+    def source(self) -> str: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def key(self) -> str: ...
+
+
+def label_chunks(question: EvalQuestion, chunks: Iterable[_ChunkLike]) -> tuple[str, ...]:
+    """Keys of the chunks of the question's sources that contain one of its evidence phrases."""
+    sources = set(question.sources)
+    phrases = [normalise(e) for e in question.evidence]
+    return tuple(
+        c.key
+        for c in chunks
+        if c.source in sources and any(p in normalise(c.text) for p in phrases)
+    )
 
 
 def _as_question(q: EvalQuestion | Mapping[str, Any]) -> EvalQuestion:
@@ -87,41 +145,228 @@ def evaluate_retrieval(
     search_fn: Callable[[str, int], Sequence[Any]],
     k: int = 5,
 ) -> dict[str, Any]:
-    """Run ``search_fn(question, k)`` per question and score hits by their payload source.
+    """Run ``search_fn(question, k)`` per question and score the hits by source and by chunk.
 
-    Returns ``{"n", "k", "hit@1", "hit@5", "mrr", "rows"}``; ``hit@5`` uses ``min(5, k)`` and
-    ``mrr`` is computed over the top ``k``. Each row has id, question, sources, retrieved
-    sources, first relevant rank (or None), hit@1, hit@5 and rr. Empty input gives 0.0 means.
+    Returns ``{"n", "k", "hit@1", "hit@5", "mrr", "chunk_n", "chunk_hit@5", "chunk_mrr",
+    "rows"}``; ``hit@5`` uses ``min(5, k)`` and ``mrr`` is computed over the top ``k``. The
+    chunk measures average over the ``chunk_n`` questions that have chunk labels. Each row has
+    id, question, sources, retrieved sources, first relevant rank (or None), hit@1, hit@5, rr
+    and, by chunk, chunks, retrieved_chunks, chunk_rank, chunk_hit@5, chunk_rr.
+    Empty input gives 0.0 means.
     """
     _check_k(k)
     rows: list[dict[str, Any]] = []
     for raw in questions:
         q = _as_question(raw)
-        ranked = [hit_source(h) for h in search_fn(q.question, k)][:k]
+        hits = list(search_fn(q.question, k))[:k]
+        ranked = [hit_source(h) for h in hits]
         rr = reciprocal_rank(ranked, q.sources)
+        row: dict[str, Any] = {
+            "id": q.id,
+            "question": q.question,
+            "sources": list(q.sources),
+            "retrieved": ranked,
+            "rank": round(1 / rr) if rr else None,
+            "hit@1": hit_at_k(ranked, q.sources, 1),
+            "hit@5": hit_at_k(ranked, q.sources, min(5, k)),
+            "rr": rr,
+            "chunks": list(q.chunks),
+        }
+        if q.chunks:
+            keys = [hit_chunk(h) for h in hits]
+            chunk_rr = reciprocal_rank(keys, q.chunks)
+            row |= {
+                "retrieved_chunks": keys,
+                "chunk_rank": round(1 / chunk_rr) if chunk_rr else None,
+                "chunk_hit@5": hit_at_k(keys, q.chunks, min(5, k)),
+                "chunk_rr": chunk_rr,
+            }
+        rows.append(row)
+    labelled = [r for r in rows if r["chunks"]]
+    return {
+        "n": len(rows),
+        "k": k,
+        "hit@1": _mean(r["hit@1"] for r in rows),
+        "hit@5": _mean(r["hit@5"] for r in rows),
+        "mrr": _mean(r["rr"] for r in rows),
+        "chunk_n": len(labelled),
+        "chunk_hit@5": _mean(r["chunk_hit@5"] for r in labelled),
+        "chunk_mrr": _mean(r["chunk_rr"] for r in labelled),
+        "rows": rows,
+    }
+
+
+def _mean(values: Iterable[float]) -> float:
+    vals = list(values)
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+_CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
+_WORD = re.compile(r"[a-z0-9_]+(?:'[a-z]+)?")
+_STOPWORDS = """a about above after again against all am an and any are as at be because been before
+    being below between both but by can can't cannot could did do does doing don't down during
+    each few for from further had has have having he her here hers herself him himself his how
+    i if in into is isn't it it's its itself just let's me more most my myself no nor not of off
+    on once only or other ought our ours ourselves out over own same she should so some such
+    than that that's the their theirs them themselves then there there's these they this those
+    through to too under until up very was we were what what's when where which while who whom
+    why will with would you your yours yourself yourselves also may might must shall use used
+    using s t"""
+STOPWORDS = frozenset(_STOPWORDS.split())
+
+
+def citation_numbers(text: str) -> list[int]:
+    """Every distinct number cited as ``[n]`` or ``[n, m]`` in ``text``, in order, in range or not."""
+    out: list[int] = []
+    for m in _CITATION.finditer(text):
+        for part in m.group(1).split(","):
+            if (n := int(part)) not in out:
+                out.append(n)
+    return out
+
+
+def citation_valid(numbers: Collection[int], n_passages: int) -> bool:
+    """An answer's citations are valid when there is at least one and all are in 1..n_passages."""
+    return bool(numbers) and all(1 <= n <= n_passages for n in numbers)
+
+
+def citation_precision(answers: Iterable[tuple[Sequence[str], Collection[str]]]) -> float:
+    """Share of all cited passages, over all answers, that are labelled relevant.
+
+    ``answers`` holds one ``(cited, relevant)`` pair per answer: the keys (chunk or source) of
+    the passages it cites and the question's relevant keys. 0.0 when nothing is cited at all.
+    """
+    cited = relevant = 0
+    for keys, rel in answers:
+        cited += len(keys)
+        relevant += sum(k in rel for k in keys)
+    return relevant / cited if cited else 0.0
+
+
+def content_tokens(text: str) -> list[str]:
+    """Lowercased words of ``text`` without ``[n]`` citation markers and English stopwords."""
+    text = _CITATION.sub(" ", text.lower().replace("\u2019", "'"))
+    return [w for w in _WORD.findall(text) if w not in STOPWORDS]
+
+
+def faithfulness(answer: str, passages: Iterable[str]) -> float:
+    """Share of the answer's content tokens that occur in ``passages``; 0.0 for none."""
+    tokens = content_tokens(answer)
+    if not tokens:
+        return 0.0
+    vocabulary = {w for p in passages for w in content_tokens(p)}
+    return sum(w in vocabulary for w in tokens) / len(tokens)
+
+
+def latency_percentiles(seconds: Sequence[float]) -> tuple[float, float]:
+    """(p50, p95) of ``seconds`` with numpy's linear interpolation; (0.0, 0.0) when empty."""
+    if not seconds:
+        return 0.0, 0.0
+    p50, p95 = np.percentile(np.asarray(seconds, dtype=float), [50, 95])
+    return float(p50), float(p95)
+
+
+def tokens_per_second(tokens: Sequence[int | None], seconds: Sequence[float | None]) -> float:
+    """Sum of output tokens over the sum of generation seconds, on answers where both are known.
+
+    Unknown is None or 0: backends that do not report tokens leave ``output_tokens`` at 0.
+    """
+    pairs = [(t, s) for t, s in zip(tokens, seconds, strict=True) if t and s]
+    total = sum(s for _, s in pairs)
+    return sum(t for t, _ in pairs) / total if total else 0.0
+
+
+class AnsweringPipeline(Protocol):
+    """What :func:`evaluate_answers` needs from :class:`dagma.lib.rag.RagPipeline`."""
+
+    def retrieve(self, question: str) -> list[Any]: ...
+
+    def answer(self, question: str, docs: Sequence[Any] | None = None) -> Any: ...
+
+
+def _doc_key(doc: Any) -> str:
+    return hit_chunk({"payload": doc.metadata})
+
+
+def score_answer(q: EvalQuestion, docs: Sequence[Any], answer: Any) -> dict[str, Any]:
+    """Citation and faithfulness measures of one answer over the passages it was given.
+
+    Cited passages are the sources flagged ``cited`` plus in-range ``[n]`` markers; citations
+    outside 1..len(docs) make the answer's citations invalid. A cited chunk is relevant when it
+    is one of the question's ``chunks``, so questions without chunk labels have none.
+    """
+    numbers = citation_numbers(answer.text)
+    numbers += [s.rank for s in answer.sources if s.cited and s.rank not in numbers]
+    cited = [docs[n - 1] for n in sorted(numbers) if 1 <= n <= len(docs)]
+    cited_keys = [_doc_key(d) for d in cited]
+    cited_sources = [str(d.metadata.get("source")) for d in cited]
+    return {
+        "id": q.id,
+        "question": q.question,
+        "answer": answer.text,
+        "parsed": getattr(answer, "parsed", None),
+        "confidence": answer.confidence,
+        "retrieved": [_doc_key(d) for d in docs],
+        "sources": list(q.sources),
+        "relevant": list(q.chunks),
+        "citations": numbers,
+        "cited": cited_keys,
+        "cited_sources": cited_sources,
+        "citation_valid": citation_valid(numbers, len(docs)),
+        "cited_relevant": sum(k in q.chunks for k in cited_keys),
+        "cited_relevant_source": sum(s in q.sources for s in cited_sources),
+        "faithfulness": faithfulness(answer.text, [d.page_content for d in cited or docs]),
+    }
+
+
+def evaluate_answers(
+    questions: Iterable[EvalQuestion | Mapping[str, Any]],
+    pipeline: AnsweringPipeline,
+    limit: int,
+    trace: Callable[[EvalQuestion], AbstractContextManager[Any]] | None = None,
+) -> dict[str, Any]:
+    """Answer the first ``limit`` questions and score citations, faithfulness and speed.
+
+    Each question runs inside ``trace(question)`` when given (e.g. an MLflow span). Returns
+    ``answered``, ``citation_precision`` (cited passages whose chunk is labelled relevant),
+    ``citation_source_precision`` (same, by source), ``citation_validity`` (share of answers
+    with valid citations), mean ``faithfulness``, ``latency_p50_s``/``latency_p95_s`` (wall
+    time of retrieval plus answer), ``tokens_per_s`` and the per-question ``rows``.
+    """
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    rows: list[dict[str, Any]] = []
+    for raw in list(questions)[:limit]:
+        q = _as_question(raw)
+        with trace(q) if trace is not None else nullcontext():
+            start = time.perf_counter()
+            docs = pipeline.retrieve(q.question)
+            retrieved = time.perf_counter()
+            answer = pipeline.answer(q.question, docs)
+            done = time.perf_counter()
+        generation_s = getattr(answer, "generation_s", None)
         rows.append(
-            {
-                "id": q.id,
-                "question": q.question,
-                "sources": list(q.sources),
-                "retrieved": ranked,
-                "rank": round(1 / rr) if rr else None,
-                "hit@1": hit_at_k(ranked, q.sources, 1),
-                "hit@5": hit_at_k(ranked, q.sources, min(5, k)),
-                "rr": rr,
+            score_answer(q, docs, answer)
+            | {
+                "latency_s": done - start,
+                "generation_s": done - retrieved if generation_s is None else generation_s,
+                "output_tokens": getattr(answer, "output_tokens", None),
             }
         )
-    n = len(rows)
-
-    def mean(key: str) -> float:
-        return sum(r[key] for r in rows) / n if n else 0.0
-
+    p50, p95 = latency_percentiles([r["latency_s"] for r in rows])
     return {
-        "n": n,
-        "k": k,
-        "hit@1": mean("hit@1"),
-        "hit@5": mean("hit@5"),
-        "mrr": mean("rr"),
+        "answered": len(rows),
+        "citation_precision": citation_precision((r["cited"], r["relevant"]) for r in rows),
+        "citation_source_precision": citation_precision(
+            (r["cited_sources"], r["sources"]) for r in rows
+        ),
+        "citation_validity": _mean(float(r["citation_valid"]) for r in rows),
+        "faithfulness": _mean(r["faithfulness"] for r in rows),
+        "latency_p50_s": p50,
+        "latency_p95_s": p95,
+        "tokens_per_s": tokens_per_second(
+            [r["output_tokens"] for r in rows], [r["generation_s"] for r in rows]
+        ),
         "rows": rows,
     }
 
