@@ -1,0 +1,73 @@
+"""Chat: streamed RAG answers from the local model, each with the passages it was given."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import streamlit as st
+
+from dagma.app import data, ui
+from dagma.settings import get_settings
+
+HISTORY = "chat_history"
+
+
+def show_sources(rows: list[dict[str, Any]]) -> None:
+    if rows:
+        st.caption("Sources")
+        st.table(pd.DataFrame(rows).set_index("rank").style.format({"score": "{:.3f}"}))
+
+
+def answer(chat: data.Chat, question: str) -> tuple[str, list[dict[str, Any]]]:
+    """Stream the answer into the page; the model is shared, so one answer at a time."""
+    if not chat.lock.acquire(blocking=False):
+        with st.spinner("Waiting for another answer to finish…"):
+            chat.lock.acquire()
+    try:
+        with st.spinner("Retrieving…"):
+            docs = chat.pipeline.retrieve(question)
+        text = st.write_stream(chat.pipeline.stream(question, docs))
+    finally:
+        chat.lock.release()
+    rows = data.source_rows(docs)
+    show_sources(rows)
+    return str(text), rows
+
+
+def clear() -> None:
+    st.session_state[HISTORY] = []
+
+
+settings = get_settings()
+st.title("Chat")
+st.caption(
+    "Answers from the chat model (DAGMA_LLM, default the local SmolLM2) grounded in the "
+    "retrieved passages; the numbers in brackets cite the sources below each answer."
+)
+
+with ui.guard("Answering"):
+    url, root = ui.store_key(settings)
+    ui.collection(url, root, settings.dagma_collection)
+    chat = ui.chat(url, root, settings.dagma_collection, ui.llm_key())
+    history: list[dict[str, Any]] = st.session_state.setdefault(HISTORY, [])
+    st.sidebar.button("Clear the conversation", icon=":material/delete:", on_click=clear)
+    for turn in history:
+        with st.chat_message("user"):
+            st.markdown(turn["question"])
+        with st.chat_message("assistant"):
+            st.markdown(turn["answer"])
+            show_sources(turn["sources"])
+    question = st.chat_input("Ask about Python, e.g. how do I catch an exception?")
+    if question:
+        with st.chat_message("user"):
+            st.markdown(question)
+        with st.chat_message("assistant"):
+            try:
+                text, rows = answer(chat, question)
+            except ValueError as exc:
+                st.warning(str(exc), icon=":material/warning:")
+            else:
+                history.append({"question": question, "answer": text, "sources": rows})
+    elif not history:
+        st.info("Ask a question below.", icon=":material/chat:")
