@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,7 @@ class NotebookContext:
     code_version: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     mlflow_run_id: str | None = None
+    mlflow_run_file: str | None = None
 
     @property
     def interactive(self) -> bool:
@@ -111,8 +113,9 @@ class NotebookContext:
             import mlflow.sklearn
 
             mlflow.sklearn.autolog(log_models=False, silent=True)
-        if self.mlflow_run_id:
-            kwargs: dict[str, Any] = {"run_id": self.mlflow_run_id}
+        run_id = self.mlflow_run_id or self._bridge_run_id()
+        if run_id:
+            kwargs: dict[str, Any] = {"run_id": run_id}
             if run_name:
                 kwargs["run_name"] = run_name
         else:
@@ -128,6 +131,25 @@ class NotebookContext:
             }
         with mlflow.start_run(**kwargs) as run:
             yield run
+
+    def _bridge_run_id(self, timeout: float = 120.0) -> str | None:
+        """The run the bridge creates while the kernel starts: wait for its id file."""
+        if not self.mlflow_run_file:
+            return None
+        path = Path(self.mlflow_run_file)
+        deadline = time.monotonic() + timeout
+        while not path.is_file():
+            if time.monotonic() > deadline:
+                raise NotebookContextError(
+                    f"{self.notebook}: the MLflow run was not created within {timeout:.0f} s; "
+                    f"check MLFLOW_TRACKING_URI={self.tracking_uri}"
+                )
+            time.sleep(0.05)
+        created = json.loads(path.read_text())
+        if "error" in created:
+            raise NotebookContextError(f"{self.notebook}: {created['error']}")
+        self.mlflow_run_id = str(created["run_id"])
+        return self.mlflow_run_id
 
     def load_model(self, uri: str) -> Any:
         """A model logged to this lab's MLflow, e.g. an upstream's `model_uri`."""

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import sqlite3
 import subprocess
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,7 +68,7 @@ def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path | N
 
     mlflow.set_tracking_uri(tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        seed_sqlite_store(Path(tracking_uri.removeprefix("sqlite:///")), artifact_root)
     try:
         found = mlflow.get_experiment_by_name(experiment)
         if found is not None:
@@ -88,6 +92,57 @@ def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path | N
             f"MLflow at MLFLOW_TRACKING_URI={tracking_uri} cannot be used ({exc}). "
             "Start the server or unset MLFLOW_TRACKING_URI to use the embedded store."
         ) from exc
+
+
+def _template_path() -> Path:
+    import mlflow
+
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "dagma" / f"mlflow-{mlflow.__version__}.db"
+
+
+def seed_sqlite_store(db: Path, artifact_root: Path | None) -> None:
+    """Start a new sqlite store as a copy of an empty migrated one, cached per MLflow version.
+
+    MLflow's migrations take about 5 s; a copy takes a millisecond. An existing store is left as
+    it is, and a failing cache falls back to MLflow creating the store itself.
+    """
+    if db.exists():
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        template = _template_path()
+        if not template.is_file():
+            _build_template(template)
+        fd, tmp = tempfile.mkstemp(dir=db.parent, prefix=".mlflow-", suffix=".db")
+        os.close(fd)
+        shutil.copyfile(template, tmp)
+        default = (artifact_root or db.parent / "artifacts") / "0"
+        with sqlite3.connect(tmp) as conn:
+            conn.execute(
+                "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+                (default.as_uri(),),
+            )
+        conn.close()
+        try:
+            os.link(tmp, db)  # never replaces a store another process just created
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    except (OSError, sqlite3.Error):
+        return
+
+
+def _build_template(template: Path) -> None:
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    template.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=template.parent) as tmp:
+        path = Path(tmp) / "mlflow.db"
+        store = SqlAlchemyStore(f"sqlite:///{path}", str(Path(tmp) / "artifacts"))
+        store.engine.dispose()
+        os.replace(path, template)
 
 
 def client(tracking_uri: str) -> MlflowClient:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -124,6 +125,35 @@ def _start_mlflow_run(context: NotebookContext) -> tuple[str, str]:
     return run.info.run_id, experiment_id
 
 
+class _MlflowRunStarter(threading.Thread):
+    """Creates the materialization's MLflow run in the background and publishes its id."""
+
+    def __init__(self, context: NotebookContext) -> None:
+        super().__init__(name=f"mlflow-run-{context.notebook}", daemon=True)
+        self.context = context
+        self.ids: tuple[str, str] | None = None
+        self.error: Exception | None = None
+
+    def run(self) -> None:
+        path = Path(str(self.context.mlflow_run_file))
+        try:
+            self.ids = _start_mlflow_run(self.context)
+            published = {"run_id": self.ids[0], "experiment_id": self.ids[1]}
+        except Exception as exc:
+            self.error = exc
+            published = {"error": str(exc)}
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(published))
+        tmp.replace(path)
+
+    def result(self) -> tuple[str, str]:
+        """The (run id, experiment id), or the creation error raised here."""
+        self.join()
+        if self.ids is None:
+            raise self.error or RuntimeError("the MLflow run was not created")
+        return self.ids
+
+
 def _finish_mlflow_run(execution: Execution, target: RunTarget, failed: bool) -> None:
     """Attach the executed copies, then end the run as FINISHED or FAILED."""
     from dagma.lib import tracking
@@ -178,8 +208,11 @@ def execute(
         tags=target.tags,
     )
     execution = Execution(spec=spec, params=values, run_dir=run_dir, ipynb=run_dir / spec.path.name)
-    execution.mlflow_run_id, execution.mlflow_experiment_id = _start_mlflow_run(context)
-    context.mlflow_run_id = execution.mlflow_run_id
+    # MLflow's import and run creation overlap the kernel's start; the kernel reads the run id
+    # from mlflow_run_file only when it calls ctx.start_run().
+    context.mlflow_run_file = str(run_dir / "mlflow_run.json")
+    mlflow_run = _MlflowRunStarter(context)
+    mlflow_run.start()
     context_path = run_dir / "context.json"
     context_path.write_text(json.dumps(asdict(context), default=str, indent=1))
 
@@ -202,6 +235,11 @@ def execute(
     execution.seconds = time.perf_counter() - started
     if execution.ipynb.is_file():
         execution.html = render_html(execution.ipynb)
+    try:
+        execution.mlflow_run_id, execution.mlflow_experiment_id = mlflow_run.result()
+    except Exception:
+        if failure is None:
+            raise
     if failure is not None:
         execution.error = _failure_summary(failure)
         _finish_mlflow_run(execution, target, failed=True)

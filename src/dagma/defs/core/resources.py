@@ -23,13 +23,7 @@ class MLflowResource(dg.ConfigurableResource):
 
     _experiment_id: str | None = PrivateAttr(default=None)
 
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        self._experiment_id = tracking.setup_experiment(
-            self.tracking_uri,
-            self.experiment,
-            Path(self.artifact_root) if self.artifact_root else None,
-        )
-
+    # Lazy: a step that never logs (a notebook without MLflow) never imports MLflow.
     @property
     def experiment_id(self) -> str:
         if self._experiment_id is None:
