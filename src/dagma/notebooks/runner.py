@@ -8,6 +8,7 @@ import pickle
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -87,13 +88,26 @@ def check_kernel() -> None:
         )
 
 
+@lru_cache(maxsize=1)
+def _html_exporter() -> Any:
+    from nbconvert import HTMLExporter
+
+    return HTMLExporter(embed_images=True)
+
+
+def warm_html_exporter() -> None:
+    """Import nbconvert and load its templates (about 2 s) while a kernel runs, not after."""
+    import nbformat
+
+    code = nbformat.v4.new_code_cell("print(1)")
+    _html_exporter().from_notebook_node(nbformat.v4.new_notebook(cells=[code]))
+
+
 def render_html(ipynb: Path) -> Path:
     """A self-contained HTML copy (images inlined) next to the executed notebook."""
     import nbformat
-    from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter(embed_images=True)
-    body, _ = exporter.from_notebook_node(nbformat.read(ipynb, as_version=4))
+    body, _ = _html_exporter().from_notebook_node(nbformat.read(ipynb, as_version=4))
     html = ipynb.with_suffix(".html")
     html.write_text(body, encoding="utf-8")
     return html
@@ -213,6 +227,8 @@ def execute(
     context.mlflow_run_file = str(run_dir / "mlflow_run.json")
     mlflow_run = _MlflowRunStarter(context)
     mlflow_run.start()
+    warm = threading.Thread(target=warm_html_exporter, name="warm-nbconvert", daemon=True)
+    warm.start()
     context_path = run_dir / "context.json"
     context_path.write_text(json.dumps(asdict(context), default=str, indent=1))
 
@@ -233,6 +249,7 @@ def execute(
     except Exception as exc:
         failure = exc
     execution.seconds = time.perf_counter() - started
+    warm.join()
     if execution.ipynb.is_file():
         execution.html = render_html(execution.ipynb)
     try:
