@@ -535,20 +535,33 @@ SHORT = {
 }
 
 
+RATIO_PAIRS: list[tuple[str, str, float | None]] = [
+    ("dagma_run", "dagstermill_cli", TARGETS["dagstermill"]),
+    ("dagma_run_warm", "dagstermill_cli", TARGETS["dagstermill"]),
+    ("dagma_run", "dagstermill_job", TARGETS["dagstermill"]),
+    ("dagster_dagma", "dagstermill_cli", TARGETS["dagstermill"]),
+    ("dagma_run", "papermill", TARGETS["papermill"]),
+    ("dagma_run_warm", "papermill", TARGETS["papermill"]),
+    ("bridge", "papermill", TARGETS["papermill"]),
+    ("papermill", "python", None),
+]
+
+
+def ratios(by_key: dict[str, Alternative]) -> dict[str, float]:
+    """`num/den` -> ratio of medians, for the regression gate."""
+    out = {}
+    for num, den, _ in RATIO_PAIRS:
+        if num in by_key and den in by_key:
+            a, b = median(by_key[num]), median(by_key[den])
+            if a is not None and b:
+                out[f"{num}/{den}"] = round(a / b, 4)
+    return out
+
+
 def ratio_rows(by_key: dict[str, Alternative]) -> list[str]:
     """Dagma over the baselines; the issue-7 targets apply to the user's command."""
-    pairs = [
-        ("dagma_run", "dagstermill_cli", TARGETS["dagstermill"]),
-        ("dagma_run_warm", "dagstermill_cli", TARGETS["dagstermill"]),
-        ("dagma_run", "dagstermill_job", TARGETS["dagstermill"]),
-        ("dagster_dagma", "dagstermill_cli", TARGETS["dagstermill"]),
-        ("dagma_run", "papermill", TARGETS["papermill"]),
-        ("dagma_run_warm", "papermill", TARGETS["papermill"]),
-        ("bridge", "papermill", TARGETS["papermill"]),
-        ("papermill", "python", None),
-    ]
     rows = ["| Ratio of medians | Value | Target | Holds |", "|---|---|---|---|"]
-    for num, den, target in pairs:
+    for num, den, target in RATIO_PAIRS:
         if num not in by_key or den not in by_key:
             continue
         a, b = median(by_key[num]), median(by_key[den])
@@ -665,6 +678,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per alternative (default 3)")
     parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--only", help="comma-separated alternative keys (for a quick check)")
+    parser.add_argument("--json", type=Path, help="also write the ratios as JSON to this file")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("work", nargs="?", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -697,6 +711,8 @@ def main() -> None:
     total = time.perf_counter() - started
     body = report(alts, args.repeat, machine(load_start, os.getloadavg()), total)
     print(body)
+    if args.json:
+        args.json.write_text(json.dumps(ratios({a.key: a for a in alts}), indent=2) + "\n")
     if args.write_docs and not args.only:
         write_docs(body)
         print(f"\nUpdated {DOCS.relative_to(ROOT)}", file=sys.stderr)
