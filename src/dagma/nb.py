@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
+import pickle  # nosec B403 # only pickles our own kernel or IO manager wrote
 import sys
 import time
 from collections.abc import Iterator
@@ -67,7 +67,7 @@ class NotebookContext:
                 f"Run `dagma run {name}` first."
             )
         with open(path, "rb") as fh:
-            return pickle.load(fh)  # nosec B301: written by our own IO manager
+            return pickle.load(fh)  # nosec B301 # written by our own IO manager
 
     def output(self, value: Any, *, name: str | None = None, metadata: dict | None = None) -> None:
         """Hand `value` to Dagster as the asset `name` (default: this notebook's asset)."""

@@ -125,7 +125,8 @@ class StoreRetriever(BaseRetriever):
         return [hit_to_document(h) for h in hits[: self.k]]
 
     def _mmr(self, query: str, hits: list[Any]) -> list[int]:
-        assert self.embedder is not None
+        if self.embedder is None:
+            raise ValueError("MMR needs an embedder: pass embedder= to the retriever")
         texts = [str(h.payload.get("text", "")) for h in hits]
         vectors = self.embedder.embed([query, *texts])
         return maximal_marginal_relevance(

@@ -6,7 +6,7 @@ import hashlib
 import os
 import shutil
 import sqlite3
-import subprocess
+import subprocess  # nosec B404 # we run argv lists we build, never a shell
 import tempfile
 from functools import lru_cache
 from pathlib import Path
@@ -26,14 +26,14 @@ class TrackingError(RuntimeError):
 def git_commit(root: Path = PROJECT_ROOT) -> str:
     """The checked-out commit (with `-dirty` when the tree has changes), or `unknown`."""
     try:
-        sha = subprocess.run(
+        sha = subprocess.run(  # nosec B603, B607 # argv built here, no shell; resolved on PATH on purpose
             ["git", "-C", str(root), "rev-parse", "HEAD"],
             capture_output=True,
             text=True,
             check=True,
             timeout=5,
         ).stdout.strip()
-        dirty = subprocess.run(
+        dirty = subprocess.run(  # nosec B603, B607 # argv built here, no shell; resolved on PATH on purpose
             ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
             capture_output=True,
             text=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle
+import pickle  # nosec B403 # only pickles our own kernel or IO manager wrote
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -277,7 +277,7 @@ def execute(
                 execution,
             )
         with open(path, "rb") as fh:
-            execution.outputs[name] = pickle.load(fh)  # nosec B301: our own kernel wrote it
+            execution.outputs[name] = pickle.load(fh)  # nosec B301 # our own kernel wrote it
         meta = outputs_dir / f"{name}.meta.json"
         execution.output_metadata[name] = json.loads(meta.read_text()) if meta.is_file() else {}
     _finish_mlflow_run(execution, target, failed=False)

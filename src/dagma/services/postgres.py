@@ -6,7 +6,7 @@ import os
 import pwd
 import re
 import shutil
-import subprocess
+import subprocess  # nosec B404 # we run argv lists we build, never a shell
 from pathlib import Path
 
 from dagma.services.procs import ServiceError
@@ -67,7 +67,9 @@ def initdb(bin_dir: Path, pg_dir: Path, superuser_password: str, user: str | Non
     pg_dir.mkdir(parents=True, exist_ok=True)
     if user:
         _chown_tree(pg_dir, user)
-        reachable = subprocess.run(["test", "-w", str(pg_dir)], user=user, check=False)
+        reachable = subprocess.run(  # nosec B603, B607 # fixed argv; `test` from PATH
+            ["test", "-w", str(pg_dir)], user=user, check=False
+        )
         if reachable.returncode != 0:
             raise ServiceError(
                 f"Postgres: user {user!r} cannot write {pg_dir}. Fix: make every parent folder "
@@ -80,7 +82,7 @@ def initdb(bin_dir: Path, pg_dir: Path, superuser_password: str, user: str | Non
     if user:
         _chown_tree(pg_dir, user)
     try:
-        done = subprocess.run(
+        done = subprocess.run(  # nosec B603 # argv built here, no shell
             [
                 str(bin_dir / "initdb"),
                 "-D",

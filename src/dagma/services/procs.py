@@ -6,7 +6,7 @@ import json
 import os
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404 # we run argv lists we build, never a shell
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -105,7 +105,7 @@ def spawn(
         out.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {name}\n".encode())
         out.flush()
         try:
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # nosec B603 # argv built here, no shell
                 list(argv),
                 env=dict(env),
                 cwd=cwd,
