@@ -11,7 +11,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 export DAGMA_HOME ?= $(CURDIR)/.dagma
 RUN = $(UV) run --frozen --no-sync
 
-.PHONY: help install demo test lint format bench dagster mlflow lab app clean
+.PHONY: help install demo test lint format bench bench-gate dagster mlflow lab app clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,11 @@ format: install  ## Format and sort imports
 
 bench: install  ## Benchmarks side by side; writes docs/benchmarks.md
 	$(RUN) python benchmarks/bench_notebook.py --write-docs
+	$(RUN) python benchmarks/bench_graph.py --write-docs
+	$(RUN) python benchmarks/bench_vectors.py --write-docs
+
+bench-gate: install  ## Quick benchmarks; fails on a ratio >30% worse than benchmarks/baseline.json
+	$(RUN) python benchmarks/gate.py
 
 dagster: install  ## Dagster UI on http://127.0.0.1:3000
 	mkdir -p $(DAGMA_HOME)/dagster

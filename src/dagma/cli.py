@@ -19,6 +19,18 @@ app.add_typer(notebook_app, name="notebook")
 app.add_typer(llm_app, name="llm")
 app.add_typer(services_app, name="services")
 console = Console()
+Processes = Annotated[
+    int | None,
+    typer.Option(
+        "--processes",
+        "-j",
+        min=1,
+        envvar="DAGMA_PROCESSES",
+        help="Steps run at once, each in its own process (default 1). 2 overlaps independent "
+        "notebooks and the demo's two branches.",
+        show_default=False,
+    ),
+]
 
 
 @notebook_app.command("new")
@@ -41,13 +53,14 @@ def demo(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the summary as JSON; progress goes to stderr.")
     ] = False,
+    processes: Processes = None,
 ) -> None:
     """Materialize the whole demo graph on the embedded defaults and summarise it."""
     from dagma import lab
 
     settings = get_settings()
     out = Console(stderr=True) if as_json else console
-    result = lab.materialize(settings, selection=None, seed=seed, console=out)
+    result = lab.materialize(settings, selection=None, seed=seed, console=out, processes=processes)
     if as_json:
         typer.echo(json.dumps(lab.summary(result, settings), indent=2, default=str))
     else:
@@ -71,6 +84,7 @@ def run(
             "coerced to the declared type.",
         ),
     ] = None,
+    processes: Processes = None,
 ) -> None:
     """Materialize some or all assets."""
     from dagma import lab
@@ -78,7 +92,12 @@ def run(
     settings = get_settings()
     params = _notebook_params(param or [], assets or [], settings)
     result = lab.materialize(
-        settings, selection=assets, stale_only=stale, params=params, console=console
+        settings,
+        selection=assets,
+        stale_only=stale,
+        params=params,
+        console=console,
+        processes=processes,
     )
     if result.run_id is None:
         console.print("[green]Nothing is stale: every asset is up to date.[/green]")

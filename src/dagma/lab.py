@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from dagma.settings import Settings
+from dagma.settings import Settings, get_settings
+
+# Steps at once by default; `dagma run --processes N` or DAGMA_PROCESSES change it.
+DEFAULT_PROCESSES = 1
+PROCESSES_ENV = "DAGMA_PROCESSES"
+# Tag of each run started here, so a run made by execute_job can be found by its launcher.
+LAUNCH_TAG = "dagma/launch"
+# Imported once by the fork server before the code location, so step processes skip them.
+PRELOAD: tuple[str, ...] = (
+    "dagster._utils.test",
+    "papermill",
+    "nbconvert",
+    "mlflow",
+    "dagma.lib.tracking",
+    "dagma.notebooks.runner",
+)
+# Set while the fork server starts: importing this module there loads the code location once.
+_WARM_ENV = "DAGMA_FORK_SERVER_WARM"
+# Environment variables the loaded code location may depend on.
+_ENV_PREFIXES = ("DAGMA_", "DAGSTER_", "MLFLOW_", "QDRANT_", "OPENAI_", "OLLAMA_")
 
 
 @dataclass
@@ -24,6 +48,7 @@ class LabRun:
     run_ids: list[str] = field(default_factory=list)
     error: str | None = None
     seconds: float = 0.0
+    links: dict[str, str] = field(default_factory=dict)  # asset -> its MLflow run's URL
 
 
 def load_definitions(settings: Settings) -> Any:
@@ -77,6 +102,21 @@ def _latest_partitions(graph: Any, keys: list[Any]) -> dict[Any, str]:
     return latest
 
 
+def resolve_processes(processes: int | None = None) -> int:
+    """Steps that may run at once: `processes`, else $DAGMA_PROCESSES, else DEFAULT_PROCESSES."""
+    if processes is None:
+        raw = os.environ.get(PROCESSES_ENV, "").strip()
+        if not raw:
+            return DEFAULT_PROCESSES
+        try:
+            processes = int(raw)
+        except ValueError:
+            raise SystemExit(f"{PROCESSES_ENV}={raw!r}: write a whole number, e.g. 2.") from None
+    if processes < 1:
+        raise SystemExit(f"processes = {processes}: at least 1 is needed.")
+    return processes
+
+
 def materialize(
     settings: Settings,
     *,
@@ -85,16 +125,29 @@ def materialize(
     seed: int | None = None,
     params: dict[str, dict[str, Any]] | None = None,
     console: Console | None = None,
+    processes: int | None = None,
 ) -> LabRun:
-    """Materialize `selection` (default: everything) in-process, with a progress bar.
+    """Materialize `selection` (default: everything) with a progress bar.
 
     `params` maps a notebook to typed parameter values, passed as its run config.
 
-    Unpartitioned assets run first; partitioned ones then run for their latest partition.
+    Unpartitioned assets run first; partitioned ones then run for their latest partition, each
+    batch a Dagster run. With one process (the default, see `resolve_processes`) every run is
+    executed in this process, one after the other. With more, a run whose assets can overlap uses
+    Dagster's multiprocess executor, its steps forked from a server that has the code location
+    loaded, and a partition run starts as soon as its upstream assets are materialized, while
+    the first run goes on.
     """
     import dagster as dg
 
+    limit = resolve_processes(processes)
     console = console or Console()
+    log = settings.dagster_dir / "step-processes.log"
+    if limit > 1 and not stale_only and (not selection or len(selection) > 1):
+        # Likely to fan out: the server imports and loads while this process does the same.
+        settings.ensure_dirs()
+        settings.export_env()
+        _start_forkserver(_preload_modules(), log)
     definitions = load_definitions(settings)
     graph = definitions.resolve_asset_graph()
     all_keys = sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string())
@@ -115,38 +168,93 @@ def materialize(
             return LabRun(run_id=None)
 
     job = definitions.resolve_implicit_global_asset_job_def()
-    batches: list[tuple[list[Any], str | None]] = []
+    groups: list[tuple[list[Any], str | None]] = []
     plain = [k for k in keys if graph.get(k).partitions_def is None]
     if plain:
-        batches.append((plain, None))
-    for partition in sorted(set(partitions.values())):
-        batches.append(([k for k in keys if partitions.get(k) == partition], partition))
+        groups.append((plain, None))
+    for last in sorted(set(partitions.values())):
+        groups.append(([k for k in keys if partitions.get(k) == last], last))
+    batches: list[_Batch] = []
+    for batch_keys, batch_partition in groups:
+        earlier = {k for b in batches for k in b.keys}
+        needs = {p for k in batch_keys for p in graph.get(k).parent_keys if p in earlier}
+        batches.append(_Batch(batch_keys, batch_partition, needs, fan_out=False))
+    for batch in batches:
+        # Steps run in this process only when nothing else can run beside them: a notebook
+        # step changes the working directory, which step processes started meanwhile inherit.
+        batch.fan_out = limit > 1 and (len(batches) > 1 or _can_overlap(graph, batch.keys))
+    if any(b.fan_out for b in batches):
+        shared_definitions(settings, loaded=definitions)
+        _start_forkserver(_preload_modules(), log)
+    config = _run_config(job, keys, seed, params)
+    runner = _Runner(definitions, instance, config, limit)
+    _orchestrate(runner, batches, limit, console, settings)
+    for batch in batches:
+        runner.load_values(batch)
 
-    total = LabRun(run_id=None)
-    for batch, batch_partition in batches:
-        run = _execute(job, instance, batch, batch_partition, seed, params, console, settings)
+    total = LabRun(run_id=None, seconds=runner.seconds)
+    for batch in batches:
+        if batch.outcome is None:
+            continue
+        run = batch.outcome
         total.run_id = total.run_id or run.run_id
         total.run_ids.append(run.run_id or "")
-        total.seconds += run.seconds
         total.materialized += run.materialized
         total.values.update(run.values)
         total.checks.update(run.checks)
-        if not run.success:
+        total.links.update(run.links)
+        if not run.success and total.success:
             total.success, total.error = False, run.error
-            break
     return total
 
 
-def _execute(
-    job: Any,
-    instance: Any,
-    keys: list[Any],
-    partition: str | None,
-    seed: int | None,
-    params: dict[str, dict[str, Any]] | None,
-    console: Console,
-    settings: Settings,
-) -> LabRun:
+@dataclass
+class _Batch:
+    """One Dagster run of `keys` (for `partition`), started once `needs` are materialized."""
+
+    keys: list[Any]
+    partition: str | None
+    needs: set[Any]
+    fan_out: bool  # multiprocess executor; else in this process
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    run_id: str | None = None
+    thread: threading.Thread | None = None
+    outcome: LabRun | None = None
+    skipped: bool = False
+    cursor: str | None = None
+    announced: bool = False
+    seen: list[str] = field(default_factory=list)
+    running: set[str] = field(default_factory=set)
+    task: Any = None
+
+    @property
+    def started(self) -> bool:
+        return self.thread is not None
+
+    @property
+    def finished(self) -> bool:
+        return self.skipped or (self.thread is not None and not self.thread.is_alive())
+
+
+def _can_overlap(graph: Any, keys: list[Any]) -> bool:
+    """Whether two of `keys` are independent, so that their steps could run at once."""
+    chosen = set(keys)
+    ancestors: dict[Any, set[Any]] = {}
+
+    def up(key: Any) -> set[Any]:
+        if key not in ancestors:
+            ancestors[key] = set()
+            for parent in graph.get(key).parent_keys:
+                if parent in chosen:
+                    ancestors[key] |= {parent} | up(parent)
+        return ancestors[key]
+
+    return any(a not in up(b) and b not in up(a) for i, a in enumerate(keys) for b in keys[i + 1 :])
+
+
+def _run_config(
+    job: Any, keys: list[Any], seed: int | None, params: dict[str, dict[str, Any]] | None
+) -> dict[str, Any]:
     # Dagster's DEBUG event lines would drown the progress bar; failures still print.
     run_config: dict[str, Any] = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
     ops: dict[str, Any] = {}
@@ -159,42 +267,129 @@ def _execute(
             ops[op.name] = {"config": values}
     if ops:
         run_config["ops"] = ops
-    run_id = str(uuid.uuid4())
-    outcome: dict[str, Any] = {}
+    return run_config
 
-    def _run() -> None:
-        try:
-            outcome["result"] = job.execute_in_process(
-                instance=instance,
-                run_id=run_id,
-                asset_selection=keys,
-                partition_key=partition,
-                run_config=run_config,
-                raise_on_error=False,
-            )
-        except Exception as exc:  # shown to the user below, never swallowed
-            outcome["error"] = exc
 
-    started = time.perf_counter()
-    worker = threading.Thread(target=_run, daemon=True)
-    worker.start()
-    _follow(instance, run_id, len(keys), worker, console, settings, partition)
-    result = outcome.get("result")
-    run = LabRun(run_id=run_id, seconds=time.perf_counter() - started)
-    if result is None:
-        run.success, run.error = False, repr(outcome.get("error"))
-        return run
-    run.success = result.success
+class _Runner:
+    """Executes a batch as a Dagster run on the instance, in a worker thread."""
+
+    def __init__(
+        self, definitions: Any, instance: Any, run_config: dict[str, Any], limit: int
+    ) -> None:
+        self.definitions, self.instance, self.run_config = definitions, instance, run_config
+        self.job = definitions.resolve_implicit_global_asset_job_def()
+        self.limit = limit
+        self.first_start: float | None = None
+        self.last_end: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        if self.first_start is None or self.last_end is None:
+            return 0.0
+        return self.last_end - self.first_start
+
+    def start(self, batch: _Batch) -> None:
+        def work() -> None:
+            started = time.perf_counter()
+            self.first_start = self.first_start or started
+            try:
+                if batch.fan_out:
+                    batch.outcome = self._multiprocess(batch)
+                else:
+                    batch.outcome = self._in_process(batch)
+            except Exception as exc:  # shown to the user, never swallowed
+                batch.outcome = LabRun(run_id=batch.run_id, success=False, error=repr(exc))
+            finally:
+                self.last_end = time.perf_counter()
+                if batch.outcome is not None:
+                    batch.outcome.seconds = self.last_end - started
+
+        if not batch.fan_out:
+            batch.run_id = str(uuid.uuid4())  # known up front; execute_job makes its own
+        batch.thread = threading.Thread(target=work, name=f"dagma-run-{batch.token}", daemon=True)
+        batch.thread.start()
+
+    def _in_process(self, batch: _Batch) -> LabRun:
+        result = self.job.execute_in_process(
+            instance=self.instance,
+            run_id=batch.run_id,
+            asset_selection=batch.keys,
+            partition_key=batch.partition,
+            run_config=self.run_config,
+            raise_on_error=False,
+            tags={LAUNCH_TAG: batch.token},
+        )
+        return _collect(result, result.asset_value)
+
+    def _multiprocess(self, batch: _Batch) -> LabRun:
+        import dagster as dg
+        from dagster._core.definitions.reconstruct import (
+            ReconstructableJob,
+            ReconstructableRepository,
+        )
+
+        # Dagster keeps the last job it reconstructed: drop it, the notebooks may have changed.
+        ReconstructableJob.get_definition.cache_clear()
+        ReconstructableJob.get_repository_definition.cache_clear()
+        recon = ReconstructableRepository.for_module(
+            __name__, step_definitions.__name__, working_directory=os.getcwd()
+        ).get_reconstructable_job(self.job.name)
+        start_method = {"forkserver": {"preload_modules": _preload_modules()}}
+        run_config = {
+            **self.run_config,
+            "execution": {
+                "config": {
+                    "multiprocess": {"max_concurrent": self.limit, "start_method": start_method}
+                }
+            },
+        }
+        tags = {LAUNCH_TAG: batch.token}
+        if batch.partition is not None:
+            tags["dagster/partition"] = batch.partition
+        result = dg.execute_job(
+            recon,
+            instance=self.instance,
+            run_config=run_config,
+            tags=tags,
+            asset_selection=batch.keys,
+            raise_on_error=False,
+        )
+        return _collect(result, None)  # the values stayed in the step processes: see load_values
+
+    def load_values(self, batch: _Batch) -> None:
+        """Read back, through the IO manager, what a multiprocess run's steps returned."""
+        run = batch.outcome
+        if not batch.fan_out or run is None or not run.materialized:
+            return
+        # Dagster's loader logs each load at DEBUG on stderr, whatever the run config says.
+        with (
+            contextlib.redirect_stderr(io.StringIO()),
+            self.definitions.get_asset_value_loader(instance=self.instance) as loader,
+        ):
+            for key in run.materialized:
+                try:
+                    run.values[key] = loader.load_asset_value(key, partition_key=batch.partition)
+                except Exception:  # nosec B112: a value that cannot be loaded is optional here
+                    continue
+
+
+def _collect(result: Any, value: Any | None) -> LabRun:
+    """A finished run's materializations, checks, in-memory values and failures."""
+    run = LabRun(run_id=result.run_id, success=result.success)
     for event in result.get_asset_materialization_events():
         key = event.asset_key.to_user_string()
         run.materialized.append(key)
+        link = event.materialization.metadata.get("mlflow_run")
+        if link is not None and isinstance(getattr(link, "value", None), str):
+            run.links[key] = link.value
     for check in result.get_asset_check_evaluations():
         run.checks[check.check_name] = check.passed
-    for key in run.materialized:
-        try:
-            run.values[key] = result.asset_value(key)
-        except Exception:  # nosec B112: a value not kept in memory is optional here
-            continue
+    if value is not None:
+        for key in run.materialized:
+            try:
+                run.values[key] = value(key)
+            except Exception:  # nosec B112: a value not kept in memory is optional here
+                continue
     if not result.success:
         failures = [e for e in result.all_events if e.is_step_failure]
         run.error = (
@@ -208,20 +403,18 @@ def _execute(
     return run
 
 
-def _follow(
-    instance: Any,
-    run_id: str,
-    total: int,
-    worker: threading.Thread,
-    console: Console,
-    settings: Settings,
-    partition: str | None = None,
+def _orchestrate(
+    runner: _Runner, batches: list[_Batch], limit: int, console: Console, settings: Settings
 ) -> None:
-    """A progress bar fed by the run's materialization events."""
+    """Start each batch when it may run and show every run's materializations as they land."""
     import dagster as dg
 
-    label = f" (partition {partition})" if partition else ""
-    console.print(f"Run [bold]{run_id[:8]}[/bold]{label}: {settings.dagster_ui_url}/runs/{run_id}")
+    watched = {
+        dg.DagsterEventType.ASSET_MATERIALIZATION,
+        dg.DagsterEventType.STEP_START,
+        dg.DagsterEventType.STEP_SUCCESS,
+        dg.DagsterEventType.STEP_FAILURE,
+    }
     with Progress(
         SpinnerColumn(),
         TextColumn("{task.description}"),
@@ -231,22 +424,187 @@ def _follow(
         console=console,
         transient=False,
     ) as progress:
-        task = progress.add_task("materializing", total=total)
-        seen: set[str] = set()
         while True:
-            alive = worker.is_alive()
-            records = instance.get_records_for_run(
-                run_id, of_type=dg.DagsterEventType.ASSET_MATERIALIZATION
-            ).records
-            for record in records:
-                key = record.event_log_entry.dagster_event.asset_key.to_user_string()
-                if key not in seen:
-                    seen.add(key)
-                    progress.console.print(f"  [green]✓[/green] {key}")
-            progress.update(task, completed=len(seen), description=f"materializing ({len(seen)})")
-            if not alive:
+            for i, batch in enumerate(batches):
+                if not batch.started and not batch.skipped:
+                    gate = _gate(batch, batches[:i], limit)
+                    if gate == "wait":
+                        continue
+                    if gate == "skip":
+                        batch.skipped = True
+                        continue
+                    runner.start(batch)
+                    batch.task = progress.add_task("starting", total=len(batch.keys))
+                if batch.started:
+                    _poll(runner.instance, batch, watched, progress, settings)
+            if all(b.finished for b in batches):
+                for batch in batches:
+                    if batch.started:
+                        _poll(runner.instance, batch, watched, progress, settings)
                 break
-            worker.join(timeout=0.25)
+            alive = [b.thread for b in batches if b.thread is not None and b.thread.is_alive()]
+            if alive:
+                alive[0].join(timeout=0.25)
+            else:
+                time.sleep(0.05)
+
+
+def _gate(batch: _Batch, earlier: list[_Batch], limit: int) -> str:
+    """Whether a batch not started yet may "go", must "wait" or is to "skip".
+
+    With one process a run waits for the one before it and is skipped after a failure. With
+    more, it waits until its upstream assets are materialized and fewer than `limit` steps run,
+    and is skipped when a finished run did not materialize one of its upstream assets.
+    """
+    if limit == 1:
+        if any(b.skipped or (b.outcome is not None and not b.outcome.success) for b in earlier):
+            return "skip"
+        return "wait" if earlier and not earlier[-1].finished else "go"
+    made = {key for b in earlier for key in b.seen}
+    made |= {key for b in earlier if b.outcome is not None for key in b.outcome.materialized}
+    missing = {k for k in batch.needs if k.to_user_string() not in made}
+    if missing:
+        producers = [b for b in earlier if missing & set(b.keys)]
+        return "skip" if all(b.finished for b in producers) else "wait"
+    in_flight = sum(len(b.running) for b in earlier if b.started and not b.finished)
+    return "wait" if in_flight >= limit else "go"
+
+
+def _poll(
+    instance: Any, batch: _Batch, watched: set[Any], progress: Progress, settings: Settings
+) -> None:
+    """New events of the batch's run: the run's link once, ticks, the steps now running."""
+    import dagster as dg
+
+    if batch.run_id is None:
+        ids = instance.get_run_ids(dg.RunsFilter(tags={LAUNCH_TAG: batch.token}), limit=1)
+        if not ids:
+            return
+        batch.run_id = ids[0]
+    if not batch.announced:
+        batch.announced = True
+        label = f" (partition {batch.partition})" if batch.partition else ""
+        progress.console.print(
+            f"Run [bold]{batch.run_id[:8]}[/bold]{label}: "
+            f"{settings.dagster_ui_url}/runs/{batch.run_id}"
+        )
+    while True:
+        page = instance.get_records_for_run(batch.run_id, cursor=batch.cursor, of_type=watched)
+        for record in page.records:
+            entry = record.event_log_entry
+            kind = entry.dagster_event.event_type
+            if kind == dg.DagsterEventType.STEP_START:
+                batch.running.add(entry.step_key)
+            elif kind in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
+                batch.running.discard(entry.step_key)
+            else:
+                key = entry.dagster_event.asset_key.to_user_string()
+                if key not in batch.seen:
+                    batch.seen.append(key)
+                    progress.console.print(f"  [green]✓[/green] {key}")
+        batch.cursor = page.cursor or batch.cursor
+        if not page.has_more:
+            break
+    label = f"partition {batch.partition}" if batch.partition else "materializing"
+    progress.update(
+        batch.task, completed=len(batch.seen), description=f"{label} ({len(batch.seen)})"
+    )
+
+
+_DEFINITIONS: dict[tuple[Any, ...], Any] = {}
+
+
+def _definitions_key(settings: Settings) -> tuple[Any, ...]:
+    """What the loaded code location depends on besides Python code: environment, notebooks."""
+    notebooks = []
+    for path in sorted(settings.notebooks_dir.rglob("*.ipynb")):
+        stat = path.stat()
+        notebooks.append((str(path), stat.st_mtime_ns, stat.st_size))
+    dotenv = Path(".env")
+    env_file = dotenv.stat().st_mtime_ns if dotenv.is_file() else None
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))
+    return (os.getcwd(), env_file, tuple(env), tuple(notebooks))
+
+
+def shared_definitions(settings: Settings | None = None, loaded: Any = None) -> Any:
+    """The project's Definitions, loaded once per process while notebooks and environment stay.
+
+    `loaded` (just loaded by the caller) is kept instead of loading again.
+    """
+    settings = settings or get_settings()
+    settings.ensure_dirs()
+    settings.export_env()
+    key = _definitions_key(settings)
+    if loaded is not None or key not in _DEFINITIONS:
+        _DEFINITIONS.clear()
+        _DEFINITIONS[key] = loaded if loaded is not None else load_definitions(settings)
+    return _DEFINITIONS[key]
+
+
+def step_definitions() -> Any:
+    """What step processes reconstruct their job from: `shared_definitions`, as loading the code
+    location every time would cost each step seconds, twice (Dagster reconstructs it twice)."""
+    return shared_definitions()
+
+
+def _preload_modules() -> list[str]:
+    """What the fork server imports once, so that each step's process starts with it."""
+    import dagma
+
+    root = Path(dagma.__file__).resolve().parent
+    defs = []
+    for path in sorted((root / "defs").rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        defs.append(".".join(("dagma", *parts)))
+    return [
+        "dagster._core.executor.multiprocess",
+        *PRELOAD,
+        "dagma.definitions",
+        *defs,
+        "dagma.lab",  # last: loads the code location there (see _warm_fork_server)
+    ]
+
+
+_FORKSERVER_ENV: list[str] = []
+
+
+def _start_forkserver(preload: list[str], log: Path) -> None:
+    """Start the fork server now, importing `preload` while this process prepares the run.
+
+    Step processes inherit the server's environment, not ours: a server started under another
+    environment (another DAGMA_HOME, say) is stopped and started again. They also inherit its
+    stderr, which goes to `log`: each step process would otherwise print a DEBUG line through
+    the progress bar. Failures still reach the run's events and the summary.
+    """
+    import hashlib
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    env = sorted((k, v) for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST")
+    key = hashlib.sha256(repr((env, preload, str(log))).encode()).hexdigest()
+    server: Any = getattr(forkserver, "_forkserver", None)
+    running = getattr(server, "_forkserver_pid", None) is not None
+    if running and key in _FORKSERVER_ENV:
+        return
+    if running:
+        server._stop()
+    multiprocessing.get_context("forkserver").set_forkserver_preload(preload)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    target = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.environ[_WARM_ENV] = "1"
+    try:
+        os.dup2(target, 2)
+        forkserver.ensure_running()
+    finally:
+        os.environ.pop(_WARM_ENV, None)
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(target)
+    _FORKSERVER_ENV[:] = [key]
 
 
 def summary(run: LabRun, settings: Settings) -> dict[str, Any]:
@@ -283,9 +641,13 @@ def print_summary(run: LabRun, settings: Settings, console: Console) -> None:
             f"MLflow run {model.get('mlflow_run_id')}: accuracy {metrics.get('accuracy', 0):.4f}, "
             f"model {model.get('registered_model')} v{model.get('model_version')}"
         )
-        exp = _experiment_id(settings)
-        if exp and model.get("mlflow_run_id"):
-            console.print(f"  {tracking.run_url(settings.mlflow_ui, exp, model['mlflow_run_id'])}")
+        url = run.links.get("wine_model")
+        if url is None and model.get("mlflow_run_id"):
+            # Recorded on the materialization; asking MLflow means importing it, seconds.
+            exp = _experiment_id(settings)
+            url = tracking.run_url(settings.mlflow_ui, exp, model["mlflow_run_id"]) if exp else None
+        if url:
+            console.print(f"  {url}")
     vectors = run.values.get("doc_vectors")
     if isinstance(vectors, dict):
         console.print(
@@ -397,3 +759,18 @@ def status(settings: Settings) -> dict[str, Any]:
     except Exception as exc:
         problems.append(f"Vector store: {exc}")
     return report
+
+
+def _warm_fork_server() -> None:
+    """In the fork server: what every step process would otherwise build for itself."""
+    try:
+        step_definitions()
+        from dagma.notebooks.runner import warm_html_exporter
+
+        warm_html_exporter()
+    except Exception:  # nosec B110: each step process then loads what it needs itself
+        pass
+
+
+if os.environ.pop(_WARM_ENV, None) == "1":
+    _warm_fork_server()

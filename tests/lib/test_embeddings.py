@@ -37,3 +37,76 @@ def test_opt_in_embedders_explain_what_to_install():
     for kind, package in (("minilm", "sentence-transformers"), ("fastembed", "fastembed")):
         with pytest.raises(EmbedderError, match=package):
             get_embedder(kind)
+
+
+# Texts that exercise the tokenizer's corners: separators the normalizer deletes or keeps,
+# accents, CJK padding, added tokens, truncation at max_length, empty and blank texts.
+AWKWARD = [
+    "",
+    " ",
+    "\t\n",
+    "[UNK]",
+    "x[UNK]y [PAD]",
+    "a\x0bb c\x0cd e\x1cf g\x85h",
+    "café naïve ÉCOLE",
+    "\u00a0nbsp\u00a0here\u2003em",
+    "ΟΔΟΣ σοφία",
+    "中文字符 mixed中文",
+    "a" * 3000,
+    "x," * 2000,
+    "\u0301start combining",
+    "emoji 😀 text",
+    "\ufffd\x00null",
+    "İstanbul ß ﬁ",
+    "word " * 700,
+    "...!!!???",
+]
+
+
+def corpus_texts() -> list[str]:
+    from dagma.lib.chunking import chunk_documents
+    from dagma.lib.data import pydoc_documents
+
+    return [c.text for c in chunk_documents(pydoc_documents())]
+
+
+def test_the_fast_path_gives_model2vecs_vectors_bit_for_bit():
+    from dagma.lib.embeddings import _normalize
+
+    emb = get_embedder("model2vec")
+    assert emb._pooler is not None  # the shipped model takes the fast path
+    texts = corpus_texts() + AWKWARD
+    expected = _normalize(emb._model.encode(texts))
+    assert np.array_equal(emb.embed(texts).view(np.uint32), expected.view(np.uint32))
+
+
+def test_a_texts_vector_does_not_depend_on_its_batch_or_the_cache(monkeypatch):
+    from dagma.lib import embeddings
+
+    texts = corpus_texts()[:40] + AWKWARD
+    together = Model2VecEmbedder().embed(texts)
+    monkeypatch.setattr(embeddings, "_MAX_WORDS", 50)  # the cache starts over again and again
+    monkeypatch.setattr(embeddings, "_BLOCK", 7)
+    fresh = Model2VecEmbedder()
+    one_by_one = np.concatenate([fresh.embed([t]) for t in reversed(texts)])[::-1]
+    assert np.array_equal(together.view(np.uint32), one_by_one.view(np.uint32))
+    assert len(fresh._pooler._words) < len({w for t in texts for w in t.split()})
+
+
+def test_models_the_fast_path_does_not_reproduce_use_model2vec():
+    from types import SimpleNamespace
+
+    from dagma.lib.embeddings import _MeanPooler
+
+    model = get_embedder("model2vec")._model
+    assert _MeanPooler.fits(model)
+    shipped = {**vars(model), "normalize": model.normalize, "max_length": model.max_length}
+    assert _MeanPooler.fits(SimpleNamespace(**shipped))
+    for change in (
+        {"weights": np.ones(3)},
+        {"token_mapping": np.arange(3)},
+        {"embedding": model.embedding.astype(np.float32)},
+        {"normalize": False},
+        {"max_length": None},
+    ):
+        assert not _MeanPooler.fits(SimpleNamespace(**{**shipped, **change})), change

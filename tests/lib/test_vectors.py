@@ -311,3 +311,179 @@ def test_open_store_without_url_is_embedded(tmp_path):
         assert isinstance(store, EmbeddedStore) and store.keep == 2
     with pytest.raises(ValueError, match="keep"):
         EmbeddedStore(tmp_path, keep=0)
+
+
+def chunk_payloads(n: int) -> list[dict]:
+    return [
+        {"source": f"doc{i // 4}", "title": f"Doc {i // 4}", "chunk": i % 4, "text": "é" * (i % 9)}
+        for i in range(n)
+    ]
+
+
+def mixed_payloads(n: int) -> list[dict]:
+    values = (1, 1.0, 2.5, True, False, "1", "a", None, -3, 0)
+    return [
+        {
+            "a": values[i % len(values)],
+            "b": values[(i * 7) % len(values)],
+            "nested": {"x": i % 3},
+            "tags": [i % 4, "t"],
+            **({"sometimes": "yes"} if i % 3 else {}),
+        }
+        for i in range(n)
+    ]
+
+
+FILTERS = [
+    None,
+    {"a": 1},
+    {"a": 1.0},
+    {"a": True},
+    {"a": False},
+    {"a": "1"},
+    {"a": 0},
+    {"a": -3.0},
+    {"a": 1, "b": 1},
+    {"b": "a"},
+    {"nested.x": 1},
+    {"tags": 2},
+    {"tags": "t", "a": "a"},
+    {"sometimes": "yes"},
+    {"missing": 1},
+    {"source": "doc3"},
+    {"chunk": 2},
+    {"chunk": 2.0},
+    {"source": "doc3", "chunk": 1},
+    {"text": "éé"},
+    {"title": "Doc 9", "chunk": 3},
+]
+
+
+@pytest.mark.parametrize(
+    "payloads", [chunk_payloads(400), mixed_payloads(400)], ids=["chunks", "mixed"]
+)
+def test_payload_columns_give_the_same_hits_as_payloads_in_the_shard(
+    tmp_path, monkeypatch, payloads
+):
+    from dagma.lib import vectors
+
+    ids, vectors_, _ = corpus(n=len(payloads))
+    columns = EmbeddedStore(tmp_path / "columns")
+    columns.publish("docs", ids, vectors_, payloads, batch_size=128)
+    header = json.loads((tmp_path / "columns" / "docs" / "v0001" / "payload.json").read_text())
+    assert {c["key"] for c in header["columns"]} >= {"a", "b"} & set(payloads[0])
+    assert header["columns"] and header["ids"] == sorted(ids)  # rows in qdrant's id order
+    with monkeypatch.context() as m:  # every payload field in the shard, filtered by qdrant
+        m.setattr(vectors, "_split_payloads", lambda p: ({}, list(p)))
+        shard_only = EmbeddedStore(tmp_path / "shard")
+        shard_only.publish("docs", ids, vectors_, payloads, batch_size=128)
+
+    rng = np.random.default_rng(3)
+    for filter in FILTERS:
+        for query in rng.standard_normal((3, DIM)):
+            expected = shard_only.search("docs", query, k=8, filter=filter and dict(filter))
+            got = columns.search("docs", query, k=8, filter=filter)
+            assert [(h.id, h.score, h.payload) for h in got] == [
+                (h.id, h.score, h.payload) for h in expected
+            ], filter
+    unchanged = {"source": "doc3", "chunk": 1}
+    columns.search("docs", vectors_[0], filter=unchanged)
+    assert unchanged == {"source": "doc3", "chunk": 1}  # the caller's filter is not consumed
+
+
+def legacy_version(root: Path, ids, vectors_, payloads) -> None:
+    """A version as published before row numbers: UUID points with payloads, no payload.json."""
+    import qdrant_edge as qe
+
+    from dagma.lib.vectors import _edge_config
+
+    folder = root / "docs" / "v0001"
+    shard = qe.EdgeShard.create(str(folder), _edge_config(DIM))
+    points = [qe.Point(i, v.tolist(), p) for i, v, p in zip(ids, vectors_, payloads, strict=True)]
+    shard.update(qe.UpdateOperation.upsert_points(points))
+    shard.optimize()
+    shard.close()
+    qe.EdgeShard.load(str(folder)).close()
+    manifest = {"collection": "docs", "version": 1, "name": "v0001", "points": len(ids)}
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "dim": DIM, "metadata": {}}))
+    (root / "docs" / "CURRENT").write_text("v0001\n")
+
+
+def test_versions_published_before_row_numbers_still_search_and_filter(tmp_path):
+    ids, vectors_, _ = corpus(n=200)
+    vectors_ = vectors_[np.arange(200) % 40]  # exact duplicates: ties must rank as they did
+    payloads = mixed_payloads(200)
+    legacy_version(tmp_path / "old", ids, vectors_, payloads)
+    old = EmbeddedStore(tmp_path / "old")
+    new = EmbeddedStore(tmp_path / "new")
+    new.publish("docs", ids, vectors_, payloads)
+    # unfiltered, and filtered on fields that stay in the shard: the same hits, ties included
+    for filter in (None, {"nested.x": 1}, {"tags": 2}, {"sometimes": "yes"}):
+        for query in np.random.default_rng(4).standard_normal((3, DIM)):
+            expected = old.search("docs", query, k=6, filter=filter)
+            got = new.search("docs", query, k=6, filter=filter)
+            assert [(h.id, h.score, h.payload) for h in got] == [
+                (h.id, h.score, h.payload) for h in expected
+            ], filter
+    old.publish("docs", ids, vectors_, payloads)  # and the next version is a current one
+    assert old.current_version("docs").version == 2 and old.count("docs") == 200
+    assert old.search("docs", vectors_[9], k=1)[0].id in {ids[j] for j in range(9, 200, 40)}
+
+
+def test_filtered_ties_rank_by_id_the_same_in_every_process(tmp_path):
+    ids, vectors_, _ = corpus(n=200)
+    vectors_ = vectors_[np.arange(200) % 40]  # points i and i + 40 tie
+    payloads = [{"even": i % 2 == 0, "color": COLORS[i % 3]} for i in range(200)]
+    store = EmbeddedStore(tmp_path)
+    store.publish("docs", ids, vectors_, payloads)
+    unit = vectors_ / np.linalg.norm(vectors_, axis=1, keepdims=True)
+    for query in np.random.default_rng(5).standard_normal((4, DIM)):
+        scores = unit @ (query / np.linalg.norm(query))
+        even = [i for i in range(200) if i % 2 == 0]
+        best = sorted(even, key=lambda i: (-round(float(scores[i]), 5), ids[i]))[:7]
+        hits = store.search("docs", query, k=7, filter={"even": True})
+        assert [h.id for h in hits] == [ids[i] for i in best]
+
+
+def test_ids_are_checked_and_returned_as_qdrant_spells_them(tmp_path):
+    ids, vectors_, payloads = corpus(n=4)
+    store = EmbeddedStore(tmp_path)
+    spelled = [ids[0].upper(), uuid.UUID(ids[1]), 7, "{" + ids[3] + "}"]
+    store.publish("docs", spelled, vectors_, payloads)
+    found = {h.id for h in store.search("docs", vectors_[0], k=4)}
+    assert found == {ids[0], ids[1], "7", ids[3]}
+    for bad in (["not-a-uuid", *ids[1:]], [-1, *ids[1:]], [ids[0].upper(), *ids[:3]]):
+        with pytest.raises(ValueError, match=r"is invalid|appears twice"):
+            store.publish("docs", bad, vectors_, payloads)
+    assert store.current_version("docs").version == 1
+
+
+def test_payload_columns_keep_key_order_and_refuse_what_qdrant_refuses(tmp_path):
+    ids, vectors_, _ = corpus(n=20)
+    store = EmbeddedStore(tmp_path)
+    payloads = chunk_payloads(20)
+    store.publish("docs", ids, vectors_, payloads)
+    hit = store.search("docs", vectors_[5], k=1)[0]
+    assert list(hit.payload.items()) == list(payloads[5].items())
+    for bad in ({"text": "\ud800"}, {"x": float("nan")}):
+        broken = [dict(p) for p in payloads]
+        broken[11].update(bad)
+        with pytest.raises(ValueError, match="is invalid"):
+            store.publish("docs", ids, vectors_, broken)
+    assert store.current_version("docs").version == 1
+    store.publish("docs", ids, vectors_, [{"empty": "", "none": None}] * 20)  # an empty blob
+    assert store.search("docs", vectors_[4], k=1)[0].payload == {"empty": "", "none": None}
+    # qdrant-edge stores integers beyond 64 bits as floats; outside a column they still are
+    store.publish("docs", ids, vectors_, [{"n": 2**64 if i == 3 else i} for i in range(20)])
+    assert store.search("docs", vectors_[3], k=1)[0].payload == {"n": float(2**64)}
+
+
+def test_corrupt_payload_columns_name_the_folder_and_the_fix(tmp_path):
+    ids, vectors_, payloads = corpus(n=10)
+    store = EmbeddedStore(tmp_path)
+    store.publish("docs", ids, vectors_, payloads)
+    (tmp_path / "docs" / "v0001" / "payload.json").write_text("{not json")
+
+    with pytest.raises(VectorStoreError, match="looks corrupt") as err:
+        store.search("docs", vectors_[0])
+    assert str(tmp_path / "docs" / "v0001") in str(err.value)

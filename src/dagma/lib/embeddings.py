@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
+import threading
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -31,6 +33,145 @@ def _normalize(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.where(norms == 0, 1, norms)
 
 
+# Word separators for the tokenizer cache. Splitting on these is exact: BERT's normalizer turns
+# them into spaces and its pre-tokenizer splits there. str.split() also splits on a few characters
+# that the normalizer instead deletes (control characters), so texts holding those use the regex.
+_WORD_SEP = re.compile(r"[ \t\n\r]+")
+_NOT_A_SEPARATOR = re.compile("[\x0b\x0c\x1c-\x1f\x85]")
+_BLOCK = 4096  # texts pooled at a time: bounds the temporary token arrays
+_MAX_WORDS = 2_000_000  # cached words before the cache starts over
+
+
+class _MeanPooler:
+    """model2vec's `StaticModel.encode`, bit for bit, for a float16 mean-pooling model, faster.
+
+    Two costs dominate `encode` on chunks of prose: the tokenizer, which normalizes every
+    character with alignment tracking (0.3-0.4 ms per chunk on the benchmark machine), and pooling float16
+    rows. BERT tokenization never crosses whitespace, so a text's token ids are the concatenation
+    of its whitespace-separated words' ids: each distinct word goes through the real tokenizer once
+    and is then looked up. Pooling adds the float32 copies of the token rows in the order numpy's
+    float16 `mean` does (sequentially, in float32), so the result is the same to the bit.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self._model = model
+        self._tokenizer = model.tokenizer
+        self._table = np.asarray(model.embedding, dtype=np.float32)  # float16 -> float32 is exact
+        self._max_tokens = int(model.max_length)
+        self._max_chars = self._max_tokens * int(model.median_token_length)
+        self._unk = model.unk_token_id
+        self._lock = threading.Lock()
+        self._reset()
+
+    @staticmethod
+    def fits(model: Any) -> bool:
+        """Whether `model` computes what this class reproduces; otherwise use `model.encode`."""
+        tokenizer = getattr(model, "tokenizer", None)
+        embedding = getattr(model, "embedding", None)
+        max_length = getattr(model, "max_length", None)
+        if tokenizer is None or embedding is None or not isinstance(max_length, int):
+            return False
+        truncation, padding = tokenizer.truncation, tokenizer.padding
+        return (
+            getattr(model, "token_mapping", None) is None
+            and getattr(model, "weights", None) is None
+            and embedding.dtype == np.float16
+            and getattr(model, "normalize", None) is True
+            and isinstance(getattr(model, "median_token_length", None), int)
+            and (truncation is None or truncation.get("direction") == "right")
+            and (truncation is None or truncation.get("max_length", 0) >= max_length)
+            and (padding is None or padding.get("length") == 0)
+        )
+
+    def _reset(self) -> None:
+        self._words: dict[str, int] = {}
+        self._word_tokens: list[int] = []
+        self._word_starts: list[int] = [0]
+        self._arrays = (np.zeros(0, np.int64), np.zeros(1, np.int64))
+
+    def _word_indices(self, words: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cache indices of `words`, tokenizing the new ones; and the cache's token arrays."""
+        with self._lock:
+            try:
+                index = np.fromiter(map(self._words.__getitem__, words), np.int64, len(words))
+            except KeyError:
+                if len(self._words) > _MAX_WORDS:
+                    self._reset()
+                new = list(dict.fromkeys(w for w in words if w not in self._words))
+                encoded = self._tokenizer.encode_batch_fast(new, add_special_tokens=False)
+                for word, encoding in zip(new, encoded, strict=True):
+                    self._words[word] = len(self._word_starts) - 1
+                    self._word_tokens.extend(encoding.ids)
+                    self._word_starts.append(len(self._word_tokens))
+                self._arrays = (
+                    np.asarray(self._word_tokens, dtype=np.int64),
+                    np.asarray(self._word_starts, dtype=np.int64),
+                )
+                index = np.fromiter(map(self._words.__getitem__, words), np.int64, len(words))
+            tokens, starts = self._arrays
+        return index, tokens, starts
+
+    def _tokenize(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Every text's token ids, concatenated, and how many each text has (as `tokenize`)."""
+        texts = [text[: self._max_chars] for text in texts]  # model2vec cuts before tokenizing
+        careful = _NOT_A_SEPARATOR.search(" ".join(texts)) is not None  # rare: then per text
+        words: list[str] = []
+        per_text = np.empty(len(texts), dtype=np.int64)
+        for i, text in enumerate(texts):
+            if careful and _NOT_A_SEPARATOR.search(text):
+                split = [w for w in _WORD_SEP.split(text) if w]
+            else:
+                split = text.split()
+            per_text[i] = len(split)
+            words += split
+        index, word_tokens, word_starts = self._word_indices(words)
+        lengths = word_starts[index + 1] - word_starts[index]
+        ends = np.cumsum(lengths)
+        flat = word_tokens[
+            np.arange(ends[-1] if len(ends) else 0)
+            + np.repeat(word_starts[index] - (ends - lengths), lengths)
+        ]
+        # Truncate each text to max_length tokens, then drop [UNK], in model2vec's order.
+        word_ends = np.cumsum(per_text)
+        cumulative = np.concatenate(([0], ends))
+        counts = cumulative[word_ends] - cumulative[word_ends - per_text]
+        owner = np.repeat(np.arange(len(texts)), counts)
+        rank = np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)
+        keep = rank < self._max_tokens
+        if self._unk is not None:
+            keep &= flat != self._unk
+        return flat[keep], np.bincount(owner[keep], minlength=len(texts))
+
+    def _pool(self, tokens: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        out = np.zeros((len(counts), self._table.shape[1]), dtype=np.float16)
+        order = np.argsort(-counts, kind="stable")
+        ranked = counts[order]
+        live = int(np.count_nonzero(ranked))
+        if live:
+            # Longest texts first, so the texts still adding at step j are a prefix.
+            first = (np.cumsum(counts) - counts)[order[:live]]
+            sums = self._table[tokens[first]]
+            active = live
+            for j in range(1, int(ranked[0])):
+                while ranked[active - 1] <= j:
+                    active -= 1
+                step = self._table[tokens[first[:active] + j]]
+                np.add(sums[:active], step, out=sums[:active])
+            # numpy's mean divides the float32 sums by an intp count (in float64), then casts.
+            np.true_divide(sums, ranked[:live, None].astype(np.intp), out=sums, casting="unsafe")
+            out[order[:live]] = sums.astype(np.float16)
+        out32 = out.astype(np.float32)
+        norm = np.linalg.norm(out32, axis=1, keepdims=True) + 1e-32
+        return (out32 / norm).astype(np.float16)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        blocks = [
+            self._pool(*self._tokenize(texts[start : start + _BLOCK]))
+            for start in range(0, len(texts), _BLOCK)
+        ]
+        return np.concatenate(blocks) if blocks else np.zeros((0, self._table.shape[1]), np.float16)
+
+
 class Model2VecEmbedder:
     """model2vec static embeddings distilled from all-MiniLM-L6-v2 (see embedder_model/PROVENANCE.md)."""
 
@@ -43,12 +184,16 @@ class Model2VecEmbedder:
                 "`python scripts/distill_embedder.py` or set DAGMA_EMBEDDER_PATH."
             )
         self._model = StaticModel.from_pretrained(str(model_dir))
+        self._pooler = _MeanPooler(self._model) if _MeanPooler.fits(self._model) else None
         self.name = f"model2vec:{model_dir.name}"
         self.dim = int(self._model.dim)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """Unit vectors, one per text; a text's vector does not depend on the others."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self._pooler is not None:
+            return _normalize(self._pooler.encode(list(texts)))
         return _normalize(self._model.encode(list(texts)))
 
 

@@ -4,6 +4,8 @@ Every publish builds a new immutable version and then atomically points the coll
 Embedded versions are built with qdrant-edge's WAL off and closed before CURRENT moves: without a
 WAL the engine takes no folder lock, and loading a finished version only rewrites identical
 metadata via temp file + rename, so reader processes open CURRENT directly while a writer builds.
+Inside a version, points are numbered by row; their ids and scalar payload fields are stored
+beside the shard (see `_Rows`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
+import itertools
 import json
+import math
+import mmap
 import os
 import re
 import shutil
@@ -199,11 +205,240 @@ def _check_filter(filter: dict[str, Any] | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- embedded (qdrant-edge)
 
 
+# What the points of a version stand for, beside its shard. qdrant-edge 0.9 converts every id and
+# payload value through a chain of failing extractions (bool, then three number types, each raising
+# a Python error, then str, ...): about 5 us per UUID and 7 us per string field, more than the
+# vector and the rest of the write together. So the shard numbers its points 0..n-1, in the order
+# it would have sorted their ids (so equal scores still rank as before), and holds only the
+# vectors and any payload fields that are not plain scalars; `payload.json` maps rows back to the
+# point ids, and scalar fields present in every point are stored as columns. Searches return the
+# same ids and payloads as before, and filters on column fields match as qdrant's do (see
+# `_Rows.matching`) by handing the shard the matching rows. Versions published before this have
+# no `payload.json` and are read as they were.
+_ROWS = "payload.json"
+_ROWS_FORMAT = 1
+_FIELD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def _scalar(value: Any) -> bool:
+    kind = type(value)
+    if kind is str:
+        try:
+            value.encode()
+        except UnicodeEncodeError:  # lone surrogates: qdrant refuses them, so let it say so
+            return False
+        return True
+    if kind is bool or value is None:
+        return True
+    if kind is int:
+        return -(2**63) <= value < 2**64
+    return kind is float and math.isfinite(value)
+
+
+def _encoded(column: list[Any]) -> list[bytes] | None:
+    """A column of str as UTF-8, or None when it holds anything else (or lone surrogates)."""
+    if not all(type(v) is str for v in column):
+        return None
+    try:
+        return [v.encode() for v in column]
+    except UnicodeEncodeError:
+        return None
+
+
+def _split_payloads(
+    payloads: Sequence[dict[str, Any]],
+) -> tuple[dict[str, list[Any]], list[dict[str, Any]] | None]:
+    """The fields stored as columns, and the payloads left for the shard (None: nothing left).
+
+    A text column comes back as its values' UTF-8 encodings, the rest as the values.
+    """
+    if not payloads or not all(type(p) is dict for p in payloads):
+        return {}, list(payloads)
+    columns: dict[str, list[Any]] = {}
+    for key in payloads[0]:
+        if not (type(key) is str and _FIELD.fullmatch(key)):
+            continue
+        try:
+            column = [p[key] for p in payloads]
+        except KeyError:
+            continue
+        encoded = _encoded(column)
+        if encoded is not None:
+            columns[key] = encoded
+        elif all(map(_scalar, column)):
+            columns[key] = column
+    if all(len(p) == len(columns) for p in payloads):
+        return columns, None
+    return columns, [{k: v for k, v in p.items() if k not in columns} for p in payloads]
+
+
+def _canonical_id(point: Any) -> str:
+    """The id as a search returns it: a UUID's canonical text (or an unsigned int's digits)."""
+    if isinstance(point, int) and not isinstance(point, bool) and 0 <= point < 2**64:
+        return str(point)
+    try:
+        return str(point if isinstance(point, uuid.UUID) else uuid.UUID(point))
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(
+            f"point {point!r} is invalid (not a UUID); ids must be UUID strings from point_id()"
+        ) from exc
+
+
+def _canonical_ids(ids: Sequence[Any]) -> list[str]:
+    out = [p if type(p) is str and _UUID.fullmatch(p) else _canonical_id(p) for p in ids]
+    if len(set(out)) != len(out):  # two spellings of one UUID
+        dup = next(i for i, n in Counter(out).items() if n > 1)
+        raise ValueError(f"id {dup!r} appears twice; derive ids with point_id()")
+    return out
+
+
+def _id_order(point: str) -> tuple[int, int | str]:
+    """qdrant's order of point ids: numbers first, then UUIDs by their bytes (= their text)."""
+    return (0, int(point)) if point.isdigit() else (1, point)
+
+
+def _numbering(point_ids: list[str]) -> tuple[list[int], list[int]]:
+    """Row numbers in qdrant's order of the ids, so the shard ranks tied scores (duplicate
+    vectors) as it did when it held the ids themselves; and the input position of each row."""
+    if any(p.isdigit() for p in point_ids):
+        order = sorted(range(len(point_ids)), key=lambda i: _id_order(point_ids[i]))
+    else:  # all UUIDs, the usual case: their text sorts as their bytes
+        order = sorted(range(len(point_ids)), key=point_ids.__getitem__)
+    number = [0] * len(order)
+    for row, i in enumerate(order):
+        number[i] = row
+    return number, order
+
+
+def _write_rows(folder: Path, ids: list[str], columns: dict[str, list[Any]], rest: bool) -> None:
+    """`payload.json` (ids by row, column names, non-text columns) and a blob per text column."""
+    described: list[dict[str, Any]] = []
+    for n, (key, values) in enumerate(columns.items()):
+        if values and type(values[0]) is bytes:  # a text column (see _split_payloads)
+            offsets = np.zeros(len(values) + 1, dtype=np.int64)
+            np.cumsum([len(b) for b in values], out=offsets[1:])
+            _write_durable(folder / f"payload-{n}.utf8", b"".join(values))
+            _write_durable(folder / f"payload-{n}.npy", _npy(offsets))
+            described.append({"key": key, "kind": "text"})
+        else:
+            described.append({"key": key, "kind": "json", "values": values})
+    header = {"format": _ROWS_FORMAT, "ids": ids, "columns": described, "rest_in_shard": rest}
+    _write_durable(folder / _ROWS, json.dumps(header, allow_nan=False).encode())
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    """Written and synced, like the shard's own files once it is closed."""
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _map(path: Path) -> bytes | mmap.mmap:
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # stays valid if pruned
+
+
+class _Rows:
+    """The ids and payload columns of one version's row-numbered points, opened with its shard."""
+
+    def __init__(self, folder: Path) -> None:
+        header = json.loads((folder / _ROWS).read_text())
+        if header.get("format") != _ROWS_FORMAT:
+            raise ValueError(f"unknown payload format {header.get('format')!r}")
+        self.ids: list[str] = header["ids"]
+        self.rest_in_shard: bool = header["rest_in_shard"]
+        self.keys: list[str] = []
+        self._json: dict[str, list[Any]] = {}
+        self._text: dict[str, tuple[bytes | mmap.mmap, list[int]]] = {}
+        self._index: dict[str, dict[tuple[str, Any], list[int]]] = {}
+        self._conditions: dict[tuple[tuple[str, str, Any], ...], Any] = {}
+        for n, column in enumerate(header["columns"]):
+            key = column["key"]
+            self.keys.append(key)
+            if column["kind"] == "json":
+                self._json[key] = column["values"]
+            else:
+                offsets = np.load(folder / f"payload-{n}.npy").tolist()
+                self._text[key] = (_map(folder / f"payload-{n}.utf8"), offsets)
+
+    def payload(self, row: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in self.keys:
+            if key in self._json:
+                out[key] = self._json[key][row]
+            else:
+                blob, offsets = self._text[key]
+                out[key] = blob[offsets[row] : offsets[row + 1]].decode()
+        return out
+
+    def _values(self, key: str) -> list[Any]:
+        if key in self._json:
+            return self._json[key]
+        blob, offsets = self._text[key]
+        return [blob[a:b].decode() for a, b in itertools.pairwise(offsets)]
+
+    def matching(self, key: str, value: str | int | float) -> list[int]:
+        """Rows whose `key` matches `value` as qdrant's filter does.
+
+        A str matches an equal str; a bool an equal bool; an int an equal int (not a float, nor
+        a bool); a float any equal number, int or float (it is a range `value <= x <= value`).
+        """
+        index = self._index.get(key)
+        if index is None:
+            index = {}
+            for row, x in enumerate(self._values(key)):
+                kind = type(x)
+                if kind is str:
+                    index.setdefault(("s", x), []).append(row)
+                elif kind is bool:
+                    index.setdefault(("b", x), []).append(row)
+                elif kind is int:
+                    index.setdefault(("i", x), []).append(row)
+                    index.setdefault(("f", float(x)), []).append(row)
+                elif kind is float:
+                    index.setdefault(("f", x), []).append(row)
+            self._index[key] = index
+        if isinstance(value, str):
+            return index.get(("s", value), [])
+        if isinstance(value, bool | np.bool_):
+            return index.get(("b", bool(value)), [])
+        if isinstance(value, int):
+            return index.get(("i", value), [])
+        return index.get(("f", float(value)), [])
+
+    def condition(self, filter: dict[str, Any]) -> Any:
+        """A qdrant-edge condition selecting the rows that match every item (column fields
+        only), or None when no row does. The last few are kept: converting many ids costs."""
+        import qdrant_edge as qe
+
+        key = tuple((k, type(v).__name__, v) for k, v in filter.items())
+        if key not in self._conditions:
+            rows: set[int] | None = None
+            for field_, value in filter.items():
+                found = self.matching(field_, value)
+                rows = set(found) if rows is None else rows.intersection(found)
+            if len(self._conditions) >= 64:
+                self._conditions.pop(next(iter(self._conditions)))
+            self._conditions[key] = qe.HasIdCondition(set[Any](rows)) if rows else None
+        return self._conditions[key]
+
+
 @dataclass
 class _Open:
     name: str
     shard: Any  # qdrant_edge.EdgeShard
     info: CollectionVersion
+    rows: _Rows | None = None  # None: a version from before rows, ids and payloads in the shard
 
 
 # Versions are immutable, so one open shard per collection serves every EmbeddedStore in the
@@ -234,12 +469,12 @@ def _edge_search_params() -> Any:
     return qe.SearchParams(quantization=qe.QuantizationSearchParams(rescore=True, oversampling=2.0))
 
 
-def _edge_filter(filter: dict[str, Any]) -> Any:
+def _edge_filter(filter: dict[str, Any], extra: Sequence[Any] = ()) -> Any:
     import qdrant_edge as qe
 
-    if not filter:
+    if not filter and not extra:
         return None
-    conditions: list[Any] = []
+    conditions: list[Any] = list(extra)
     for key, value in filter.items():
         if isinstance(value, float):  # MatchValue takes no floats
             conditions.append(qe.FieldCondition(key=key, range=qe.RangeFloat(gte=value, lte=value)))
@@ -342,10 +577,17 @@ class EmbeddedStore(VectorStore):
                 if self._current_name(collection) != name:
                     continue
                 raise _edge_error(key / name, exc) from exc
+            try:
+                rows = _Rows(key / name) if (key / name / _ROWS).exists() else None
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                shard.close()
+                if self._current_name(collection) != name:
+                    continue
+                raise _edge_error(key / name, exc) from exc
             if cached:
                 with contextlib.suppress(Exception):  # its folder may be pruned already
                     cached.shard.close()
-            _OPEN[key] = _Open(name, shard, info)
+            _OPEN[key] = _Open(name, shard, info, rows)
             return _OPEN[key]
         raise VectorStoreError(f"{key} changed version three times while opening it; retry")
 
@@ -359,17 +601,53 @@ class EmbeddedStore(VectorStore):
     ) -> list[Hit]:
         import qdrant_edge as qe
 
+        filter = _check_filter(filter)
         with _OPEN_LOCK:
             current = self._open_current(collection)
-            request = qe.SearchRequest(
-                query=qe.Query.Nearest(_check_query(collection, vector, current.info.dim, k)),
-                limit=k,
-                filter=_edge_filter(_check_filter(filter)),
-                params=_edge_search_params(),
-                with_payload=True,
-            )
-            points = current.shard.search(request)
-        return [Hit(str(p.id), p.score, p.payload or {}) for p in points]
+            query = _check_query(collection, vector, current.info.dim, k)
+            rows = current.rows
+            extra: list[Any] = []
+            if rows is not None and any(key in rows.keys for key in filter):
+                own = {k: v for k, v in filter.items() if k in rows.keys}
+                filter = {k: v for k, v in filter.items() if k not in own}
+                condition = rows.condition(own)
+                if condition is None:
+                    return []
+                extra.append(condition)
+            edge_filter = _edge_filter(filter, extra)
+
+            def search(limit: int) -> list[Any]:
+                request = qe.SearchRequest(
+                    query=qe.Query.Nearest(query),
+                    limit=limit,
+                    filter=edge_filter,
+                    params=_edge_search_params(),
+                    with_payload=rows is None or rows.rest_in_shard,
+                )
+                return list(current.shard.search(request))
+
+            if not extra:
+                points = search(k)
+            else:
+                # The shard visits a set of ids in no fixed order, which would rank equal scores
+                # (duplicate vectors) differently from run to run. Fetch every point tied with
+                # the k-th, then rank ties by row (qdrant's id order).
+                fetch = k + 1
+                while (
+                    len(points := search(fetch)) == fetch
+                    and points[-1].score == points[k - 1].score
+                ):
+                    fetch *= 2
+                points = sorted(points, key=lambda p: (-p.score, p.id))[:k]
+        if rows is None:
+            return [Hit(str(p.id), p.score, p.payload or {}) for p in points]
+        hits = []
+        for p in points:
+            payload = rows.payload(p.id)
+            if rows.rest_in_shard and p.payload:
+                payload.update(p.payload)
+            hits.append(Hit(rows.ids[p.id], p.score, payload))
+        return hits
 
     def count(self, collection: str) -> int:
         import qdrant_edge as qe
@@ -449,6 +727,9 @@ class EmbeddedStore(VectorStore):
     ) -> int:
         import qdrant_edge as qe
 
+        point_ids = _canonical_ids(ids)
+        number, order = _numbering(point_ids)
+        columns, rest = _split_payloads(payloads)
         try:
             shard = qe.EdgeShard.create(str(folder), _edge_config(vectors.shape[1]))
         except Exception as exc:
@@ -458,9 +739,8 @@ class EmbeddedStore(VectorStore):
         try:
             for start in range(0, len(ids), batch_size):
                 stop = min(start + batch_size, len(ids))
-                # qdrant-edge's bindings convert float64 rows faster than float32 ones
-                rows = np.asarray(vectors[start:stop], dtype=np.float64)
-                batch = _points(ids[start:stop], rows, payloads[start:stop])
+                part = None if rest is None else rest[start:stop]
+                batch = _points(ids[start:stop], number[start:stop], vectors[start:stop], part)
                 shard.update(qe.UpdateOperation.upsert_points(batch))
                 if progress:
                     progress(stop)
@@ -468,25 +748,44 @@ class EmbeddedStore(VectorStore):
             points = shard.count(qe.CountRequest(exact=True))
         finally:
             shard.close()
+        by_row = {key: [values[i] for i in order] for key, values in columns.items()}
+        _write_rows(folder, [point_ids[i] for i in order], by_row, rest is not None)
         # The first load settles one-time bookkeeping; do it before any reader can see the folder.
         qe.EdgeShard.load(str(folder)).close()
         return points
 
 
-def _points(ids: Sequence[str], rows: np.ndarray, payloads: Sequence[dict[str, Any]]) -> list[Any]:
-    from qdrant_edge import Point
+def _points(
+    ids: Sequence[str],
+    numbers: Sequence[int],
+    rows: np.ndarray,
+    payloads: Sequence[dict[str, Any]] | None,
+) -> list[Any]:
+    """qdrant-edge points with these row `numbers` (`ids` only name them in errors)."""
+    import qdrant_edge
 
+    Point: Any = qdrant_edge.Point
+    # The bindings read a vector item by item. From a memoryview the items are plain floats;
+    # from a numpy row they are numpy scalars, which made the conversion 2-3x slower.
+    rows = np.asarray(rows)
+    if rows.dtype != np.float32 and rows.dtype != np.float64:
+        rows = rows.astype(np.float64)
+    rows = np.ascontiguousarray(rows)
     try:
-        return [Point(i, v, p) for i, v, p in zip(ids, rows, payloads, strict=True)]
+        if payloads is None:
+            return [Point(i, memoryview(v)) for i, v in zip(numbers, rows, strict=True)]
+        return [Point(i, memoryview(v), p) for i, v, p in zip(numbers, rows, payloads, strict=True)]
     except (TypeError, ValueError):
-        for i, v, p in zip(ids, rows, payloads, strict=True):
+        for i, v, p, point in zip(
+            numbers, rows, payloads or itertools.repeat(None), ids, strict=False
+        ):
             try:
-                Point(i, v, p)
+                Point(i, memoryview(v), p)
             except (TypeError, ValueError) as exc:
                 reason = str(exc).splitlines()[0]
                 raise ValueError(
-                    f"point {i!r} is invalid ({reason}); ids must be UUID strings from "
-                    "point_id() and payloads JSON values without NaN"
+                    f"point {point!r} is invalid ({reason}); payloads must be JSON values "
+                    "without NaN"
                 ) from exc
         raise
 

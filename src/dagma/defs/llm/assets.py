@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import dagster as dg
@@ -27,10 +28,18 @@ TIMING = ("latency_p50_s", "latency_p95_s", "tokens_per_s")
 
 
 class RagEvalConfig(dg.Config):
+    # Retrieval is scored on every question; answering is what costs (2-6 s each locally), so
+    # the default answers a few. Set answer_limit to the question count for the full set.
     answer_limit: int = Field(
-        default=8, ge=0, description="Questions answered by the model (2-6 s each locally)."
+        default=4, ge=0, description="Questions answered by the model (2-6 s each locally)."
     )
     k: int = Field(default=5, ge=1, description="Hits retrieved per question for hit@k and MRR.")
+    max_tokens: int | None = Field(
+        default=96,
+        ge=1,
+        description="Longest answer in this evaluation, in tokens; unset keeps the LLM "
+        "resource's max_tokens.",
+    )
 
 
 @contextmanager
@@ -87,7 +96,7 @@ def _figure(metrics: dict[str, float], latencies: list[float]) -> Any:
     return fig
 
 
-@dg.asset(group_name="llm", kinds={"langchain", "mlflow"}, code_version="2")
+@dg.asset(group_name="llm", kinds={"langchain", "mlflow"}, code_version="3")
 def rag_eval(
     context: dg.AssetExecutionContext,
     config: RagEvalConfig,
@@ -116,7 +125,10 @@ def rag_eval(
     ):
         search = make_search(store, doc_vectors["collection"], embedder)
         report = evaluate_retrieval(questions, search, k=config.k)
-        pipeline = make_pipeline(search, chat_model(llm.settings()))
+        llm_settings = llm.settings()
+        if config.max_tokens is not None:
+            llm_settings = replace(llm_settings, max_tokens=config.max_tokens)
+        pipeline = make_pipeline(search, chat_model(llm_settings))
         with langchain_tracing():
             answers = evaluate_answers(questions, pipeline, config.answer_limit, _question_span)
             with mlflow_lib.start_span(name="rag_eval.sample"):
@@ -134,6 +146,7 @@ def rag_eval(
                 "questions": report["n"],
                 "k": report["k"],
                 "answer_limit": config.answer_limit,
+                "max_tokens": llm_settings.max_tokens,
                 "embedder": embedder.name,
                 "collection": doc_vectors.get("physical"),
                 "llm": llm.backend,
