@@ -48,6 +48,20 @@ def test_mlflow_has_the_notebook_run_with_params_metrics_model_and_notebook(demo
     assert version.run_id == found.info.run_id
     model = mlflow.sklearn.load_model(run.values["wine_model"]["model_uri"])
     assert model.predict(model_input_example(settings)).shape == (3,)
+    # Stated, not inferred: pinned to what is installed, and nothing from the test process.
+    requirements = mlflow.pyfunc.get_model_dependencies(run.values["wine_model"]["model_uri"])
+    pins = dict(line.split("==") for line in Path(requirements).read_text().split())
+    assert pins == {
+        "mlflow": mlflow.__version__,
+        "scikit-learn": version_of("scikit-learn"),
+        "skops": version_of("skops"),
+    }
+
+
+def version_of(package: str) -> str:
+    from importlib.metadata import version
+
+    return version(package)
 
 
 def model_input_example(settings: Settings):

@@ -95,6 +95,9 @@ def log_result(result: TrainResult, *, registered_name: str = REGISTERED_MODEL) 
         signature=infer_signature(example, result.model.predict(example)),
         input_example=example,
         registered_model_name=registered_name,
+        # The model is a plain scikit-learn pipeline; stating its requirements spares MLflow a
+        # subprocess that re-loads the model to infer them (several seconds per training run).
+        pip_requirements=mlflow.sklearn.get_default_pip_requirements(include_skops=True),
     )
     return {
         "model_uri": info.model_uri,
