@@ -49,6 +49,7 @@ def test_settings_defaults_and_env() -> None:
     s = LLMSettings.from_env({})
     assert (s.backend, s.model_path, s.temperature, s.seed) == ("local", None, 0.0, 0)
     assert (s.n_ctx, s.n_threads) == (2048, 1)
+    assert LLMSettings.from_env({"DAGMA_LLM_THREADS": "2"}).n_threads == 2
     s = LLMSettings.from_env(
         {
             "DAGMA_LLM": " OpenAI ",
@@ -108,6 +109,20 @@ def test_local_model_is_cached_and_generates() -> None:
     assert chat_model(LLMSettings(max_tokens=9)) is not model
     text = model.invoke("Say hello.").content
     assert isinstance(text, str) and text.strip()
+
+
+def test_the_local_model_answers_the_same_on_one_thread_or_two() -> None:
+    prompt = "Context: finally runs clean-up code after try.\nQuestion: What does finally do?"
+    texts = [
+        chat_model(LLMSettings(n_threads=n, max_tokens=24)).invoke(prompt).content for n in (1, 2)
+    ]
+    assert texts[0] and texts[0] == texts[1]
+
+
+@pytest.mark.parametrize("value", ["0", "two", "-1"])
+def test_a_bad_thread_count_names_the_variable(value: str) -> None:
+    with pytest.raises(LLMError, match=f"DAGMA_LLM_THREADS='{value}': write a whole number"):
+        LLMSettings.from_env({"DAGMA_LLM_THREADS": value})
 
 
 # --- remote backends: configuration and reachability --------------------------------------------
@@ -305,7 +320,8 @@ def test_openai_server_command(tmp_path: Path) -> None:
     assert opts["--model"] == str(smollm2_gguf_path())
     assert opts["--model_alias"] == "SmolLM2-135M-Instruct.Q4_1"
     assert (opts["--host"], opts["--port"]) == ("127.0.0.1", "8123")
-    assert (opts["--n_threads"], opts["--seed"], opts["--n_ctx"]) == ("1", "0", "2048")
+    threads = str(LLMSettings().n_threads)
+    assert (opts["--n_threads"], opts["--seed"], opts["--n_ctx"]) == (threads, "0", "2048")
     assert opts["--chat_format"] == "chatml"
     other = openai_server_command(tmp_path / "x.gguf", "0.0.0.0", 1, model_alias="x")
     assert other[other.index("--model") + 1] == str(tmp_path / "x.gguf")

@@ -31,7 +31,7 @@ class RagEvalConfig(dg.Config):
     # Retrieval is scored on every question; answering is what costs (2-6 s each locally), so
     # the default answers a few. Set answer_limit to the question count for the full set.
     answer_limit: int = Field(
-        default=4, ge=0, description="Questions answered by the model (2-6 s each locally)."
+        default=3, ge=0, description="Questions answered by the model (2-6 s each locally)."
     )
     k: int = Field(default=5, ge=1, description="Hits retrieved per question for hit@k and MRR.")
     max_tokens: int | None = Field(
