@@ -148,6 +148,10 @@ def iris_job():
 # Workers: run in a child process so papermill and dagstermill never share an interpreter.
 
 
+# Runs in a background thread while the kernel starts, so it is not part of the sum.
+OVERLAPPED = "MLflow: store + start run (background thread, beside the kernel)"
+
+
 def worker_bridge(work: Path) -> None:
     """`runner.execute` on a parsed spec; prints its phases as JSON on the last line."""
     phases: dict[str, float] = {}
@@ -174,7 +178,7 @@ def worker_bridge(work: Path) -> None:
     for attr, name in [
         ("check_kernel", "kernel check"),
         ("render_html", "HTML render (nbconvert)"),
-        ("_start_mlflow_run", "MLflow: store + start run"),
+        ("_start_mlflow_run", OVERLAPPED),
         ("_finish_mlflow_run", "MLflow: log artifacts + end run"),
         ("_log_to_mlflow", "MLflow: log artifacts"),
     ]:
@@ -196,7 +200,9 @@ def worker_bridge(work: Path) -> None:
     run = runner.execute(spec, run_dir=work / "run", target=target, params=PARAMS)
     total = time.perf_counter() - t2
     inner = sum(
-        v for k, v in phases.items() if k not in ("import papermill + bridge", "parse spec")
+        v
+        for k, v in phases.items()
+        if k not in ("import papermill + bridge", "parse spec", OVERLAPPED)
     )
     phases["rest of execute()"] = total - inner
     phases["execute() total"] = total
@@ -548,9 +554,11 @@ RATIO_PAIRS: list[tuple[str, str, float | None]] = [
 
 
 def ratios(by_key: dict[str, Alternative]) -> dict[str, float]:
-    """`num/den` -> ratio of medians, for the regression gate."""
+    """`num/den` -> ratio of medians of Dagma over a baseline, for the regression gate."""
     out = {}
     for num, den, _ in RATIO_PAIRS:
+        if num == "papermill":  # two baselines: says nothing about Dagma
+            continue
         if num in by_key and den in by_key:
             a, b = median(by_key[num]), median(by_key[den])
             if a is not None and b:
@@ -614,7 +622,7 @@ def where_time_goes(by_key: dict[str, Alternative]) -> str:
     m = {k: median(a) or 0.0 for k, a in by_key.items()}
     bridge, mlflow = phase_medians(by_key["bridge"]), phase_medians(by_key["mlflow"])
     kernel_cells = bridge.get("papermill: kernel + cells", 0.0)
-    mlflow_start = bridge.get("MLflow: store + start run", 0.0)
+    mlflow_start = bridge.get(OVERLAPPED, 0.0)
     text = (
         f"Where the time goes: a Python process starts in {m['py_start']:.2f} s and plain Python "
         f"does the fit in {m['python']:.2f} s. A bare Jupyter kernel costs {m['kernel']:.2f} s "
@@ -629,15 +637,17 @@ def where_time_goes(by_key: dict[str, Alternative]) -> str:
     )
     if mlflow_start:
         text += (
-            f" and opening MLflow and starting the run {mlflow_start:.2f} s (a fresh sqlite "
-            f"store: `import mlflow` {mlflow.get('import mlflow', 0.0):.2f} s, its migrations "
-            f"{mlflow.get('create (migrations)', 0.0):.2f} s, reopening an existing store "
-            f"{mlflow.get('reopen', 0.0):.2f} s)"
+            f"; opening MLflow and starting the run takes {mlflow_start:.2f} s in a thread "
+            f"beside the kernel, instead of before it (plain MLflow: `import mlflow` "
+            f"{mlflow.get('import mlflow', 0.0):.2f} s, a new sqlite store's migrations "
+            f"{mlflow.get('create (migrations)', 0.0):.2f} s, which Dagma skips by copying a "
+            f"migrated template, reopening a store {mlflow.get('reopen', 0.0):.2f} s)"
         )
     text += (
-        f". `dagma run` also loads the whole code location ({m['load_defs']:.2f} s, with MLflow "
-        f"and pandas imported by the Python-defined assets), sets up Dagster's sqlite instance "
-        f"in a fresh home and initialises the MLflow resource. dagstermill's kernel "
+        f". `dagma run` also imports its CLI and loads the whole code location "
+        f"({m['load_defs']:.2f} s), sets up Dagster's sqlite instance in a fresh home, writes "
+        f"the run's events and reads the value back: "
+        f"{m['dagma_run'] - m['bridge']:.2f} s over the bridge alone. dagstermill's kernel "
         f"imports dagstermill ({m['imp_dagstermill']:.2f} s in a fresh process) and rebuilds the "
         f"job, and the Dagster CLI's default multiprocess executor starts a step subprocess that "
         f"imports the code location again."
