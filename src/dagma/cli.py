@@ -226,7 +226,7 @@ def llm_serve(
 ) -> None:
     """Serve the offline model over the OpenAI protocol (llama.cpp's server) until Ctrl-C."""
     import os
-    import subprocess
+    import subprocess  # nosec B404 # argv below is built by openai_server_command, no shell
 
     from dagma.lib.llm import LLMError, LLMSettings, openai_server_command
 
@@ -243,7 +243,7 @@ def llm_serve(
         markup=False,
     )
     try:
-        code = subprocess.call(argv, env=os.environ.copy())
+        code = subprocess.call(argv, env=os.environ.copy())  # nosec B603 # our argv, no shell
     except KeyboardInterrupt:
         code = 0
     raise typer.Exit(code)

@@ -26,6 +26,14 @@ def test_corpus_without_docs_folder_still_has_pydoc(tmp_path: Path):
     assert load_corpus(tmp_path / "missing")
 
 
+def test_an_empty_corpus_names_the_folder_to_fill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # Python builds without pydoc topics exist (e.g. some slim images); only then can this happen.
+    monkeypatch.setattr("dagma.lib.data.pydoc_documents", lambda: [])
+    (tmp_path / "empty.md").write_text("  \n")
+    with pytest.raises(ValueError, match=rf"no Markdown files under {tmp_path}\. Add Markdown"):
+        load_corpus(tmp_path)
+
+
 def test_document_sha_is_stable():
     docs = load_corpus(None)
     assert docs[0].sha == load_corpus(None)[0].sha

@@ -1,6 +1,7 @@
 """New sqlite MLflow stores start from a cached, migrated template instead of migrating."""
 
 import os
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,33 @@ def test_an_unusable_cache_falls_back_to_mlflow_creating_the_store(
     exp = tracking.setup_experiment(f"sqlite:///{db}", "lab", tmp_path / "artifacts")
     assert MlflowClient(f"sqlite:///{db}").get_experiment(exp).name == "lab"
     assert os.path.getsize(db) > 0
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_an_mlflow_server_that_does_not_answer_fails_at_once_naming_the_fix(tmp_path: Path):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(tracking.TrackingError, match=r"MLFLOW_TRACKING_URI=http://127\.0\.0\.1:"):
+        tracking.setup_experiment(uri, "lab", None)
+    with pytest.raises(tracking.TrackingError, match="unset MLFLOW_TRACKING_URI"):
+        tracking.check_server(uri)
+
+
+def test_a_url_that_is_not_an_mlflow_server_is_named(tmp_path: Path):
+    import http.server
+    import threading
+
+    (tmp_path / "index.html").write_text("not mlflow")
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(tracking.TrackingError, match=r"/health: HTTP 404\)"):
+            tracking.check_server(uri)
+        server.shutdown()

@@ -139,7 +139,11 @@ def test_bad_input_is_refused_before_anything_is_built(tmp_path):
     with pytest.raises(ValueError, match="invalid"):
         store.publish("bad name", ids, vectors, payloads)
     assert store.collections() == []
-    assert not any((tmp_path / "docs").glob("v*"))
+    store.publish("docs", ids, vectors, payloads)
+    with pytest.raises(ValueError, match=r"'docs': nothing to publish \(0 points\), so the cur"):
+        store.publish("docs", [], [], [])
+    assert store.current_version("docs").version == 1
+    assert [p.name for p in (tmp_path / "docs").glob("v*")] == ["v0001"]
 
 
 def test_filter_keeps_only_exact_payload_matches(tmp_path):

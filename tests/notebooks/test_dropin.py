@@ -63,6 +63,15 @@ def test_an_unknown_upstream_fails_the_load_naming_the_file(lab: Path):
         load_definitions(get_settings())
 
 
+def test_a_cycle_between_notebooks_fails_the_load_naming_both_files(lab: Path):
+    write_nb(lab / "chicken.ipynb", params='upstream = ["egg"]', body=BODY)
+    write_nb(lab / "egg.ipynb", params='upstream = ["chicken"]', body=BODY)
+    with pytest.raises(NotebookError, match=r"in a cycle: .*(chicken|egg)\.ipynb -> ") as err:
+        load_definitions(get_settings())
+    assert "chicken.ipynb" in str(err.value) and "egg.ipynb" in str(err.value)
+    assert "`upstream` list" in str(err.value)
+
+
 def test_a_malformed_notebook_fails_the_load_naming_the_file(lab: Path):
     (lab / "broken.ipynb").write_text("{not json")
     with pytest.raises(NotebookError, match=r"broken\.ipynb: not a valid Jupyter notebook"):

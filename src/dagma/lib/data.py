@@ -71,5 +71,8 @@ def load_corpus(docs_dir: Path | None = None) -> list[Document]:
     if docs_dir is not None and docs_dir.is_dir():
         docs += markdown_documents(docs_dir)
     if not docs:
-        raise ValueError("The corpus is empty: no pydoc topics and no Markdown files were found.")
+        raise ValueError(
+            f"The corpus is empty: no pydoc topics and no Markdown files under {docs_dir}. "
+            "Add Markdown files there, or check that Python's pydoc topics are installed."
+        )
     return docs

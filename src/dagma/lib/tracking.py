@@ -59,6 +59,28 @@ def lineage_tags(**extra: str | None) -> dict[str, str]:
     return tags
 
 
+def check_server(tracking_uri: str, timeout: float = 5.0) -> None:
+    """Fail at once when an MLflow server does not answer: its client retries for minutes."""
+    import urllib.error
+    import urllib.request
+
+    url = tracking_uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout):  # nosec B310 # http(s) checked above
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return  # it answers; the credentials are checked by the first real call
+        reason = f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        reason = str(getattr(exc, "reason", exc))
+    raise TrackingError(
+        f"MLflow at MLFLOW_TRACKING_URI={tracking_uri} does not answer ({url}: {reason}). "
+        "Start it (`dagma services up`), fix the URL, or unset MLFLOW_TRACKING_URI to use the "
+        "embedded store."
+    )
+
+
 def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path | None) -> str:
     """Point MLflow at `tracking_uri` and return the id of `experiment`, creating it if needed.
 
@@ -66,6 +88,8 @@ def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path | N
     """
     import mlflow
 
+    if tracking_uri.startswith(("http://", "https://")):
+        check_server(tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     if tracking_uri.startswith("sqlite:///"):
         seed_sqlite_store(Path(tracking_uri.removeprefix("sqlite:///")), artifact_root)

@@ -158,6 +158,11 @@ def _check_batch(
     metadata: dict[str, Any] | None,
 ) -> np.ndarray:
     _check_name(collection)
+    if len(ids) == 0:
+        raise ValueError(
+            f"{collection!r}: nothing to publish (0 points), so the current version stays. "
+            "The corpus or its chunking produced no text: check the documents it reads."
+        )
     vectors = np.asarray(vectors)
     if vectors.ndim != 2 or vectors.shape[1] == 0:
         raise ValueError(

@@ -158,3 +158,28 @@ def check_upstreams(defs: dg.Definitions) -> None:
                 f"{notebook}: upstream {key.to_user_string()!r} is not an asset. Fix the "
                 f"`upstream` list in its parameters cell; known assets: {known}."
             )
+    _check_no_cycle(defs)
+
+
+def _check_no_cycle(defs: dg.Definitions) -> None:
+    """Fail the load naming the files when notebooks depend on each other in a circle."""
+    from graphlib import CycleError, TopologicalSorter
+
+    graph: dict[dg.AssetKey, set[dg.AssetKey]] = {}
+    where: dict[dg.AssetKey, str] = {}
+    for item in defs.assets or []:
+        if not isinstance(item, dg.AssetsDefinition):
+            continue
+        name = item.op.tags.get("dagma/notebook") if item.is_executable else None
+        parents = set(item.keys_by_input_name.values())
+        for key in item.keys:
+            graph.setdefault(key, set()).update(parents)
+            where[key] = name or key.to_user_string()
+    try:
+        TopologicalSorter(graph).prepare()
+    except CycleError as exc:
+        loop = " -> ".join(where.get(k, k.to_user_string()) for k in exc.args[1])
+        raise NotebookError(
+            f"notebooks depend on each other in a cycle: {loop}. Remove one of them from the "
+            "other's `upstream` list in its parameters cell."
+        ) from None
