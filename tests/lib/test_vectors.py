@@ -310,6 +310,41 @@ def test_an_unreachable_server_fails_fast_naming_qdrant_url(tmp_path):
     assert time.monotonic() - start < 5
 
 
+def test_a_refused_api_key_names_qdrant_api_key(tmp_path):
+    # No Qdrant server runs offline here; this endpoint answers as Qdrant does to a wrong
+    # `api-key` header (401 with a JSON status), which is all the client sees.
+    import http.server
+    import threading
+
+    seen: list[str | None] = []
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("api-key"))
+            body = (
+                b'{"status":{"error":"Must provide an API key or an Authorization bearer token"}}'
+            )
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(
+            VectorStoreError, match=r"rejected the API key \(HTTP 401\)\. Fix: set QDRANT_API_KEY"
+        ):
+            open_store(url=url, api_key="wrong", root=tmp_path)
+        server.shutdown()
+    assert seen and seen[0] == "wrong"
+    assert not any(tmp_path.iterdir())  # nothing embedded was created instead
+
+
 def test_open_store_without_url_is_embedded(tmp_path):
     with open_store(url=None, api_key=None, root=tmp_path, keep=2) as store:
         assert isinstance(store, EmbeddedStore) and store.keep == 2
