@@ -394,13 +394,24 @@ def _collect(result: Any, value: Any | None) -> LabRun:
         failures = [e for e in result.all_events if e.is_step_failure]
         run.error = (
             "; ".join(
-                f"{e.step_key}: {e.step_failure_data.error.message.strip()}"
+                f"{e.step_key}: {_error_text(e.step_failure_data.error)}"
                 for e in failures
                 if e.step_failure_data and e.step_failure_data.error
             )
             or "the run failed"
         )
     return run
+
+
+def _error_text(error: Any) -> str:
+    """A failure's message, followed by its causes (e.g. what made the last retry fail)."""
+    parts = [error.message.strip()]
+    while error.cause is not None:
+        error = error.cause
+        text = error.message.strip()
+        if text.split(": ", 1)[-1] not in "\n".join(parts):  # skip a cause already quoted
+            parts.append(text)
+    return "\n".join(parts)
 
 
 def _orchestrate(

@@ -47,6 +47,12 @@ class Settings(BaseSettings):
     mlflow_ui_url: str | None = Field(
         default=None, description="MLflow UI; default the tracking server or 127.0.0.1:5000."
     )
+    dagma_retries: int = Field(
+        default=3, ge=0, description="Retries of a step whose server (MLflow, Qdrant) is down."
+    )
+    dagma_retry_delay: float = Field(
+        default=2.0, ge=0, description="Seconds before the first retry; doubles each time."
+    )
 
     @field_validator("qdrant_url", "mlflow_tracking_uri", "mlflow_ui_url", mode="before")
     @classmethod

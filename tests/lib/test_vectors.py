@@ -339,7 +339,7 @@ def test_a_refused_api_key_names_qdrant_api_key(tmp_path):
         with pytest.raises(
             VectorStoreError, match=r"rejected the API key \(HTTP 401\)\. Fix: set QDRANT_API_KEY"
         ):
-            open_store(url=url, api_key="wrong", root=tmp_path)
+            open_store(url=url, api_key="wrong", root=tmp_path)  # pragma: allowlist secret
         server.shutdown()
     assert seen and seen[0] == "wrong"
     assert not any(tmp_path.iterdir())  # nothing embedded was created instead

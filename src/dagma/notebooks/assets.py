@@ -6,8 +6,8 @@ from typing import Any
 
 import dagster as dg
 
-from dagma.defs.core.resources import MLflowResource, QdrantResource
-from dagma.notebooks.runner import NotebookFailed, RunTarget, execute
+from dagma.defs.core.resources import MLflowResource, QdrantResource, service_retry_policy
+from dagma.notebooks.runner import KernelError, NotebookFailed, RunTarget, execute
 from dagma.notebooks.spec import NotebookError, NotebookSpec
 from dagma.settings import get_settings
 
@@ -73,6 +73,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         config_schema=_config_schema(spec),
         partitions_def=partitions_def(spec),
         op_tags={"dagma/notebook": str(spec.path)},
+        retry_policy=service_retry_policy(),
     )
     def _notebook(
         context: dg.AssetExecutionContext,
@@ -103,18 +104,22 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
             partition_key=partition,
             partition_range=window,
         )
+        mlflow.check()  # a server that is down fails here, and the retry policy waits for it
         try:
             run = execute(spec, run_dir=run_dir, target=target, params=params, inputs=inputs)
         except NotebookFailed as exc:
             failed = exc.execution
             raise dg.Failure(
                 description=str(exc),
+                allow_retries=False,  # the notebook's own error: running it again changes nothing
                 metadata={
                     "executed_notebook": _file_metadata(failed.ipynb),
                     "html": _file_metadata(failed.html),
                     "error": failed.error or "",
                 },
             ) from exc
+        except (NotebookError, KernelError) as exc:
+            raise dg.Failure(description=str(exc), allow_retries=False) from exc
         common: dict[str, Any] = {
             "executed_notebook": _file_metadata(run.ipynb),
             "html": _file_metadata(run.html),

@@ -37,6 +37,21 @@ class MLflowResource(dg.ConfigurableResource):
     def run_url(self, run_id: str) -> str:
         return tracking.run_url(self.ui_url, self.experiment_id, run_id)
 
+    def check(self) -> None:
+        """Raise TrackingError at once when a tracking server does not answer."""
+        if self.tracking_uri.startswith(("http://", "https://")):
+            tracking.check_server(self.tracking_uri)
+
+
+def service_retry_policy() -> dg.RetryPolicy:
+    """Retries for a step whose server is down; a step's own failure opts out (allow_retries)."""
+    settings = get_settings()
+    return dg.RetryPolicy(
+        max_retries=settings.dagma_retries,
+        delay=settings.dagma_retry_delay,
+        backoff=dg.Backoff.EXPONENTIAL,
+    )
+
 
 class QdrantResource(dg.ConfigurableResource):
     """The vector store: a Qdrant server when `url` is set, else the embedded store at `path`."""
