@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -152,6 +153,56 @@ def status(
         typer.echo(json.dumps(report, indent=2, default=str))
         return
     _print_status(report)
+
+
+@app.command()
+def backup(
+    archive: Annotated[
+        Path | None,
+        typer.Argument(help="The .tar.gz to write; default dagma-backup-<UTC time>.tar.gz here."),
+    ] = None,
+) -> None:
+    """Copy the embedded lab (Dagster runs, MLflow runs and models, vectors) into one archive."""
+    from dagma.backup import BackupError
+    from dagma.backup import backup as run_backup
+
+    try:
+        report = run_backup(get_settings(), archive)
+    except BackupError as exc:
+        console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(
+        f"Backed up {report.files} files ({report.bytes / 1e6:.1f} MB, collections: "
+        f"{', '.join(report.collections) or 'none'}) to {report.archive} in "
+        f"{report.seconds:.1f} s.\nRestore with: DAGMA_HOME=<empty folder> dagma restore "
+        f"{report.archive}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,  # paths stay whole, to copy and paste
+    )
+
+
+@app.command()
+def restore(
+    archive: Annotated[Path, typer.Argument(help="A .tar.gz written by `dagma backup`.")],
+) -> None:
+    """Restore a backup into an empty DAGMA_HOME, checking every file first."""
+    from dagma.backup import BackupError
+    from dagma.backup import restore as run_restore
+
+    settings = get_settings()
+    try:
+        report = run_restore(settings, archive)
+    except BackupError as exc:
+        console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(
+        f"Restored {report.files} files into {settings.home} in {report.seconds:.1f} s. "
+        "Check it with: dagma status",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,  # paths stay whole, to copy and paste
+    )
 
 
 @app.command()

@@ -666,6 +666,13 @@ class EmbeddedStore(VectorStore):
     # -- writing
 
     @contextlib.contextmanager
+    def held(self, collection: str) -> Iterator[Path]:
+        """Hold `collection`'s writer lock, so no publish moves or prunes its versions meanwhile."""
+        folder = self.root / collection
+        with self._writer_lock(folder):
+            yield folder
+
+    @contextlib.contextmanager
     def _writer_lock(self, folder: Path) -> Iterator[None]:
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / ".lock", "a+") as lock:

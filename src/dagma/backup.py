@@ -1,0 +1,233 @@
+"""Back up and restore a lab's embedded state: Dagster's runs, MLflow's runs and models, vectors.
+
+A backup is one `.tar.gz` with a `manifest.json` of every file's sha256. SQLite databases are
+copied with SQLite's online backup, so a lab in use is copied consistently; each vector
+collection is copied while its writer lock is held. A restore checks every checksum before it
+writes anything, goes only into an empty `DAGMA_HOME`, and rewrites the absolute paths that
+MLflow and Dagster keep (artifact locations, executed notebooks) to the new home.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import shutil
+import sqlite3
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dagma.settings import Settings
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+PARTS = ("dagster", "mlflow", "qdrant", "runs", "reports")
+
+
+class BackupError(RuntimeError):
+    """A backup or restore that cannot proceed; the message names the thing and the fix."""
+
+
+@dataclass
+class Report:
+    archive: Path
+    files: int
+    bytes: int
+    seconds: float
+    collections: list[str]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_sqlite(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(16) == b"SQLite format 3\x00"
+
+
+def _copy_sqlite(src: Path, dst: Path) -> None:
+    """SQLite's online backup: a consistent copy even while another process writes."""
+    with sqlite3.connect(f"file:{src}?mode=ro", uri=True) as source, sqlite3.connect(dst) as copy:
+        source.backup(copy)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    for path in sorted(src.rglob("*")):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        elif path.name.endswith(("-wal", "-shm", "-journal")) or path.name == ".lock":
+            continue  # folded into the database by the online backup, or runtime-only
+        elif path.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".db" and _is_sqlite(path):
+                _copy_sqlite(path, target)
+            else:
+                shutil.copy2(path, target)
+
+
+def _check_embedded(settings: Settings) -> None:
+    if settings.tracking_uri.startswith(("http://", "https://")) or settings.qdrant_url:
+        raise BackupError(
+            "dagma backup copies the embedded state under DAGMA_HOME; this lab uses servers "
+            f"(MLFLOW_TRACKING_URI={settings.tracking_uri}, QDRANT_URL={settings.qdrant_url}). "
+            "Back those up with their own tools: see docs/production.md."
+        )
+    places = (("DAGSTER_HOME", settings.dagster_dir), ("DAGMA_QDRANT_PATH", settings.qdrant_path))
+    outside = [name for name, path in places if not path.is_relative_to(settings.home)]
+    if outside:
+        raise BackupError(
+            f"{' and '.join(outside)} {'point' if len(outside) > 1 else 'points'} outside "
+            f"DAGMA_HOME={settings.home}; unset {'them' if len(outside) > 1 else 'it'} so the "
+            "whole lab lives under one folder."
+        )
+
+
+@contextlib.contextmanager
+def _held(store: Any, collection: str) -> Iterator[Path]:
+    from dagma.lib.vectors import VectorStoreError
+
+    try:
+        with store.held(collection) as folder:
+            yield folder
+    except VectorStoreError as exc:
+        raise BackupError(
+            f"collection {collection!r} is being published right now ({exc}). Run the backup "
+            "again when that run has finished; nothing was written."
+        ) from None
+
+
+def backup(settings: Settings, archive: Path | None = None) -> Report:
+    """Write the lab under `settings.home` to `archive` (default: a timestamped file here)."""
+    from dagma.lib.vectors import EmbeddedStore
+
+    started = time.perf_counter()
+    _check_embedded(settings)
+    home = settings.home
+    if not (home / "dagster").is_dir() and not (home / "mlflow").is_dir():
+        raise BackupError(f"nothing to back up: {home} holds no lab. Run `make demo` first.")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    archive = (archive or Path(f"dagma-backup-{stamp}.tar.gz")).expanduser().resolve()
+    if archive.exists():
+        raise BackupError(f"{archive} exists already; choose another file or remove it.")
+    collections: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="dagma-backup-") as tmp:
+        staging = Path(tmp) / "lab"
+        staging.mkdir()
+        for part in ("dagster", "mlflow", "runs", "reports"):
+            if (home / part).is_dir():
+                _copy_tree(home / part, staging / part)
+        store = EmbeddedStore(settings.qdrant_path)
+        for info in store.collections():
+            with _held(store, info.collection) as folder:
+                current = (folder / "CURRENT").read_text().strip()
+                _copy_tree(folder / current, staging / "qdrant" / info.collection / current)
+                shutil.copy2(folder / "CURRENT", staging / "qdrant" / info.collection / "CURRENT")
+            collections.append(info.collection)
+        files = {
+            str(p.relative_to(staging)): _sha256(p)
+            for p in sorted(staging.rglob("*"))
+            if p.is_file()
+        }
+        manifest = {
+            "format": FORMAT,
+            "created": stamp,
+            "home": str(home),
+            "collections": collections,
+            "files": files,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        partial = archive.with_name(archive.name + ".partial")
+        with tarfile.open(partial, "w:gz", compresslevel=1) as tar:
+            tar.add(staging, arcname="lab")
+        partial.rename(archive)  # a backup that stopped halfway never looks complete
+    seconds = time.perf_counter() - started
+    return Report(archive, len(files), archive.stat().st_size, seconds, collections)
+
+
+def _read_manifest(tar: tarfile.TarFile, archive: Path) -> dict:
+    try:
+        member = tar.extractfile("lab/" + MANIFEST)
+    except KeyError:
+        member = None
+    if member is None:
+        raise BackupError(f"{archive} is not a Dagma backup (no {MANIFEST}); pick another file.")
+    manifest = json.loads(member.read())
+    if manifest.get("format") != FORMAT:
+        raise BackupError(
+            f"{archive} has backup format {manifest.get('format')!r}; this Dagma reads {FORMAT}."
+        )
+    return manifest
+
+
+def _rehome(database: Path, old: str, new: str) -> None:
+    """Rewrite absolute paths under the old home in every text column of a SQLite file."""
+    with sqlite3.connect(database) as db:
+        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        for table in tables:
+            columns = [r[1] for r in db.execute(f'PRAGMA table_info("{table}")')]  # nosec B608
+            for column in columns:
+                # Identifiers come from sqlite_master, values are bound parameters.
+                sql = (
+                    f'UPDATE "{table}" SET "{column}" = REPLACE("{column}", ?, ?) '  # nosec B608
+                    f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0'
+                )
+                db.execute(sql, (old, new, old))
+
+
+def restore(settings: Settings, archive: Path) -> Report:
+    """Restore `archive` into `settings.home`, which must be empty or missing."""
+    started = time.perf_counter()
+    _check_embedded(settings)
+    archive = archive.expanduser().resolve()
+    if not archive.is_file():
+        raise BackupError(f"{archive} does not exist; pass the .tar.gz that `dagma backup` wrote.")
+    home = settings.home
+    if home.exists() and any(home.iterdir()):
+        raise BackupError(
+            f"DAGMA_HOME={home} is not empty; restore into an empty folder "
+            "(e.g. DAGMA_HOME=/path/to/new dagma restore ...), so nothing there is overwritten."
+        )
+    home.parent.mkdir(parents=True, exist_ok=True)
+    # Unpacked beside the home, so the final move is a rename on the same file system.
+    with tempfile.TemporaryDirectory(prefix=".dagma-restore-", dir=home.parent) as tmp:
+        try:
+            with tarfile.open(archive, "r:gz") as tar:
+                manifest = _read_manifest(tar, archive)
+                tar.extractall(tmp, filter="data")  # "data" refuses links and paths outside tmp
+        except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError) as exc:
+            raise BackupError(
+                f"{archive} cannot be read ({exc}); it is truncated or not a backup."
+            ) from exc
+        staging = Path(tmp) / "lab"
+        found = {str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()}
+        found.discard(MANIFEST)
+        expected = manifest["files"]
+        bad = sorted(set(expected) ^ found) + sorted(
+            name for name in set(expected) & found if _sha256(staging / name) != expected[name]
+        )
+        if bad:
+            raise BackupError(
+                f"{archive} is damaged: {len(bad)} file(s) missing or changed, e.g. {bad[0]}. "
+                "Nothing was restored; use another backup."
+            )
+        for database in staging.rglob("*.db"):
+            if _is_sqlite(database):
+                _rehome(database, manifest["home"], str(home))
+        (staging / MANIFEST).unlink()
+        if home.exists():
+            home.rmdir()
+        shutil.move(str(staging), home)
+    seconds = time.perf_counter() - started
+    return Report(archive, len(expected), archive.stat().st_size, seconds, manifest["collections"])

@@ -1,0 +1,143 @@
+"""`dagma backup` then `dagma restore` into an empty home brings back runs, models and vectors."""
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from dagma.cli import app
+from dagma.lib.vectors import EmbeddedStore
+from dagma.settings import Settings
+
+pytestmark = pytest.mark.integration
+runner = CliRunner()
+
+
+def run_ids(dagster_home: Path) -> set[str]:
+    with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
+        return {r.run_id for r in instance.get_runs()}
+
+
+def mlflow_runs(settings: Settings) -> dict[str, str]:
+    client = mlflow.MlflowClient(settings.tracking_uri)
+    experiment = client.get_experiment_by_name(settings.dagma_experiment)
+    return {
+        r.info.run_id: r.info.artifact_uri for r in client.search_runs([experiment.experiment_id])
+    }
+
+
+def said(result) -> str:
+    """The command's output on one line (paths are never wrapped: soft_wrap)."""
+    return " ".join(result.output.split())
+
+
+def cli(home: Path, *args: str, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DAGMA_HOME", str(home))
+    for name in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI"):  # the demo run exported its own
+        monkeypatch.delenv(name, raising=False)
+    return runner.invoke(app, list(args))
+
+
+@pytest.fixture(scope="module")
+def archive(demo, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("backup") / "lab.tar.gz"
+    result = runner.invoke(app, ["backup", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "Backed up" in said(result) and "dagma restore" in said(result)
+    return path
+
+
+def test_restore_into_an_empty_home_brings_back_runs_models_and_vectors(
+    demo, archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    settings, run = demo
+    home = tmp_path / "restored"
+    result = cli(home, "restore", str(archive), monkeypatch=monkeypatch)
+    assert result.exit_code == 0, result.output
+    restored = Settings()
+    assert restored.home == home.resolve()
+
+    assert run_ids(home / "dagster") == run_ids(settings.dagster_dir)
+
+    before, after = mlflow_runs(settings), mlflow_runs(restored)
+    assert before.keys() == after.keys()
+    assert all(uri.startswith(f"file://{restored.home}/") for uri in after.values())
+    version = run.values["wine_model"]["model_version"]
+    mlflow.set_tracking_uri(restored.tracking_uri)
+    model = mlflow.sklearn.load_model(f"models:/dagma-wine/{version}")
+    from dagma.lib.data import load_wine
+
+    features = load_wine().drop(columns=["target"]).head(5)
+    original = mlflow.sklearn.load_model(run.values["wine_model"]["model_uri"])
+    assert (model.predict(features) == original.predict(features)).all()
+
+    old, new = EmbeddedStore(settings.qdrant_path), EmbeddedStore(restored.qdrant_path)
+    collection = settings.dagma_collection
+    assert new.current_version(collection) == old.current_version(collection)
+    query = np.random.default_rng(0).standard_normal(old.current_version(collection).dim)
+    assert new.search(collection, query, k=5) == old.search(collection, query, k=5)
+
+    status = cli(home, "run", "--stale", monkeypatch=monkeypatch)
+    assert status.exit_code == 0 and "Nothing is stale" in status.output
+
+
+def test_restore_refuses_a_home_that_is_not_empty(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    home = tmp_path / "busy"
+    home.mkdir()
+    (home / "keep.txt").write_text("mine")
+    result = cli(home, "restore", str(archive), monkeypatch=monkeypatch)
+    assert result.exit_code == 2
+    assert f"DAGMA_HOME={home} is not empty" in said(result)
+    assert [p.name for p in home.iterdir()] == ["keep.txt"]
+
+
+def test_a_damaged_or_foreign_archive_restores_nothing(
+    archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    damaged = tmp_path / "damaged.tar.gz"
+    with tarfile.open(archive) as src, tarfile.open(damaged, "w:gz") as dst:
+        changed = False
+        for member in src.getmembers():
+            data = src.extractfile(member).read() if member.isfile() else None
+            if data and not changed and member.name.endswith(".db"):
+                data, changed = data[:-1] + bytes([data[-1] ^ 1]), True
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    assert changed
+    home = tmp_path / "home"
+    result = cli(home, "restore", str(damaged), monkeypatch=monkeypatch)
+    assert result.exit_code == 2 and "is damaged: 1 file(s) missing or changed" in said(result)
+    assert not home.exists()
+
+    foreign = tmp_path / "foreign.tar.gz"
+    foreign.write_bytes(gzip.compress(b"not a tar"))
+    result = cli(home, "restore", str(foreign), monkeypatch=monkeypatch)
+    assert result.exit_code == 2 and "cannot be read" in said(result)
+    assert not home.exists()
+
+
+def test_a_dagster_home_outside_the_lab_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("DAGMA_HOME", str(tmp_path / "lab"))
+    result = runner.invoke(app, ["backup", str(tmp_path / "x.tar.gz")])
+    assert result.exit_code == 2 and "DAGSTER_HOME points outside DAGMA_HOME=" in said(result)
+
+
+def test_backup_of_an_empty_home_or_during_a_publish_is_refused(
+    demo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    settings, _ = demo
+    result = cli(tmp_path / "empty", "backup", str(tmp_path / "x.tar.gz"), monkeypatch=monkeypatch)
+    assert result.exit_code == 2 and "holds no lab. Run `make demo` first" in said(result)
+
+    with EmbeddedStore(settings.qdrant_path).held(settings.dagma_collection):
+        result = cli(settings.home, "backup", str(tmp_path / "y.tar.gz"), monkeypatch=monkeypatch)
+    assert result.exit_code == 2 and "is being published right now" in said(result)
+    assert not (tmp_path / "y.tar.gz").exists()
