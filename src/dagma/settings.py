@@ -32,6 +32,9 @@ class Settings(BaseSettings):
         default=None, description="Qdrant server URL; unset means the embedded store."
     )
     qdrant_api_key: SecretStr | None = Field(default=None, description="Qdrant server API key.")
+    qdrant_read_only_api_key: SecretStr | None = Field(
+        default=None, description="Qdrant read-only key; the app uses it when set."
+    )
     dagma_qdrant_path: Path | None = Field(
         default=None, description="Embedded vector store folder; default $DAGMA_HOME/qdrant."
     )

@@ -33,7 +33,9 @@ def _mlflow(tracking_uri: str) -> Any:
 
 @st.cache_resource(show_spinner=False)
 def _store(url: str | None, root: str) -> Any:
-    key = get_settings().qdrant_api_key
+    settings = get_settings()
+    # The app only reads: a read-only key, when the server has one, is all it gets.
+    key = settings.qdrant_read_only_api_key or settings.qdrant_api_key
     return data.open_vectors(url, key.get_secret_value() if key else None, Path(root))
 
 
