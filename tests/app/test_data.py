@@ -124,3 +124,17 @@ def test_source_rows_number_and_trim_the_passages():
     ]
     assert rows[0]["snippet"].endswith("…") and len(rows[0]["snippet"]) <= data.SNIPPET_CHARS + 1
     assert rows[1]["snippet"] == "short"
+
+
+def test_the_app_reads_qdrant_with_the_read_only_key_when_there_is_one(
+    monkeypatch: pytest.MonkeyPatch,
+):
+    from dagma.settings import Settings
+
+    monkeypatch.delenv("QDRANT_READ_ONLY_API_KEY", raising=False)
+    monkeypatch.delenv("QDRANT_API_KEY", raising=False)
+    assert data.reader_api_key(Settings()) is None
+    monkeypatch.setenv("QDRANT_API_KEY", "writer")  # pragma: allowlist secret
+    assert data.reader_api_key(Settings()) == "writer"
+    monkeypatch.setenv("QDRANT_READ_ONLY_API_KEY", "reader")  # pragma: allowlist secret
+    assert data.reader_api_key(Settings()) == "reader"

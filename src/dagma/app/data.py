@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 
 from dagma.lib.models import REGISTERED_MODEL
+from dagma.settings import Settings
 
 Status = Literal["fresh", "stale", "missing"]
 
@@ -487,6 +488,12 @@ class SearchHit:
     title: str
     text: str
     payload: dict[str, Any]
+
+
+def reader_api_key(settings: Settings) -> str | None:
+    """The app only reads: the server's read-only key when one is set, else the writers' key."""
+    key = settings.qdrant_read_only_api_key or settings.qdrant_api_key
+    return key.get_secret_value() if key else None
 
 
 def open_vectors(url: str | None, api_key: str | None, root: Path) -> Any:

@@ -33,10 +33,7 @@ def _mlflow(tracking_uri: str) -> Any:
 
 @st.cache_resource(show_spinner=False)
 def _store(url: str | None, root: str) -> Any:
-    settings = get_settings()
-    # The app only reads: a read-only key, when the server has one, is all it gets.
-    key = settings.qdrant_read_only_api_key or settings.qdrant_api_key
-    return data.open_vectors(url, key.get_secret_value() if key else None, Path(root))
+    return data.open_vectors(url, data.reader_api_key(get_settings()), Path(root))
 
 
 @st.cache_resource(show_spinner="Loading the embedder…")
