@@ -56,3 +56,17 @@ def test_ill_typed_variable_is_a_clear_error(clean_env: Path, monkeypatch: pytes
     monkeypatch.setenv("DAGMA_SEED", "forty-two")
     with pytest.raises(ValueError, match="dagma_seed"):
         Settings()
+
+
+def test_the_embedded_instance_limits_pools_also_in_an_older_home(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setenv("DAGMA_HOME", str(clean_env / "lab"))
+    instance_yaml = clean_env / "lab" / "dagster" / "dagster.yaml"
+    instance_yaml.parent.mkdir(parents=True)
+    instance_yaml.write_text("telemetry:\n  enabled: false\n")  # as homes before pools were
+    Settings().ensure_dirs()
+    Settings().ensure_dirs()
+    text = instance_yaml.read_text()
+    assert text.startswith("telemetry:\n  enabled: false\n")
+    assert text.count("concurrency:") == 1 and "default_limit: 1" in text

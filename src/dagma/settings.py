@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+POOLS_YAML = "concurrency:\n  pools:\n    default_limit: 1\n"
 
 
 class Settings(BaseSettings):
@@ -111,9 +112,16 @@ class Settings(BaseSettings):
         for path in (self.home, self.dagster_dir, self.mlflow_dir, self.qdrant_path, self.runs_dir):
             path.mkdir(parents=True, exist_ok=True)
         instance_yaml = self.dagster_dir / "dagster.yaml"
-        if not instance_yaml.exists():
+        text = instance_yaml.read_text() if instance_yaml.exists() else ""
+        if not text:
             # The embedded instance: SQLite storage in this folder, no telemetry from a lab.
-            instance_yaml.write_text("telemetry:\n  enabled: false\n")
+            text = "telemetry:\n  enabled: false\n"
+        if "concurrency:" not in text:
+            # A notebook in a pool (e.g. the one that publishes vectors) runs one at a time
+            # across runs, so two runs never write the same collection at once.
+            text += POOLS_YAML
+        if not instance_yaml.exists() or instance_yaml.read_text() != text:
+            instance_yaml.write_text(text)
 
     def export_env(self) -> None:
         """Point child processes (Dagster, kernels, MLflow) at the same state."""

@@ -74,6 +74,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         partitions_def=partitions_def(spec),
         op_tags={"dagma/notebook": str(spec.path)},
         retry_policy=service_retry_policy(),
+        pool=spec.pool,
     )
     def _notebook(
         context: dg.AssetExecutionContext,

@@ -2,8 +2,9 @@
 
 A production notebook has one code cell tagged `parameters`. In it:
 - `upstream = ["asset_a", ...]` names the assets whose values it reads;
-- `asset = {"group": ..., "outputs": [...], "kinds": [...], "owners": [...], "tags": {...}}`
-  is optional;
+- `asset = {"group": ..., "outputs": [...], "kinds": [...], "owners": [...], "tags": {...},
+  "pool": ...}` is optional; `pool` names a Dagster concurrency pool (one step at a time by
+  default), for notebooks that write a shared store;
 - every other assignment is a typed parameter with a literal default, e.g. `seed: int = 42`.
 """
 
@@ -21,7 +22,16 @@ import nbformat
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 RESERVED = ("upstream", "asset")
-ASSET_OPTIONS = {"group", "outputs", "kinds", "owners", "tags", "description", "partitions"}
+ASSET_OPTIONS = {
+    "group",
+    "outputs",
+    "kinds",
+    "owners",
+    "tags",
+    "description",
+    "partitions",
+    "pool",
+}
 PARTITION_KINDS = ("daily", "hourly", "weekly", "monthly", "static")
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 # Names an annotation may use; evaluated with no builtins, so nothing else is reachable.
@@ -71,6 +81,7 @@ class NotebookSpec:
     owners: tuple[str, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
     partitions: tuple[str, Any] | None = None
+    pool: str | None = None
 
     @property
     def asset_names(self) -> tuple[str, ...]:
@@ -265,6 +276,12 @@ def parse_notebook(path: Path) -> NotebookSpec:
     for out in outputs:
         if not _NAME.match(out):
             raise NotebookError(f"{path}: output {out!r} must be a snake_case asset name.")
+    pool = options.get("pool")
+    if pool is not None and not (isinstance(pool, str) and _NAME.match(pool)):
+        raise NotebookError(
+            f"{path}: `asset['pool']` must be a snake_case pool name like 'dagma_vectors', "
+            f"got {pool!r}."
+        )
     return NotebookSpec(
         path=path,
         name=name,
@@ -278,6 +295,7 @@ def parse_notebook(path: Path) -> NotebookSpec:
         owners=_string_list(options.get("owners", []), path, "owners"),
         tags={str(k): str(v) for k, v in options.get("tags", {}).items()},
         partitions=_partitions(options.get("partitions"), path),
+        pool=pool,
     )
 
 
