@@ -23,6 +23,8 @@ DEFAULT_PROCESSES = 1
 PROCESSES_ENV = "DAGMA_PROCESSES"
 # Tag of each run started here, so a run made by execute_job can be found by its launcher.
 LAUNCH_TAG = "dagma/launch"
+# Which process runs it, so that a run whose process died can be told from one still going.
+PID_TAG, HOST_TAG = "dagma/pid", "dagma/host"
 # Imported once by the fork server before the code location, so step processes skip them.
 PRELOAD: tuple[str, ...] = (
     "dagster._utils.test",
@@ -161,6 +163,8 @@ def materialize(
             )
         keys = [known[s] for s in selection]
     instance = dg.DagsterInstance.get()
+    for run_id in reap_dead_runs(instance, settings):
+        console.print(f"[yellow]Run {run_id[:8]} was marked failed: its process is gone.[/yellow]")
     partitions = _latest_partitions(graph, keys)
     if stale_only:
         keys = _stale_keys(instance, definitions, keys, partitions)
@@ -234,6 +238,67 @@ class _Batch:
     @property
     def finished(self) -> bool:
         return self.skipped or (self.thread is not None and not self.thread.is_alive())
+
+
+def _launch_tags(token: str) -> dict[str, str]:
+    import socket
+
+    return {LAUNCH_TAG: token, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_dead_runs(instance: Any, settings: Settings) -> list[str]:
+    """Fail the runs started on this host whose process is gone (killed, crashed, rebooted).
+
+    Services mode has the daemon's run monitoring for this; an embedded lab has no daemon, so
+    every `dagma run` and `dagma status` looks. Their MLflow runs are marked KILLED.
+    """
+    import socket
+
+    import dagster as dg
+
+    host = socket.gethostname()
+    active = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING]
+    reaped = []
+    for run in instance.get_runs(dg.RunsFilter(statuses=active)):
+        pid = run.tags.get(PID_TAG, "")
+        if not pid.isdigit() or run.tags.get(HOST_TAG) != host or _alive(int(pid)):
+            continue
+        instance.report_run_failed(
+            run,
+            f"The process that ran it (pid {pid}) is gone: killed or crashed. Nothing it was "
+            "writing became visible. Re-run with `dagma run --stale` or `dagma run ASSET`.",
+        )
+        reaped.append(run.run_id)
+    if reaped and not settings.tracking_uri.startswith(("http://", "https://")):
+        _kill_mlflow_runs(settings, reaped)
+    return reaped
+
+
+def _kill_mlflow_runs(settings: Settings, dagster_runs: list[str]) -> None:
+    from dagma.lib import tracking
+
+    client = tracking.client(settings.tracking_uri)
+    experiment = client.get_experiment_by_name(settings.dagma_experiment)
+    if experiment is None:
+        return
+    for run_id in dagster_runs:
+        found = client.search_runs(
+            [experiment.experiment_id],
+            filter_string=f"tags.`dagma.dagster_run_id` = '{run_id}' and "
+            "attributes.status = 'RUNNING'",
+        )
+        for run in found:
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def _can_overlap(graph: Any, keys: list[Any]) -> bool:
@@ -317,7 +382,7 @@ class _Runner:
             partition_key=batch.partition,
             run_config=self.run_config,
             raise_on_error=False,
-            tags={LAUNCH_TAG: batch.token},
+            tags=_launch_tags(batch.token),
         )
         return _collect(result, result.asset_value)
 
@@ -343,7 +408,7 @@ class _Runner:
                 }
             },
         }
-        tags = {LAUNCH_TAG: batch.token}
+        tags = _launch_tags(batch.token)
         if batch.partition is not None:
             tags["dagster/partition"] = batch.partition
         result = dg.execute_job(
@@ -703,9 +768,12 @@ def status(settings: Settings) -> dict[str, Any]:
     definitions = load_definitions(settings)
     graph = definitions.resolve_asset_graph()
     instance = dg.DagsterInstance.get()
+    reaped = reap_dead_runs(instance, settings)
     keys = sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string())
     stale = set(_stale_keys(instance, definitions, keys, _latest_partitions(graph, keys)))
-    problems: list[str] = []
+    problems: list[str] = [
+        f"Dagster run {r} was marked failed: the process that ran it is gone" for r in reaped
+    ]
     assets = []
     for key in keys:
         event = instance.get_latest_materialization_event(key)
@@ -733,6 +801,7 @@ def status(settings: Settings) -> dict[str, Any]:
         },
         "links": {"dagster": settings.dagster_ui_url, "mlflow": settings.mlflow_ui},
         "problems": problems,
+        "reaped": reaped,
     }
     try:
         from dagma.lib import tracking

@@ -1,0 +1,106 @@
+"""SIGKILL `dagma run` halfway through a notebook: the next status fails the run, its MLflow
+run does not stay RUNNING, readers still see the last complete collection, and a re-run works."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import numpy as np
+import pytest
+
+from dagma.lib.vectors import EmbeddedStore
+from dagma.settings import PROJECT_ROOT
+from tests.notebooks.test_spec import write_nb
+
+pytestmark = pytest.mark.integration
+
+# Starts its MLflow run, says so, waits `pause` seconds, then publishes a new version of "docs".
+SLOW = """import os, time
+import numpy as np
+from dagma import nb
+from dagma.lib.vectors import point_id
+ctx = nb.context()
+with ctx.start_run():
+    open(os.environ["SLOW_MARKER"], "w").write("started")
+    time.sleep(pause)
+    ids = [point_id("docs", str(i)) for i in range(3)]
+    vectors = np.eye(3, 4, k=version % 2, dtype="float32")
+    published = ctx.vector_store().publish("docs", ids, vectors, [{"n": i} for i in range(3)])
+ctx.output({"version": published.version})"""
+
+
+def dagma(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dagma.cli", *args]
+
+
+def test_a_killed_run_is_failed_on_the_next_status_and_nothing_half_written_is_seen(
+    tmp_path: Path,
+):
+    folder = tmp_path / "notebooks"
+    shutil.copytree(PROJECT_ROOT / "notebooks", folder)
+    write_nb(folder / "slow.ipynb", params="pause: float = 0.0\nversion: int = 1", body=SLOW)
+    home = tmp_path / "home"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "QDRANT_URL")
+    }
+    env.update(
+        DAGMA_NOTEBOOKS_DIR=str(folder),
+        DAGMA_HOME=str(home),
+        SLOW_MARKER=str(tmp_path / "marker"),
+    )
+    first = subprocess.run(dagma("run", "slow"), env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stdout + first.stderr
+    store = EmbeddedStore(home / "qdrant")
+    before = store.current_version("docs")
+    query = np.array([1.0, 0.0, 0.0, 0.0], dtype="float32")
+    hits_before = store.search("docs", query, k=3)
+
+    (tmp_path / "marker").unlink()
+    victim = subprocess.Popen(
+        dagma("run", "slow", "-p", "slow.pause=300", "-p", "slow.version=2"),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "marker").exists():
+        assert victim.poll() is None and time.monotonic() < deadline, "the run never started"
+        time.sleep(0.2)
+    os.killpg(victim.pid, signal.SIGKILL)  # the CLI and everything in its session
+    victim.wait(timeout=30)
+
+    status = subprocess.run(dagma("status", "--json"), env=env, capture_output=True, text=True)
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    [killed] = report["reaped"]
+    assert any(killed in problem for problem in report["problems"])
+    with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
+        run = instance.get_run_by_id(killed)
+        assert run.status == dg.DagsterRunStatus.FAILURE
+        assert instance.get_runs_count(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])) == 0
+
+    client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("dagma")
+    runs = client.search_runs([experiment.experiment_id])
+    assert {r.info.status for r in runs} == {"FINISHED", "KILLED"}
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+    store = EmbeddedStore(home / "qdrant")
+    assert store.current_version("docs") == before
+    assert store.search("docs", query, k=3) == hits_before
+
+    again = subprocess.run(
+        dagma("run", "slow", "-p", "slow.version=2"), env=env, capture_output=True, text=True
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert store.current_version("docs").version == before.version + 1
