@@ -8,10 +8,8 @@ fan-out on 1 and 2 processes, and loading the code location; interleaved, median
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -23,6 +21,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import _report  # beside this script: `python benchmarks/<this>.py` finds it
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -351,37 +351,9 @@ def ratios(by_key: dict[str, Alternative]) -> dict[str, float]:
 
 
 def machine(load_start: tuple[float, ...], load_end: tuple[float, ...]) -> list[str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = ", ".join(
-        f"{pkg} {importlib.metadata.version(pkg)}"
-        for pkg in ("dagster", "papermill", "mlflow", "llama_cpp_python", "scikit-learn")
+    return _report.machine(
+        load_start, load_end, ("dagster", "papermill", "mlflow", "llama_cpp_python", "scikit-learn")
     )
-
-    def load(avg: tuple[float, ...]) -> str:
-        return " / ".join(f"{x:.2f}" for x in avg)
-
-    def git(*args: str) -> str:
-        proc = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-        return proc.stdout.strip() if proc.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--", "src"):
-        commit += " plus uncommitted changes in src/"
-    return [
-        f"- Machine: {os.cpu_count()} CPUs (`nproc`: {len(os.sched_getaffinity(0))}), {cpu}",
-        f"- Load average (1/5/15 min): {load(load_start)} at start, {load(load_end)} at end",
-        f"- Python {platform.python_version()}, "
-        f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', 'unset')}",
-        f"- Versions: {versions}",
-        f"- Commit: {commit}",
-    ]
 
 
 def target_rows(by_key: dict[str, Alternative]) -> list[str]:
@@ -542,13 +514,7 @@ def write_docs(body: str, trees: int) -> None:
             MARK_END,
         ]
     )
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    if MARK_START in text and MARK_END in text:
-        before, rest = text.split(MARK_START, 1)
-        text = before + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOCS.write_text(text)
+    _report.replace_section(section, MARK_START, MARK_END, DOCS)
 
 
 def main() -> None:

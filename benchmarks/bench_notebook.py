@@ -7,10 +7,8 @@ papermill and plain Python, interleaved in one run; prints a Markdown table of m
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -21,6 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import _report  # beside this script: `python benchmarks/<this>.py` finds it
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -495,38 +495,9 @@ def spread(alt: Alternative) -> str:
 
 
 def machine(load_start: tuple[float, ...], load_end: tuple[float, ...]) -> list[str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = ", ".join(
-        f"{pkg} {importlib.metadata.version(pkg)}"
-        for pkg in ("dagster", "dagstermill", "papermill", "jupyter_client", "ipykernel")
+    return _report.machine(
+        load_start, load_end, ("dagster", "dagstermill", "papermill", "jupyter_client", "ipykernel")
     )
-
-    def load(avg: tuple[float, ...]) -> str:
-        return " / ".join(f"{x:.2f}" for x in avg)
-
-    def git(*args: str) -> str:
-        proc = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-        return proc.stdout.strip() if proc.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--", "src"):
-        commit += " plus uncommitted changes in src/"
-
-    return [
-        f"- Machine: {os.cpu_count()} CPUs (`nproc`: {len(os.sched_getaffinity(0))}), {cpu}",
-        f"- Load average (1/5/15 min): {load(load_start)} at start, {load(load_end)} at end",
-        f"- Python {platform.python_version()}, "
-        f"PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', 'unset')}",
-        f"- Versions: {versions}",
-        f"- Commit: {commit}",
-    ]
 
 
 SHORT = {
@@ -674,13 +645,7 @@ def write_docs(body: str) -> None:
             MARK_END,
         ]
     )
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    if MARK_START in text and MARK_END in text:
-        before, rest = text.split(MARK_START, 1)
-        text = before + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOCS.write_text(text)
+    _report.replace_section(section, MARK_START, MARK_END, DOCS)
 
 
 def main() -> None:

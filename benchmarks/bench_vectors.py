@@ -13,11 +13,9 @@ interleaved with the others per repetition; prints Markdown tables of medians an
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -30,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _report  # beside this script: `python benchmarks/<this>.py` finds it
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -484,34 +483,11 @@ def runs(job: Job) -> str:
 
 
 def machine(load_start: tuple[float, ...], load_end: tuple[float, ...]) -> list[str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    packages = ("qdrant-edge-py", "qdrant-client", "model2vec", "tokenizers", "numpy")
-    versions = ", ".join(f"{pkg} {importlib.metadata.version(pkg)}" for pkg in packages)
-
-    def load(avg: tuple[float, ...]) -> str:
-        return " / ".join(f"{x:.2f}" for x in avg)
-
-    def git(*args: str) -> str:
-        proc = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
-        return proc.stdout.strip() if proc.returncode == 0 else ""
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--", "src"):
-        commit += " plus uncommitted changes in src/"
-    return [
-        f"- Machine: {os.cpu_count()} CPUs (`nproc`: {len(os.sched_getaffinity(0))}), {cpu}",
-        f"- Load average (1/5/15 min): {load(load_start)} at start, {load(load_end)} at end",
-        f"- Python {platform.python_version()}",
-        f"- Versions: {versions}",
-        f"- Commit: {commit}",
-    ]
+    return _report.machine(
+        load_start,
+        load_end,
+        ("qdrant-edge-py", "qdrant-client", "model2vec", "tokenizers", "numpy"),
+    )
 
 
 def find(all_jobs: list[Job], key: str, size: int | None = None) -> Job | None:
@@ -760,13 +736,7 @@ def write_docs(body: str, sizes: Sizes) -> None:
             MARK_END,
         ]
     )
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
-    if MARK_START in text and MARK_END in text:
-        before, rest = text.split(MARK_START, 1)
-        text = before + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOCS.write_text(text)
+    _report.replace_section(section, MARK_START, MARK_END, DOCS)
 
 
 def main() -> None:
