@@ -55,3 +55,16 @@ def replace_section(section: str, start: str, end: str, docs: Path = DOCS) -> No
     else:
         text = text.rstrip() + "\n\n" + section + "\n"
     docs.write_text(text)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The caller's environment without any lab state, plus `extra`."""
+    drop = ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "QDRANT_URL", "DAGMA_CONTEXT")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("DAGMA_")}
+    env.update(extra)
+    return env
+
+
+def fmt(seconds: float | None) -> str:
+    """Seconds for a table cell; "failed" when there is no measurement."""
+    return "failed" if seconds is None else f"{seconds:.2f}"

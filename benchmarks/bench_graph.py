@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import _report  # beside this script: `python benchmarks/<this>.py` finds it
+from _report import clean_env, fmt
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -78,14 +79,6 @@ def notebooks_dir(work: Path, trees: int) -> Path:
     for name in FAN:
         fan_notebook(folder, name, trees)
     return folder
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without any lab state, plus `extra`."""
-    drop = ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "QDRANT_URL", "DAGMA_CONTEXT")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("DAGMA_")}
-    env.update(extra)
-    return env
 
 
 # ---------------------------------------------------------------------------------------------
@@ -316,10 +309,6 @@ def steps(home: Path) -> dict[str, float]:
 
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
-
-
-def fmt(seconds: float | None) -> str:
-    return "failed" if seconds is None else f"{seconds:.2f}"
 
 
 def spread(values: list[float]) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import _report  # beside this script: `python benchmarks/<this>.py` finds it
+from _report import clean_env, fmt
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -272,14 +273,6 @@ class Alternative:
     failures: list[str] = field(default_factory=list)
 
 
-def clean_env(**extra: str) -> dict[str, str]:
-    """The caller's environment without any lab state, plus `extra`."""
-    drop = ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "QDRANT_URL", "DAGMA_CONTEXT")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("DAGMA_")}
-    env.update(extra)
-    return env
-
-
 def dagster_home(work: Path) -> str:
     home = work / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
@@ -484,10 +477,6 @@ def phase_medians(alt: Alternative | None) -> dict[str, float]:
 
 def median(alt: Alternative) -> float | None:
     return statistics.median(alt.times) if alt.times else None
-
-
-def fmt(seconds: float | None) -> str:
-    return "failed" if seconds is None else f"{seconds:.2f}"
 
 
 def spread(alt: Alternative) -> str:
