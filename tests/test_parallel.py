@@ -6,7 +6,13 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dagma.lab import _can_overlap, load_definitions, materialize, resolve_processes
+from dagma.lab import (
+    _can_overlap,
+    _no_logging_reconfiguration,
+    load_definitions,
+    materialize,
+    resolve_processes,
+)
 from dagma.settings import PROJECT_ROOT, get_settings
 from tests.conftest import QUIET
 from tests.notebooks.test_spec import write_nb
@@ -125,3 +131,30 @@ def test_only_runs_with_independent_assets_use_step_processes():
     assert not _can_overlap(graph, keys("wine_table", "wine_model"))
     assert not _can_overlap(graph, keys("doc_corpus", "doc_vectors", "rag_eval"))
     assert not _can_overlap(graph, keys("rag_eval"))
+
+
+def test_runs_never_reconfigure_logging_unless_dagster_yaml_asks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """dictConfig at a run's start deadlocks a run logging in another thread (CPython #96727)."""
+    import logging.config
+
+    real = logging.config.dictConfig
+    calls: list[dict] = []
+    monkeypatch.setattr(logging.config, "dictConfig", lambda conf: calls.append(conf) or real(conf))
+    _no_logging_reconfiguration()
+    home = tmp_path / "dagster"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        assert len(instance.get_handlers()) == 1  # the event log's own handler
+    assert calls == []
+
+    (home / "dagster.yaml").write_text(
+        "python_logs:\n  dagster_handler_config:\n    handlers:\n      mine:\n"
+        "        class: logging.NullHandler\n"
+    )
+    with dg.DagsterInstance.from_config(str(home)) as instance:
+        handlers = instance.get_handlers()
+    assert any(isinstance(h, logging.NullHandler) for h in handlers)
+    assert len(calls) == 1

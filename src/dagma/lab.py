@@ -191,6 +191,7 @@ def materialize(
         shared_definitions(settings, loaded=definitions)
         _start_forkserver(_preload_modules(), log)
     config = _run_config(job, keys, seed, params)
+    _no_logging_reconfiguration()
     runner = _Runner(definitions, instance, config, limit)
     _orchestrate(runner, batches, limit, console, settings)
     for batch in batches:
@@ -238,6 +239,30 @@ class _Batch:
     @property
     def finished(self) -> bool:
         return self.skipped or (self.thread is not None and not self.thread.is_alive())
+
+
+def _no_logging_reconfiguration() -> None:
+    """Stop Dagster from calling `logging.config.dictConfig` at each run's start when the
+    instance configures no Python log handlers.
+
+    dictConfig holds logging's module lock while it closes every handler, and a run going on in
+    another thread holds a handler's lock while it logs, so two runs of one process deadlock
+    (CPython #96727; seen here as a hung `dagma run -j 2`). It would also close the other
+    run's handlers. A `python_logs: dagster_handler_config:` in dagster.yaml still applies.
+    """
+    from dagster._core.instance.methods.event_methods import EventMethods
+
+    original = EventMethods.get_yaml_python_handlers
+    if getattr(original, "_dagma_guard", False):
+        return
+
+    def get_yaml_python_handlers(self: Any) -> Any:
+        if not self._instance.get_python_log_dagster_handler_config():
+            return []
+        return original(self)
+
+    get_yaml_python_handlers._dagma_guard = True  # type: ignore[attr-defined]
+    EventMethods.get_yaml_python_handlers = get_yaml_python_handlers  # type: ignore[method-assign]
 
 
 def _launch_tags(token: str) -> dict[str, str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import configparser
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from dagma.services.procs import (
     spawn,
     terminate,
 )
-from dagma.services.supervisor import Topology, vector_store
+from dagma.services.supervisor import Topology, vector_store, write_mlflow_auth_config
 
 
 def test_newest_postgres_major_is_chosen(tmp_path):
@@ -42,10 +43,11 @@ def test_missing_postgres_says_install_postgresql(tmp_path, monkeypatch):
 def test_passwords_are_generated_once_into_a_private_file(tmp_path, monkeypatch):
     for name in ("SUPERUSER", "DAGSTER", "MLFLOW"):
         monkeypatch.delenv(f"DAGMA_PG_{name}_PASSWORD", raising=False)
+    monkeypatch.delenv("DAGMA_MLFLOW_ADMIN_PASSWORD", raising=False)
     config = ServicesConfig(dagma_home=tmp_path)
     first = config.passwords()
-    assert set(first) == {"postgres", "dagster", "mlflow"}
-    assert len(set(first.values())) == 3
+    assert set(first) == {"postgres", "dagster", "mlflow", "mlflow_admin", "mlflow_flask_secret"}
+    assert len(set(first.values())) == 5
     assert config.secrets_file.stat().st_mode & 0o777 == 0o600
     assert ServicesConfig(dagma_home=tmp_path).passwords() == first
 
@@ -53,6 +55,33 @@ def test_passwords_are_generated_once_into_a_private_file(tmp_path, monkeypatch)
 def test_a_password_from_the_environment_wins(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGMA_PG_MLFLOW_PASSWORD", "from-env")
     assert ServicesConfig(dagma_home=tmp_path).passwords()["mlflow"] == "from-env"
+
+
+def test_mlflow_runs_with_basic_auth_and_an_admin_password_that_is_not_the_default(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("DAGMA_MLFLOW_ADMIN_PASSWORD", "s3cret%pw")  # pragma: allowlist secret
+    config = ServicesConfig(dagma_home=tmp_path)
+    passwords = config.passwords()
+    topology = Topology(config)
+    mlflow = next(s for s in topology.services(passwords) if s.name == "mlflow")
+    assert mlflow.argv[mlflow.argv.index("--app-name") + 1] == "basic-auth"
+    assert mlflow.env["MLFLOW_AUTH_ADMIN_PASSWORD"] == "s3cret%pw"  # pragma: allowlist secret
+    assert mlflow.env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == passwords["mlflow_flask_secret"]
+    client_env = topology.env(passwords)
+    assert client_env["MLFLOW_TRACKING_USERNAME"] == "admin"
+    assert client_env["MLFLOW_TRACKING_PASSWORD"] == "s3cret%pw"  # pragma: allowlist secret
+
+    write_mlflow_auth_config(config, passwords)
+    ini = config.mlflow_auth_file
+    assert ini.stat().st_mode & 0o777 == 0o600
+    parsed = configparser.ConfigParser()
+    parsed.read(ini)
+    assert parsed["mlflow"]["database_uri"] == postgres.database_url(
+        "mlflow", passwords["mlflow"], config.dagma_pg_port, db="mlflow_auth"
+    )
+    assert parsed["mlflow"]["default_permission"] == "READ"
+    assert "admin_password" not in parsed["mlflow"]  # only in the server's environment
 
 
 def test_database_url_quotes_the_password():

@@ -44,8 +44,11 @@ def up() -> None:
     _print_table(statuses)
     c = topology.config
     console.print(
-        f"\nDagster UI  {c.dagster_url}\nMLflow      {c.mlflow_url}\n"
-        f"Use it from a shell: export MLFLOW_TRACKING_URI={c.mlflow_url}"
+        f"\nDagster UI  {c.dagster_url}\nMLflow      {c.mlflow_url} (user admin, basic auth)\n"
+        f"Use it from a shell: export MLFLOW_TRACKING_URI={c.mlflow_url} "
+        "MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=<mlflow_admin in "
+        f"{c.secrets_file}>",
+        soft_wrap=True,
     )
     if not all(s.healthy for s in statuses):
         raise typer.Exit(1)

@@ -39,6 +39,9 @@ class ServicesConfig(BaseSettings):
     dagma_pg_superuser_password: SecretStr | None = Field(default=None)
     dagma_pg_dagster_password: SecretStr | None = Field(default=None)
     dagma_pg_mlflow_password: SecretStr | None = Field(default=None)
+    dagma_mlflow_admin_password: SecretStr | None = Field(
+        default=None, description="MLflow's admin password (basic auth), set on its first start."
+    )
     dagma_services_timeout: float = Field(
         default=180.0, description="Seconds `up` waits for each health check."
     )
@@ -72,6 +75,11 @@ class ServicesConfig(BaseSettings):
     def secrets_file(self) -> Path:
         return self.state_dir / "secrets.json"
 
+    @property
+    def mlflow_auth_file(self) -> Path:
+        """MLflow's basic-auth config: its user store's URL holds a password, so mode 0600."""
+        return self.state_dir / "mlflow-auth.ini"
+
     def url(self, port: int) -> str:
         return f"http://{LOOPBACK}:{port}"
 
@@ -92,6 +100,8 @@ class ServicesConfig(BaseSettings):
             "postgres": self.dagma_pg_superuser_password,
             "dagster": self.dagma_pg_dagster_password,
             "mlflow": self.dagma_pg_mlflow_password,
+            "mlflow_admin": self.dagma_mlflow_admin_password,
+            "mlflow_flask_secret": None,
         }
         result = {
             role: (env.get_secret_value() if env else stored.get(role) or secrets.token_urlsafe(24))

@@ -13,6 +13,8 @@ from dagma.services.procs import ServiceError
 
 DEBIAN_ROOT = Path("/usr/lib/postgresql")
 APP_ROLES = ("dagster", "mlflow")
+# Each database and the one role that owns it; MLflow's basic-auth users live apart from runs.
+DATABASES = {"dagster": "dagster", "mlflow": "mlflow", "mlflow_auth": "mlflow"}
 
 
 def find_bin_dir(explicit: Path | None = None, root: Path = DEBIAN_ROOT) -> Path:
@@ -154,27 +156,30 @@ def bootstrap(port: int, passwords: dict[str, str]) -> None:
                     "{} ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION PASSWORD {}"
                 ).format(verb, sql.Identifier(role), sql.Literal(passwords[role]))
             )
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (role,)).fetchone():
+        for db, owner in DATABASES.items():
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (db,)).fetchone():
                 conn.execute(
                     sql.SQL("CREATE DATABASE {} OWNER {}").format(
-                        sql.Identifier(role), sql.Identifier(role)
+                        sql.Identifier(db), sql.Identifier(owner)
                     )
                 )
-        for db in (*APP_ROLES, "postgres", "template1"):
+        for db in (*DATABASES, "postgres", "template1"):
             conn.execute(
                 sql.SQL("REVOKE CONNECT, TEMPORARY ON DATABASE {} FROM PUBLIC").format(
                     sql.Identifier(db)
                 )
             )
-        for role in APP_ROLES:
+        for db, owner in DATABASES.items():
             conn.execute(
                 sql.SQL("GRANT CONNECT, TEMPORARY ON DATABASE {} TO {}").format(
-                    sql.Identifier(role), sql.Identifier(role)
+                    sql.Identifier(db), sql.Identifier(owner)
                 )
             )
 
 
-def database_url(role: str, password: str, port: int, driver: str = "psycopg") -> str:
+def database_url(
+    role: str, password: str, port: int, driver: str = "psycopg", db: str | None = None
+) -> str:
     from urllib.parse import quote
 
-    return f"postgresql+{driver}://{role}:{quote(password, safe='')}@127.0.0.1:{port}/{role}"
+    return f"postgresql+{driver}://{role}:{quote(password, safe='')}@127.0.0.1:{port}/{db or role}"

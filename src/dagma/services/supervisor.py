@@ -27,6 +27,7 @@ from dagma.services.procs import (
 )
 
 Progress = Callable[[str], None]
+MLFLOW_ADMIN = "admin"
 
 
 @dataclass
@@ -87,6 +88,9 @@ class Topology:
                 "DAGSTER_PG_USER": "dagster",
                 "DAGSTER_PG_PASSWORD": passwords["dagster"],
                 "DAGSTER_MAX_CONCURRENT_RUNS": str(c.dagster_max_concurrent_runs),
+                # MLflow's client sends these as basic auth on every call.
+                "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
+                "MLFLOW_TRACKING_PASSWORD": passwords["mlflow_admin"],
                 "DAGMA_GRPC_PORT": str(c.dagma_grpc_port),
                 "PYTHONUNBUFFERED": "1",
             }
@@ -105,6 +109,9 @@ class Topology:
             "MLFLOW_BACKEND_STORE_URI": postgres.database_url(
                 "mlflow", passwords["mlflow"], c.dagma_pg_port
             ),
+            "MLFLOW_AUTH_CONFIG_PATH": str(c.mlflow_auth_file),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": passwords["mlflow_admin"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": passwords["mlflow_flask_secret"],
         }
         for secret in ("DAGSTER_PG_PASSWORD",):
             mlflow_env.pop(secret, None)
@@ -132,6 +139,8 @@ class Topology:
                     LOOPBACK,
                     "--port",
                     str(c.dagma_mlflow_port),
+                    "--app-name",
+                    "basic-auth",
                     "--workers",
                     "1",
                     "--serve-artifacts",
@@ -222,6 +231,7 @@ class Topology:
             PROJECT_ROOT / "deploy" / "services" / "dagster.yaml", c.dagster_home / "dagster.yaml"
         )
         c.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        write_mlflow_auth_config(c, passwords)
         for wave in sorted({s.wave for s in services}):
             batch = [s for s in services if s.wave == wave]
             for service in batch:
@@ -232,7 +242,11 @@ class Topology:
             if wave == 0:
                 postgres.bootstrap(c.dagma_pg_port, passwords)
             if wave == 1:
-                ensure_experiment(c.mlflow_url, os.environ.get("DAGMA_EXPERIMENT") or "dagma")
+                ensure_experiment(
+                    c.mlflow_url,
+                    os.environ.get("DAGMA_EXPERIMENT") or "dagma",
+                    (MLFLOW_ADMIN, passwords["mlflow_admin"]),
+                )
         return self.status()
 
     def _restart_pooled(self, progress: Progress) -> None:
@@ -387,23 +401,55 @@ def vector_store(
     return {"kind": "qdrant-server", "location": qdrant_url, "healthy": ok}
 
 
-def ensure_experiment(mlflow_url: str, name: str) -> None:
+def write_mlflow_auth_config(config: ServicesConfig, passwords: dict[str, str]) -> None:
+    """MLflow's basic-auth settings: users in their own Postgres database, READ by default."""
+    url = postgres.database_url(
+        "mlflow", passwords["mlflow"], config.dagma_pg_port, db="mlflow_auth"
+    )
+    text = (
+        "[mlflow]\n"
+        "default_permission = READ\n"
+        f"database_uri = {url.replace('%', '%%')}\n"  # configparser interpolates %
+        f"admin_username = {MLFLOW_ADMIN}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    path = config.mlflow_auth_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.chmod(path, 0o600)
+
+
+def ensure_experiment(mlflow_url: str, name: str, auth: tuple[str, str] | None = None) -> None:
     """Create the lab's experiment once, before any run: parallel steps that each create it
     on first use race on the server's unique constraint."""
+    import base64
     import json
     import urllib.error
     import urllib.request
 
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
     request = urllib.request.Request(
         f"{mlflow_url}/api/2.0/mlflow/experiments/create",
         data=json.dumps({"name": name}).encode(),
-        headers={"Content-Type": "application/json"},
+        headers=headers,
         method="POST",
     )
     try:
         urllib.request.urlopen(request, timeout=30).close()  # nosec B310 # http(s) URL from our own settings
     except urllib.error.HTTPError as exc:
         body = exc.read().decode(errors="replace")
+        if exc.code == 401:
+            raise ServiceError(
+                f"mlflow: the server refused the admin credentials ({MLFLOW_ADMIN}). Its admin "
+                "password is fixed on its first start: DAGMA_MLFLOW_ADMIN_PASSWORD (or "
+                "mlflow_admin in services/secrets.json) no longer matches it. Fix: set it back, or "
+                "change it on the server with MLflow's update-password API."
+            ) from exc
         if "RESOURCE_ALREADY_EXISTS" not in body:
             raise ServiceError(f"mlflow: cannot create experiment {name!r}: {body[:300]}") from exc
 
