@@ -305,25 +305,11 @@ def reap_dead_runs(instance: Any, settings: Settings) -> list[str]:
         )
         reaped.append(run.run_id)
     if reaped and not settings.tracking_uri.startswith(("http://", "https://")):
-        _kill_mlflow_runs(settings, reaped)
+        from dagma.lib import tracking
+
+        for run_id in reaped:
+            tracking.kill_runs_of(settings.tracking_uri, settings.dagma_experiment, run_id)
     return reaped
-
-
-def _kill_mlflow_runs(settings: Settings, dagster_runs: list[str]) -> None:
-    from dagma.lib import tracking
-
-    client = tracking.client(settings.tracking_uri)
-    experiment = client.get_experiment_by_name(settings.dagma_experiment)
-    if experiment is None:
-        return
-    for run_id in dagster_runs:
-        found = client.search_runs(
-            [experiment.experiment_id],
-            filter_string=f"tags.`dagma.dagster_run_id` = '{run_id}' and "
-            "attributes.status = 'RUNNING'",
-        )
-        for run in found:
-            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 def _can_overlap(graph: Any, keys: list[Any]) -> bool:

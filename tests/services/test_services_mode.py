@@ -7,6 +7,7 @@ stops it and fails if any process of ours is left behind.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -26,12 +27,30 @@ import pytest
 from dagma.services.config import ServicesConfig
 from dagma.services.procs import free_port, marked_pids, pid_alive
 from dagma.services.supervisor import Topology
+from tests.notebooks.test_spec import write_nb
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCATION, REPOSITORY, JOB = "dagma", "__repository__", "__ASSET_JOB"
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
+# Publishes a version of "docs". With `pause`, the first attempt writes the pid of its run
+# worker (the kernel's parent) to SLOW_MARKER and waits there to be killed; a re-execution
+# finds the marker and goes straight on.
+SLOW = """import os, time
+import numpy as np
+from dagma import nb
+from dagma.lib.vectors import point_id
+ctx = nb.context()
+marker = os.environ["SLOW_MARKER"]
+with ctx.start_run():
+    if pause and not os.path.exists(marker):
+        open(marker, "w").write(str(os.getppid()))
+        time.sleep(pause)
+    ids = [point_id("docs", str(i)) for i in range(3)]
+    vectors = np.eye(3, 4, k=version % 2, dtype="float32")
+    published = ctx.vector_store().publish("docs", ids, vectors, [{"n": i} for i in range(3)])
+ctx.output({"version": published.version})"""
 
 
 @dataclass
@@ -61,6 +80,35 @@ class Lab:
         return DagsterGraphQLClient(
             "127.0.0.1", port_number=self.config.dagma_dagster_port, timeout=60
         )
+
+    def mlflow_password(self) -> str:
+        return json.loads(self.config.secrets_file.read_text())["mlflow_admin"]
+
+    def mlflow_get(self, path: str, auth: tuple[str, str] | None = None) -> int:
+        """The HTTP status of a GET on the MLflow server, with basic auth or without."""
+        import base64
+        import urllib.error
+
+        request = urllib.request.Request(f"{self.config.mlflow_url}{path}")
+        if auth is not None:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    def reexecute_from_failure(self, run_id: str) -> str:
+        query = """mutation($p: ReexecutionParams!) {
+          launchRunReexecution(reexecutionParams: $p) {
+            __typename ... on LaunchRunSuccess { run { runId } } ... on PythonError { message }
+          }
+        }"""
+        params = {"parentRunId": run_id, "strategy": "FROM_FAILURE"}
+        result = self.graphql()._execute(query, {"p": params})["launchRunReexecution"]
+        assert result["__typename"] == "LaunchRunSuccess", result
+        return str(result["run"]["runId"])
 
     def dagster_db(self) -> Any:
         import psycopg
@@ -92,7 +140,17 @@ def lab() -> Iterator[Lab]:
     for name in ("QDRANT_URL", "QDRANT_API_KEY", "DAGMA_QDRANT_PATH"):
         env.pop(name, None)
     env.update({k: str(v) for k, v in ports.items()})
-    env.update({"DAGMA_HOME": str(home), "DAGSTER_MAX_CONCURRENT_RUNS": "1"})
+    notebooks = home / "notebooks"
+    shutil.copytree(ROOT / "notebooks", notebooks)
+    write_nb(notebooks / "slow.ipynb", params="pause: float = 0.0\nversion: int = 1", body=SLOW)
+    env.update(
+        {
+            "DAGMA_HOME": str(home),
+            "DAGSTER_MAX_CONCURRENT_RUNS": "1",
+            "DAGMA_NOTEBOOKS_DIR": str(notebooks),
+            "SLOW_MARKER": str(home / "slow-marker"),
+        }
+    )
     config = ServicesConfig(
         dagma_home=home,
         dagma_pg_port=ports["DAGMA_PG_PORT"],
@@ -196,8 +254,32 @@ def test_runs_are_stored_in_postgres(lab):
     assert rows[lab.runs["small"]] == "SUCCESS"
 
 
-def test_mlflow_run_is_on_the_server_with_artifacts_over_http(lab):
+def test_mlflow_requires_basic_auth_and_the_admin_password_is_not_the_default(lab):
+    path = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=dagma"
+    assert lab.mlflow_get(path) == 401
+    assert lab.mlflow_get(path, ("admin", "password1234")) == 401  # pragma: allowlist secret
+    assert lab.mlflow_get(path, ("admin", lab.mlflow_password())) == 200
+    assert lab.mlflow_get("/health") == 200  # health checks need no credentials
+    assert lab.config.mlflow_auth_file.stat().st_mode & 0o777 == 0o600
+    import psycopg
+
+    # MLflow's users sit in their own database, which the dagster role cannot open.
+    with pytest.raises(psycopg.OperationalError, match=r"permission denied"):
+        psycopg.connect(
+            host="127.0.0.1",
+            port=lab.config.dagma_pg_port,
+            user="dagster",
+            password=json.loads(lab.config.secrets_file.read_text())["dagster"],
+            dbname="mlflow_auth",
+            connect_timeout=10,
+        )
+
+
+def test_mlflow_run_is_on_the_server_with_artifacts_over_http(lab, monkeypatch):
     from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", lab.mlflow_password())
 
     client = MlflowClient(tracking_uri=lab.config.mlflow_url)
     experiment = client.get_experiment_by_name("dagma")
@@ -215,7 +297,10 @@ def test_mlflow_run_is_on_the_server_with_artifacts_over_http(lab):
         f"{lab.config.mlflow_url}/get-artifact?path=notebook/wine_model.ipynb"
         f"&run_uuid={run.info.run_id}"
     )
-    with urllib.request.urlopen(url, timeout=30) as response:
+    request = urllib.request.Request(url)
+    token = base64.b64encode(f"admin:{lab.mlflow_password()}".encode()).decode()
+    request.add_header("Authorization", f"Basic {token}")
+    with urllib.request.urlopen(request, timeout=30) as response:
         notebook = json.loads(response.read())
     assert notebook["nbformat"] == 4
     assert any(lab.config.artifacts_dir.rglob("wine_model.ipynb"))
@@ -228,7 +313,79 @@ def test_vectors_are_written_to_the_embedded_store_under_the_home(lab):
     assert version.is_dir() and any(version.iterdir())
 
 
+def test_a_killed_run_worker_fails_its_run_and_reexecution_from_the_failure_succeeds(
+    lab, monkeypatch
+):
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from dagma.lib.vectors import EmbeddedStore
+
+    store = EmbeddedStore(lab.home / "qdrant")
+    before = store.current_version("docs")  # the demo run published version 1
+    query = np.array([1.0, 0.0, 0.0, 0.0], dtype="float32")
+    hits_before = store.search("docs", query, k=3)
+    marker = Path(lab.env["SLOW_MARKER"])
+    run_config = {
+        "ops": {"slow": {"config": {"pause": 600.0, "version": 2}}},
+        "execution": {"config": {"in_process": {}}},
+    }
+    victim = lab.graphql().submit_job_execution(
+        JOB,
+        repository_location_name=LOCATION,
+        repository_name=REPOSITORY,
+        asset_selection=["slow"],
+        run_config=run_config,
+    )
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert time.monotonic() < deadline, ("the notebook never started", failures(lab))
+        time.sleep(0.5)
+    worker = int(marker.read_text())
+    os.kill(worker, signal.SIGKILL)  # the run worker, halfway through the notebook
+
+    # The code server sees its run worker die and fails the run; nothing waits for a timeout.
+    seen = wait_for(lab, [victim], timeout=180)
+    assert seen[-1] == ("FAILURE",)
+    with lab.dagster_db() as conn:
+        messages = [
+            json.dumps(json.loads(row[0]))
+            for row in conn.execute(
+                "SELECT event FROM event_logs WHERE run_id = %s ORDER BY id", (victim,)
+            )
+        ]
+    assert any("terminated by signal 9 (SIGKILL)" in m for m in messages), messages[-6:]
+    # Readers still see the last complete version: nothing of the killed build.
+    assert store.current_version("docs") == before
+    assert store.search("docs", query, k=3) == hits_before
+
+    # The daemon's run-failure sensor ends the MLflow run the kill left RUNNING.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", lab.mlflow_password())
+    client = MlflowClient(tracking_uri=lab.config.mlflow_url)
+    experiment = client.get_experiment_by_name("dagma")
+    assert experiment is not None
+    deadline = time.monotonic() + 180
+    while True:
+        runs = client.search_runs(
+            [experiment.experiment_id], filter_string=f"tags.`dagma.dagster_run_id` = '{victim}'"
+        )
+        statuses = [r.info.status for r in runs]
+        if statuses == ["KILLED"]:
+            break
+        assert time.monotonic() < deadline, f"MLflow runs of the killed run: {statuses}"
+        time.sleep(2)
+
+    again = lab.reexecute_from_failure(victim)
+    seen = wait_for(lab, [again], timeout=300)
+    assert seen[-1] == ("SUCCESS",), failures(lab)
+    assert store.current_version("docs").version == before.version + 1
+    lab.runs["reexecuted"] = again
+
+
 def test_killed_postgres_is_reported_and_up_restores_it_with_its_data(lab):
+    with lab.dagster_db() as conn:
+        events_before = conn.execute("SELECT count(*), max(id) FROM event_logs").fetchone()
     postgres = Topology(lab.config).records()["postgres"]
     os.kill(postgres.pid, signal.SIGKILL)
     status = lab.status()
@@ -246,3 +403,18 @@ def test_killed_postgres_is_reported_and_up_restores_it_with_its_data(lab):
     assert set(lab.runs.values()) <= ids
     # The webserver reconnects on its own: the runs are still visible through GraphQL.
     assert lab.graphql().get_run_status(lab.runs["demo"]).value == "SUCCESS"
+    with lab.dagster_db() as conn:
+        events_after = conn.execute(
+            "SELECT count(*) FROM event_logs WHERE id <= %s", (events_before[1],)
+        ).fetchone()
+    assert events_after[0] == events_before[0]  # every event written before the kill is there
+
+    # The daemon and the queue work again: a new run is dequeued, launched and succeeds.
+    after = lab.graphql().submit_job_execution(
+        JOB,
+        repository_location_name=LOCATION,
+        repository_name=REPOSITORY,
+        asset_selection=["wine_table"],
+        run_config={"execution": {"config": {"in_process": {}}}},
+    )
+    assert wait_for(lab, [after], timeout=300)[-1] == ("SUCCESS",), failures(lab)

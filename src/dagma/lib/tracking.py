@@ -175,6 +175,22 @@ def client(tracking_uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def kill_runs_of(tracking_uri: str, experiment: str, dagster_run_id: str) -> list[str]:
+    """Mark KILLED the MLflow runs of a Dagster run that still say RUNNING; returns their ids."""
+    mlflow_client = client(tracking_uri)
+    found = mlflow_client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    runs = mlflow_client.search_runs(
+        [found.experiment_id],
+        filter_string=f"tags.`dagma.dagster_run_id` = '{dagster_run_id}' and "
+        "attributes.status = 'RUNNING'",
+    )
+    for run in runs:
+        mlflow_client.set_terminated(run.info.run_id, status="KILLED")
+    return [run.info.run_id for run in runs]
+
+
 def run_url(ui: str, experiment_id: str, run_id: str) -> str:
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
