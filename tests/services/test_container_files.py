@@ -65,6 +65,42 @@ def test_compose_config_fails_when_a_secret_is_missing(tmp_path):
     assert "POSTGRES_PASSWORD" in done.stderr
 
 
+def resolved_services() -> dict:
+    """compose.yaml as compose resolves it with the example .env, every profile on."""
+    import json
+
+    done = run(
+        BIN / "docker-compose",
+        "--env-file",
+        ROOT / ".env.example",
+        "--profile",
+        "full",
+        "config",
+        "--format",
+        "json",
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["services"]
+
+
+def test_the_app_reads_with_the_read_only_key_and_mlflow_requires_a_login():
+    from dotenv import dotenv_values
+
+    example = dotenv_values(ROOT / ".env.example")
+    services = resolved_services()
+    app = services["app"]["environment"]
+    assert app["QDRANT_READ_ONLY_API_KEY"] == example["QDRANT_READ_ONLY_API_KEY"]
+    assert "QDRANT_API_KEY" not in app  # the write key stays with the pipelines
+    mlflow = services["mlflow"]
+    assert "--app-name=basic-auth" in mlflow["command"]
+    admin = example["MLFLOW_ADMIN_PASSWORD"]
+    assert mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == admin
+    for client in ("user-code", "webserver", "daemon", "app"):
+        env = services[client]["environment"]
+        assert env["MLFLOW_TRACKING_USERNAME"] == "admin", client
+        assert env["MLFLOW_TRACKING_PASSWORD"] == admin, client
+
+
 def test_every_port_is_published_on_loopback_only():
     done = run(
         BIN / "docker-compose",

@@ -23,7 +23,12 @@ from dagma.services.procs import (
     spawn,
     terminate,
 )
-from dagma.services.supervisor import Topology, vector_store, write_mlflow_auth_config
+from dagma.services.supervisor import (
+    Topology,
+    ensure_experiment,
+    vector_store,
+    write_mlflow_auth_config,
+)
 
 
 def test_newest_postgres_major_is_chosen(tmp_path):
@@ -147,3 +152,26 @@ def test_embedded_vector_store_unless_qdrant_url(tmp_path):
     assert vector_store(None, None, tmp_path)["kind"] == "embedded"
     down = vector_store(f"http://127.0.0.1:{free_port()}", "key", tmp_path)
     assert down == {"kind": "qdrant-server", "location": down["location"], "healthy": False}
+
+
+def test_a_refused_mlflow_admin_login_names_the_password_to_fix():
+    import http.server
+    import threading
+
+    class Refuses(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(401)
+            self.end_headers()
+            self.wfile.write(b"You are not authenticated.")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Refuses)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        with pytest.raises(ServiceError, match="DAGMA_MLFLOW_ADMIN_PASSWORD"):
+            ensure_experiment(url, "dagma", ("admin", "stale"))
+    finally:
+        server.shutdown()

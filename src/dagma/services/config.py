@@ -42,6 +42,9 @@ class ServicesConfig(BaseSettings):
     dagma_mlflow_admin_password: SecretStr | None = Field(
         default=None, description="MLflow's admin password (basic auth), set on its first start."
     )
+    dagma_mlflow_flask_secret: SecretStr | None = Field(
+        default=None, description="MLflow's Flask secret key (CSRF); the same on every server."
+    )
     dagma_services_timeout: float = Field(
         default=180.0, description="Seconds `up` waits for each health check."
     )
@@ -101,7 +104,7 @@ class ServicesConfig(BaseSettings):
             "dagster": self.dagma_pg_dagster_password,
             "mlflow": self.dagma_pg_mlflow_password,
             "mlflow_admin": self.dagma_mlflow_admin_password,
-            "mlflow_flask_secret": None,
+            "mlflow_flask_secret": self.dagma_mlflow_flask_secret,
         }
         result = {
             role: (env.get_secret_value() if env else stored.get(role) or secrets.token_urlsafe(24))
