@@ -82,7 +82,8 @@ def _check_embedded(settings: Settings) -> None:
         raise BackupError(
             "dagma backup copies the embedded state under DAGMA_HOME; this lab uses servers "
             f"(MLFLOW_TRACKING_URI={settings.tracking_uri}, QDRANT_URL={settings.qdrant_url}). "
-            "Back those up with their own tools: see docs/production.md."
+            "For `dagma services up` labs use `dagma services backup`; back up other servers "
+            "with their own tools (docs/production.md)."
         )
     places = (("DAGSTER_HOME", settings.dagster_dir), ("DAGMA_QDRANT_PATH", settings.qdrant_path))
     outside = [name for name, path in places if not path.is_relative_to(settings.home)]
@@ -117,43 +118,57 @@ def backup(settings: Settings, archive: Path | None = None) -> Report:
     home = settings.home
     if not (home / "dagster").is_dir() and not (home / "mlflow").is_dir():
         raise BackupError(f"nothing to back up: {home} holds no lab. Run `make demo` first.")
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    archive = (archive or Path(f"dagma-backup-{stamp}.tar.gz")).expanduser().resolve()
-    if archive.exists():
-        raise BackupError(f"{archive} exists already; choose another file or remove it.")
-    collections: list[str] = []
+    archive, stamp = archive_path(archive)
     with tempfile.TemporaryDirectory(prefix="dagma-backup-") as tmp:
         staging = Path(tmp) / "lab"
         staging.mkdir()
         for part in ("dagster", "mlflow", "runs", "reports"):
             if (home / part).is_dir():
                 _copy_tree(home / part, staging / part)
-        store = EmbeddedStore(settings.qdrant_path)
-        for info in store.collections():
-            with _held(store, info.collection) as folder:
-                current = (folder / "CURRENT").read_text().strip()
-                _copy_tree(folder / current, staging / "qdrant" / info.collection / current)
-                shutil.copy2(folder / "CURRENT", staging / "qdrant" / info.collection / "CURRENT")
-            collections.append(info.collection)
-        files = {
-            str(p.relative_to(staging)): _sha256(p)
-            for p in sorted(staging.rglob("*"))
-            if p.is_file()
-        }
+        collections = copy_collections(EmbeddedStore(settings.qdrant_path), staging / "qdrant")
         manifest = {
             "format": FORMAT,
             "created": stamp,
             "home": str(home),
             "collections": collections,
-            "files": files,
         }
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        partial = archive.with_name(archive.name + ".partial")
-        with tarfile.open(partial, "w:gz", compresslevel=1) as tar:
-            tar.add(staging, arcname="lab")
-        partial.rename(archive)  # a backup that stopped halfway never looks complete
+        files = write_archive(staging, manifest, archive)
     seconds = time.perf_counter() - started
-    return Report(archive, len(files), archive.stat().st_size, seconds, collections)
+    return Report(archive, files, archive.stat().st_size, seconds, collections)
+
+
+def archive_path(archive: Path | None) -> tuple[Path, str]:
+    """Where the backup goes (refusing to overwrite), and its UTC timestamp."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    archive = (archive or Path(f"dagma-backup-{stamp}.tar.gz")).expanduser().resolve()
+    if archive.exists():
+        raise BackupError(f"{archive} exists already; choose another file or remove it.")
+    return archive, stamp
+
+
+def copy_collections(store: Any, target: Path) -> list[str]:
+    """Each collection's current version, copied while its writer lock is held."""
+    collections = []
+    for info in store.collections():
+        with _held(store, info.collection) as folder:
+            current = (folder / "CURRENT").read_text().strip()
+            _copy_tree(folder / current, target / info.collection / current)
+            shutil.copy2(folder / "CURRENT", target / info.collection / "CURRENT")
+        collections.append(info.collection)
+    return collections
+
+
+def write_archive(staging: Path, manifest: dict[str, Any], archive: Path) -> int:
+    """Checksum every file of `staging` into the manifest and pack it; returns the file count."""
+    files = {
+        str(p.relative_to(staging)): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()
+    }
+    (staging / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=1))
+    partial = archive.with_name(archive.name + ".partial")
+    with tarfile.open(partial, "w:gz", compresslevel=1) as tar:
+        tar.add(staging, arcname="lab")
+    partial.rename(archive)  # a backup that stopped halfway never looks complete
+    return len(files)
 
 
 def _read_manifest(tar: tarfile.TarFile, archive: Path) -> dict:
@@ -186,46 +201,63 @@ def _rehome(database: Path, old: str, new: str) -> None:
                 db.execute(sql, (old, new, old))
 
 
-def restore(settings: Settings, archive: Path) -> Report:
-    """Restore `archive` into `settings.home`, which must be empty or missing."""
-    started = time.perf_counter()
-    _check_embedded(settings)
+def check_target(archive: Path, home: Path) -> Path:
+    """The archive exists and the home it goes into is empty or missing."""
     archive = archive.expanduser().resolve()
     if not archive.is_file():
         raise BackupError(f"{archive} does not exist; pass the .tar.gz that `dagma backup` wrote.")
-    home = settings.home
     if home.exists() and any(home.iterdir()):
         raise BackupError(
             f"DAGMA_HOME={home} is not empty; restore into an empty folder "
             "(e.g. DAGMA_HOME=/path/to/new dagma restore ...), so nothing there is overwritten."
         )
+    return archive
+
+
+def unpack_verified(archive: Path, tmp: Path) -> tuple[Path, dict[str, Any]]:
+    """Unpack into `tmp` and check every file against the manifest; returns (lab folder, manifest)."""
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            manifest = _read_manifest(tar, archive)
+            tar.extractall(tmp, filter="data")  # "data" refuses links and paths outside tmp
+    except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError) as exc:
+        raise BackupError(
+            f"{archive} cannot be read ({exc}); it is truncated or not a backup."
+        ) from exc
+    staging = tmp / "lab"
+    found = {str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()}
+    found.discard(MANIFEST)
+    expected = manifest["files"]
+    bad = sorted(set(expected) ^ found) + sorted(
+        name for name in set(expected) & found if _sha256(staging / name) != expected[name]
+    )
+    if bad:
+        raise BackupError(
+            f"{archive} is damaged: {len(bad)} file(s) missing or changed, e.g. {bad[0]}. "
+            "Nothing was restored; use another backup."
+        )
+    (staging / MANIFEST).unlink()
+    return staging, manifest
+
+
+def restore(settings: Settings, archive: Path) -> Report:
+    """Restore `archive` into `settings.home`, which must be empty or missing."""
+    started = time.perf_counter()
+    _check_embedded(settings)
+    home = settings.home
+    archive = check_target(archive, home)
     home.parent.mkdir(parents=True, exist_ok=True)
     # Unpacked beside the home, so the final move is a rename on the same file system.
     with tempfile.TemporaryDirectory(prefix=".dagma-restore-", dir=home.parent) as tmp:
-        try:
-            with tarfile.open(archive, "r:gz") as tar:
-                manifest = _read_manifest(tar, archive)
-                tar.extractall(tmp, filter="data")  # "data" refuses links and paths outside tmp
-        except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError) as exc:
+        staging, manifest = unpack_verified(archive, Path(tmp))
+        if manifest.get("mode", "embedded") != "embedded":
             raise BackupError(
-                f"{archive} cannot be read ({exc}); it is truncated or not a backup."
-            ) from exc
-        staging = Path(tmp) / "lab"
-        found = {str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()}
-        found.discard(MANIFEST)
-        expected = manifest["files"]
-        bad = sorted(set(expected) ^ found) + sorted(
-            name for name in set(expected) & found if _sha256(staging / name) != expected[name]
-        )
-        if bad:
-            raise BackupError(
-                f"{archive} is damaged: {len(bad)} file(s) missing or changed, e.g. {bad[0]}. "
-                "Nothing was restored; use another backup."
+                f"{archive} is a services-mode backup; restore it with `dagma services restore`."
             )
+        expected = manifest["files"]
         for database in staging.rglob("*.db"):
             if _is_sqlite(database):
                 _rehome(database, manifest["home"], str(home))
-        (staging / MANIFEST).unlink()
         if home.exists():
             home.rmdir()
         shutil.move(str(staging), home)

@@ -383,6 +383,59 @@ def test_a_killed_run_worker_fails_its_run_and_reexecution_from_the_failure_succ
     lab.runs["reexecuted"] = again
 
 
+def test_backup_then_restore_into_an_empty_home_brings_back_runs_models_and_vectors(lab):
+    import numpy as np
+
+    from dagma.lib.vectors import EmbeddedStore
+    from dagma.services.backup import counts
+
+    scratch = Path(tempfile.mkdtemp(prefix="dagma-restore-"))
+    scratch.chmod(0o755)  # the restored cluster's Postgres runs unprivileged
+    try:
+        archive = scratch / "lab.tar.gz"
+        done = lab.cli("backup", str(archive))
+        assert done.returncode == 0, done.stdout + done.stderr
+        live = counts(lab.config, json.loads(lab.config.secrets_file.read_text())["postgres"])
+        assert (
+            live["dagster.runs"] >= 3
+            and live["mlflow.runs"] >= 1
+            and live["mlflow.model_versions"] >= 1
+        )
+
+        home = scratch / "home"
+        env = {**lab.env, "DAGMA_HOME": str(home), "DAGMA_PG_PORT": str(free_port())}
+        restored = subprocess.run(
+            [sys.executable, "-m", "dagma.services.cli", "restore", str(archive), "--json"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert restored.returncode == 0, restored.stdout + restored.stderr
+        report = json.loads(restored.stdout)
+        assert report["counts"] == live  # every run, event, metric and model version
+        assert not marked_pids(str(home)), "restore left its Postgres running"
+
+        query = np.array([1.0, 0.0, 0.0, 0.0], dtype="float32")
+        original, copy = EmbeddedStore(lab.home / "qdrant"), EmbeddedStore(home / "qdrant")
+        assert copy.current_version("docs").version == original.current_version("docs").version
+        assert copy.search("docs", query, k=3) == original.search("docs", query, k=3)
+        artifacts = {
+            p.relative_to(lab.config.artifacts_dir) for p in lab.config.artifacts_dir.rglob("*")
+        }
+        assert {
+            p.relative_to(home / "mlflow" / "artifacts")
+            for p in (home / "mlflow" / "artifacts").rglob("*")
+        } == artifacts
+
+        again = lab.cli("restore", str(archive))  # the live home is not empty: refused
+        assert again.returncode != 0 and "not empty" in again.stdout
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def test_killed_postgres_is_reported_and_up_restores_it_with_its_data(lab):
     with lab.dagster_db() as conn:
         events_before = conn.execute("SELECT count(*), max(id) FROM event_logs").fetchone()

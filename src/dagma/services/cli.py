@@ -1,10 +1,12 @@
-"""`dagma services up|down|status|logs`: services mode as local processes on 127.0.0.1."""
+"""`dagma services up|down|status|logs|backup|restore`: services mode as local processes on
+127.0.0.1."""
 
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -107,6 +109,61 @@ def logs(
     for path in iter_logs(get_config(), name):
         console.rule(path.stem)
         console.print(tail(path, lines), markup=False, highlight=False)
+
+
+@app.command()
+def backup(
+    archive: Annotated[
+        Path | None,
+        typer.Argument(help="The .tar.gz to write; default dagma-backup-<UTC time>.tar.gz here."),
+    ] = None,
+) -> None:
+    """pg_dump every database, plus MLflow's artifacts, the vectors and executed notebooks."""
+    from dagma.backup import BackupError
+    from dagma.services.backup import backup as run_backup
+    from dagma.services.config import get_config
+
+    try:
+        report = run_backup(get_config(), archive)
+    except BackupError as exc:
+        raise _fail(exc) from None
+    console.print(
+        f"Backed up {report.files} files ({report.bytes / 1e6:.1f} MB) to {report.archive} in "
+        f"{report.seconds:.1f} s.\nRestore with: DAGMA_HOME=<empty folder> dagma services restore "
+        f"{report.archive}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def restore(
+    archive: Annotated[Path, typer.Argument(help="A .tar.gz from `dagma services backup`.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Restore into an empty DAGMA_HOME: a new cluster, every database, the files; then stop."""
+    from dagma.backup import BackupError
+    from dagma.services.backup import restore as run_restore
+    from dagma.services.config import get_config
+
+    config = get_config()
+    try:
+        report, restored = run_restore(
+            config, archive, progress=(lambda _: None) if as_json else console.print
+        )
+    except BackupError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        print(json.dumps({"home": str(config.home), "counts": restored, "files": report.files}))
+        return
+    console.print(
+        f"Restored {report.files} files and {', '.join(f'{v} {k}' for k, v in restored.items())} "
+        f"into {config.home} in {report.seconds:.1f} s. Start it with: dagma services up",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def _print_table(statuses: list[Any]) -> None:

@@ -214,13 +214,15 @@ class Topology:
 
     # --- up -------------------------------------------------------------------------------
 
-    def up(self, progress: Progress = print) -> list[ServiceStatus]:
+    def up(self, progress: Progress = print, only: set[str] | None = None) -> list[ServiceStatus]:
         """Start whatever is not running, wave by wave, waiting for each health check."""
         c = self.config
         c.home.mkdir(parents=True, exist_ok=True)
         passwords = c.passwords()
         services = self.services(passwords)
         pg = services[0]
+        if only is not None:
+            services = [s for s in services if s.name in only]
         if pg.user and c.home.stat().st_uid == os.geteuid():
             # Postgres runs unprivileged and must traverse $DAGMA_HOME to reach its folder.
             c.home.chmod(c.home.stat().st_mode | 0o011)
@@ -241,7 +243,7 @@ class Topology:
                 self._wait_healthy(service, progress)
             if wave == 0:
                 postgres.bootstrap(c.dagma_pg_port, passwords)
-            if wave == 1:
+            if wave == 1 and any(s.name == "mlflow" for s in batch):
                 ensure_experiment(
                     c.mlflow_url,
                     os.environ.get("DAGMA_EXPERIMENT") or "dagma",
