@@ -175,3 +175,14 @@ def test_a_refused_mlflow_admin_login_names_the_password_to_fix():
             ensure_experiment(url, "dagma", ("admin", "stale"))
     finally:
         server.shutdown()
+
+
+def test_services_backup_needs_its_postgres_running_and_writes_nothing(tmp_path):
+    from dagma.backup import BackupError
+    from dagma.services.backup import backup
+
+    config = ServicesConfig(dagma_home=tmp_path / "home", dagma_pg_port=free_port())
+    archive = tmp_path / "lab.tar.gz"
+    with pytest.raises(BackupError, match="not running.*dagma services up"):
+        backup(config, archive)
+    assert not archive.exists() and not list(tmp_path.glob("*.partial"))
