@@ -183,6 +183,6 @@ def test_services_backup_needs_its_postgres_running_and_writes_nothing(tmp_path)
 
     config = ServicesConfig(dagma_home=tmp_path / "home", dagma_pg_port=free_port())
     archive = tmp_path / "lab.tar.gz"
-    with pytest.raises(BackupError, match="not running.*dagma services up"):
+    with pytest.raises(BackupError, match=r"not running.*dagma services up"):
         backup(config, archive)
     assert not archive.exists() and not list(tmp_path.glob("*.partial"))
