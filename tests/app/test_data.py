@@ -138,3 +138,20 @@ def test_the_app_reads_qdrant_with_the_read_only_key_when_there_is_one(
     assert data.reader_api_key(Settings()) == "writer"
     monkeypatch.setenv("QDRANT_READ_ONLY_API_KEY", "reader")  # pragma: allowlist secret
     assert data.reader_api_key(Settings()) == "reader"
+
+
+def test_the_app_uses_only_the_champion_version(tmp_path: Path):
+    """A registered version that never passed the gate is not served, even if it is newer."""
+    from dagma.lib import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.setup_experiment(uri, "dagma", tmp_path / "artifacts")
+    client = tracking.client(uri)
+    client.create_registered_model("dagma-wine")
+    for _ in range(2):
+        client.create_model_version("dagma-wine", source=str(tmp_path))
+    with pytest.raises(data.NotReady, match="quality gate"):
+        data.current_model(client, uri, "dagma-wine")
+    tracking.promote(uri, "dagma-wine", "1")
+    ref = data.current_model(client, uri, "dagma-wine")
+    assert (ref.version, ref.alias) == ("1", "champion")  # not version 2, which never passed

@@ -20,12 +20,12 @@ from urllib.parse import unquote, urlparse
 import pandas as pd
 
 from dagma.lib.models import REGISTERED_MODEL
+from dagma.lib.tracking import CHAMPION
 from dagma.settings import Settings
 
 Status = Literal["fresh", "stale", "missing"]
 
 RUN_DEMO = "Run `make demo`"
-CHAMPION = "champion"
 SNIPPET_CHARS = 240
 
 
@@ -378,36 +378,30 @@ def default_pair(runs: Sequence[RunInfo]) -> tuple[int, int]:
 
 
 def current_model(client: Any, tracking_uri: str, name: str = REGISTERED_MODEL) -> ModelRef:
-    """The version aliased `champion`, else the newest ready version of `name`."""
+    """The version aliased `champion`: the newest one that passed the quality gate."""
     from mlflow.exceptions import MlflowException
 
     require_tracking_store(tracking_uri)
-    missing = NotReady(
-        f"No version of the registered model {name!r} yet. {RUN_DEMO} "
-        "(or `uv run dagma run wine_model`) to train and register it."
-    )
     try:
         registered = client.get_registered_model(name)
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise missing from None
+            raise NotReady(
+                f"No version of the registered model {name!r} yet. {RUN_DEMO} "
+                "(or `uv run dagma run wine_model`) to train and register it."
+            ) from None
         raise
-    alias = CHAMPION if CHAMPION in (registered.aliases or {}) else None
-    if alias:
-        version = client.get_model_version(name, registered.aliases[alias])
-    else:
-        ready = [
-            v
-            for v in client.search_model_versions(f"name = '{name}'")
-            if str(v.status) in ("READY", "ModelVersionStatus.READY")
-        ]
-        if not ready:
-            raise missing
-        version = max(ready, key=lambda v: int(v.version))
+    if CHAMPION not in (registered.aliases or {}):
+        raise NotReady(
+            f"No version of {name!r} has passed the quality gate (the wine_model_quality check), "
+            "so none is `champion`. Look at the check's metadata in the Dagster UI, then retrain "
+            "with `uv run dagma run wine_model`."
+        )
+    version = client.get_model_version(name, registered.aliases[CHAMPION])
     return ModelRef(
         name=name,
         version=str(version.version),
-        alias=alias,
+        alias=CHAMPION,
         run_id=version.run_id,
         created=_time(version.creation_timestamp / 1000 if version.creation_timestamp else None),
     )

@@ -191,6 +191,26 @@ def kill_runs_of(tracking_uri: str, experiment: str, dagster_run_id: str) -> lis
     return [run.info.run_id for run in runs]
 
 
+CHAMPION = "champion"
+
+
+def alias_version(tracking_uri: str, name: str, alias: str = CHAMPION) -> str | None:
+    """The version of registered model `name` that `alias` points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client(tracking_uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def promote(tracking_uri: str, name: str, version: str, alias: str = CHAMPION) -> str | None:
+    """Point `alias` at `version`; returns the version it pointed at before (None if none)."""
+    previous = alias_version(tracking_uri, name, alias)
+    client(tracking_uri).set_registered_model_alias(name, alias, version)
+    return previous
+
+
 def run_url(ui: str, experiment_id: str, run_id: str) -> str:
     return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 

@@ -13,13 +13,13 @@ from dagma.settings import get_settings
 settings = get_settings()
 st.title("Model")
 st.caption(
-    f"The registered model `{REGISTERED_MODEL}`: the version aliased `champion` when one is, "
-    "else the latest version. It classifies a wine into one of three cultivars."
+    f"The registered model `{REGISTERED_MODEL}` at its alias `champion`: the newest version "
+    "that passed the quality gate. It classifies a wine into one of three cultivars."
 )
 
 with ui.guard("Loading the model"):
     ref = ui.model_ref(settings.tracking_uri, REGISTERED_MODEL)
-    chosen = "alias `champion`" if ref.alias else "latest version, no `champion` alias"
+    chosen = "alias `champion`"
     run = f" · trained by run `{ref.run_id[:8]}`" if ref.run_id else ""
     run += f" · registered {ref.created:%Y-%m-%d %H:%M}" if ref.created else ""
     st.markdown(
