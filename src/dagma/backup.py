@@ -42,6 +42,14 @@ class Report:
     seconds: float
     collections: list[str]
 
+    def summary(self, restore: str) -> str:
+        """What was written, and the command (`restore`) that brings it back."""
+        return (
+            f"Backed up {self.files} files ({self.bytes / 1e6:.1f} MB, collections: "
+            f"{', '.join(self.collections) or 'none'}) to {self.archive} in {self.seconds:.1f} s."
+            f"\nRestore with: DAGMA_HOME=<empty folder> {restore} {self.archive}"
+        )
+
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()

@@ -172,10 +172,7 @@ def backup(
         console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     console.print(
-        f"Backed up {report.files} files ({report.bytes / 1e6:.1f} MB, collections: "
-        f"{', '.join(report.collections) or 'none'}) to {report.archive} in "
-        f"{report.seconds:.1f} s.\nRestore with: DAGMA_HOME=<empty folder> dagma restore "
-        f"{report.archive}",
+        report.summary("dagma restore"),
         markup=False,
         highlight=False,
         soft_wrap=True,  # paths stay whole, to copy and paste

@@ -102,20 +102,7 @@ def test_the_app_reads_with_the_read_only_key_and_mlflow_requires_a_login():
 
 
 def test_every_port_is_published_on_loopback_only():
-    done = run(
-        BIN / "docker-compose",
-        "--env-file",
-        ROOT / ".env.example",
-        "--profile",
-        "full",
-        "config",
-        "--format",
-        "json",
-    )
-    assert done.returncode == 0, done.stderr
-    import json
-
-    services = json.loads(done.stdout)["services"]
+    services = resolved_services()
     published = [(n, p) for n, s in services.items() for p in s.get("ports", [])]
     assert published
     assert all(p.get("host_ip") == "127.0.0.1" for _, p in published), published

@@ -128,12 +128,7 @@ def backup(
     except BackupError as exc:
         raise _fail(exc) from None
     console.print(
-        f"Backed up {report.files} files ({report.bytes / 1e6:.1f} MB) to {report.archive} in "
-        f"{report.seconds:.1f} s.\nRestore with: DAGMA_HOME=<empty folder> dagma services restore "
-        f"{report.archive}",
-        markup=False,
-        highlight=False,
-        soft_wrap=True,
+        report.summary("dagma services restore"), markup=False, highlight=False, soft_wrap=True
     )
 
 
