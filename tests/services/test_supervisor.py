@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -186,3 +187,23 @@ def test_services_backup_needs_its_postgres_running_and_writes_nothing(tmp_path)
     with pytest.raises(BackupError, match=r"not running.*dagma services up"):
         backup(config, archive)
     assert not archive.exists() and not list(tmp_path.glob("*.partial"))
+
+
+def test_a_process_caught_before_its_arguments_appear_is_still_ours(monkeypatch):
+    """Right after exec, /proc/PID/cmdline reads empty for a moment; that is not another program."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        record = ProcRecord("sleeper", proc.pid, Path(sys.executable).name, "", time.time())
+        real = Path.read_bytes
+        reads = []
+
+        def read_bytes(self: Path) -> bytes:
+            reads.append(self)
+            return b"" if len(reads) < 3 else real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", read_bytes)
+        assert record_alive(record)
+        assert len(reads) == 3
+    finally:
+        proc.kill()
+        proc.wait()

@@ -71,11 +71,19 @@ def record_alive(record: ProcRecord) -> bool:
     """Alive and still the program we started (guards against a recycled pid)."""
     if not pid_alive(record.pid):
         return False
-    try:
-        cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return False
-    return any(Path(arg.decode(errors="replace")).name == record.argv0 for arg in cmdline[:3])
+    # Just after exec the kernel has closed the parent's pipe (so Popen has returned) before it
+    # fills in the new arguments: for a moment cmdline reads empty. Wait that moment out.
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            cmdline = Path(f"/proc/{record.pid}/cmdline").read_bytes()
+        except OSError:
+            return False
+        if cmdline or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    args = cmdline.split(b"\0")[:3]
+    return any(Path(arg.decode(errors="replace")).name == record.argv0 for arg in args)
 
 
 def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
