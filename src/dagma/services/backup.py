@@ -29,7 +29,8 @@ from dagma.services import postgres
 from dagma.services.config import LOOPBACK, ServicesConfig
 from dagma.services.supervisor import Topology
 
-FILES = ("mlflow/artifacts", "runs", "reports", "qdrant", "dagster-services/storage")
+# Copied as files; the vector collections are copied apart, each under its writer lock.
+FILES = ("mlflow/artifacts", "runs", "reports", "dagster-services/storage")
 # What a restore must bring back, counted at backup and again after pg_restore.
 COUNTED = {"dagster": ("runs", "event_logs"), "mlflow": ("runs", "metrics", "model_versions")}
 
@@ -98,7 +99,10 @@ def _reset_mlflow_admin(config: ServicesConfig) -> None:
 
 
 def _postgres_up(topology: Topology) -> bool:
-    return any(s.name == "postgres" and s.healthy for s in topology.status())
+    """Postgres's own health check only: pg_dump needs nothing else of the topology."""
+    services = topology.services(topology.config.passwords())
+    ok, _ = next(s for s in services if s.name == "postgres").check()
+    return ok
 
 
 def backup(config: ServicesConfig, archive: Path | None = None) -> Report:
@@ -124,7 +128,7 @@ def backup(config: ServicesConfig, archive: Path | None = None) -> Report:
                 _pg(config, "pg_dump", "-Fc", "-d", db, "-f", str(dump)), password, f"pg_dump {db}"
             )
         for part in FILES:
-            if part != "qdrant" and (config.home / part).is_dir():
+            if (config.home / part).is_dir():
                 _copy_tree(config.home / part, staging / part)
         collections = copy_collections(EmbeddedStore(config.home / "qdrant"), staging / "qdrant")
         manifest = {
