@@ -73,7 +73,7 @@ def model_input_example(settings: Settings):
 def test_partitioned_notebook_sees_its_partition_key(demo):
     settings, run = demo
     scores = run.values["wine_daily_scores"]
-    latest = dg.DailyPartitionsDefinition(start_date="2026-11-01").get_last_partition_key()
+    latest = dg.DailyPartitionsDefinition(start_date="2026-09-01").get_last_partition_key()
     assert scores["partition"] == latest
     assert 0 <= scores["accuracy"] <= 1 and scores["rows"] == 40
     mlflow.set_tracking_uri(settings.tracking_uri)

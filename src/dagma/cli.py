@@ -58,9 +58,13 @@ def demo(
 ) -> None:
     """Materialize the whole demo graph on the embedded defaults and summarise it."""
     from dagma import lab
+    from dagma.lib import arrivals
 
     settings = get_settings()
     out = Console(stderr=True) if as_json else console
+    if not arrivals.landed(settings.inbox_dir):
+        path = arrivals.write_sample(settings.inbox_dir)
+        out.print(f"Dropped sample arrivals into the empty inbox: {path}")
     result = lab.materialize(settings, selection=None, seed=seed, console=out, processes=processes)
     if as_json:
         typer.echo(json.dumps(lab.summary(result, settings), indent=2, default=str))

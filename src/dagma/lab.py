@@ -104,6 +104,26 @@ def _latest_partitions(graph: Any, keys: list[Any]) -> dict[Any, str]:
     return latest
 
 
+def _upstream_first(graph: Any, groups: list[Any]) -> list[Any]:
+    """Order batches so that one whose assets read another's comes after it.
+
+    Partition keys do not sort by dependency: an hourly upstream ("2026-11-30-01:00") sorts
+    after its daily downstream ("2026-11-30").
+    """
+    from graphlib import CycleError, TopologicalSorter
+
+    where = {key: i for i, (keys, _) in enumerate(groups) for key in keys}
+    order: TopologicalSorter[int] = TopologicalSorter()
+    for i, (keys, _) in enumerate(groups):
+        order.add(
+            i, *{where[p] for k in keys for p in graph.get(k).parent_keys if p in where} - {i}
+        )
+    try:
+        return [groups[i] for i in order.static_order()]
+    except CycleError:
+        return groups
+
+
 def resolve_processes(processes: int | None = None) -> int:
     """Steps that may run at once: `processes`, else $DAGMA_PROCESSES, else DEFAULT_PROCESSES."""
     if processes is None:
@@ -179,6 +199,7 @@ def materialize(
     for last in sorted(set(partitions.values())):
         groups.append(([k for k in keys if partitions.get(k) == last], last))
     batches: list[_Batch] = []
+    groups = _upstream_first(graph, groups)
     for batch_keys, batch_partition in groups:
         earlier = {k for b in batches for k in b.keys}
         needs = {p for k in batch_keys for p in graph.get(k).parent_keys if p in earlier}

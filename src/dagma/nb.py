@@ -61,13 +61,21 @@ class NotebookContext:
                 f"{self.notebook}: {name!r} is not in this notebook's `upstream` list "
                 f"({', '.join(self.upstream_paths) or 'empty'}). Add it to the parameters cell."
             )
+        if Path(path).is_dir():
+            # By hand, a partitioned upstream is its folder of partitions: read those that
+            # match this notebook's partition (e.g. a day's hours), or all of them.
+            prefix = self.partition_key or ""
+            return {
+                p.name: _load(p)
+                for p in sorted(Path(path).iterdir())
+                if p.is_file() and p.name.startswith(prefix)
+            }
         if not Path(path).is_file():
             raise NotebookContextError(
                 f"{self.notebook}: upstream {name!r} has not been materialized yet ({path}). "
                 f"Run `dagma run {name}` first."
             )
-        with open(path, "rb") as fh:
-            return pickle.load(fh)  # nosec B301 # written by our own IO manager
+        return _load(Path(path))
 
     def output(self, value: Any, *, name: str | None = None, metadata: dict | None = None) -> None:
         """Hand `value` to Dagster as the asset `name` (default: this notebook's asset)."""
@@ -168,6 +176,11 @@ class NotebookContext:
         )
 
 
+def _load(path: Path) -> Any:
+    with open(path, "rb") as fh:
+        return pickle.load(fh)  # nosec B301 # written by our own IO manager or runner
+
+
 def _user_ns() -> dict[str, Any]:
     try:
         from IPython import get_ipython
@@ -208,6 +221,7 @@ def context(name: str | None = None) -> NotebookContext:
         session = ns.get("__session__") or ns.get("__vsc_ipynb_file__") or ""
         notebook = name or (Path(str(session)).stem if session else "interactive")
         ctx = _interactive(notebook, list(ns.get("upstream") or []))
+        ctx.partition_key = str(ns.get("partition_key") or "") or None
         os.environ.setdefault("MLFLOW_TRACKING_URI", ctx.tracking_uri)
         return ctx
     data = json.loads(Path(path).read_text())

@@ -54,6 +54,14 @@ class Settings(BaseSettings):
     dagma_retries: int = Field(
         default=3, ge=0, description="Retries of a step whose server (MLflow, Qdrant) is down."
     )
+    dagma_automation: bool = Field(
+        default=True,
+        description="Start the inbox sensor, nightly retrain and notebook automation with the "
+        "daemon (`dagster dev` or services mode); false leaves them stopped until switched on.",
+    )
+    dagma_retrain_cron: str = Field(
+        default="0 2 * * *", description="When (UTC cron) the model notebook retrains nightly."
+    )
     dagma_retry_delay: float = Field(
         default=2.0, ge=0, description="Seconds before the first retry; doubles each time."
     )
@@ -92,6 +100,11 @@ class Settings(BaseSettings):
         return (self.dagma_notebooks_dir or PROJECT_ROOT / "notebooks").expanduser().resolve()
 
     @property
+    def inbox_dir(self) -> Path:
+        """Where new wine samples land as CSV files; the inbox sensor watches it."""
+        return self.home / "inbox"
+
+    @property
     def runs_dir(self) -> Path:
         """Executed notebooks (.ipynb and .html) of every run."""
         return self.home / "runs"
@@ -109,7 +122,14 @@ class Settings(BaseSettings):
         return self.qdrant_url or str(self.qdrant_path)
 
     def ensure_dirs(self) -> None:
-        for path in (self.home, self.dagster_dir, self.mlflow_dir, self.qdrant_path, self.runs_dir):
+        for path in (
+            self.home,
+            self.dagster_dir,
+            self.mlflow_dir,
+            self.qdrant_path,
+            self.runs_dir,
+            self.inbox_dir,
+        ):
             path.mkdir(parents=True, exist_ok=True)
         instance_yaml = self.dagster_dir / "dagster.yaml"
         text = instance_yaml.read_text() if instance_yaml.exists() else ""

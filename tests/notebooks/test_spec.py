@@ -1,9 +1,11 @@
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
+from dagma.notebooks.assets import partitions_def
 from dagma.notebooks.spec import NotebookError, code_version, discover, parse_notebook
 from dagma.settings import PROJECT_ROOT
 
@@ -85,6 +87,9 @@ def test_missing_parameters_cell_says_how_to_fix(tmp_path: Path):
         ("upstream = 'wine_table'", "must be a list of strings"),
         ("asset = {'colour': 'red'}", "must be a dict with keys among"),
         ("seed = (", "not valid Python"),
+        ("asset = {'partitions': {'daily': '2026-01-01', 'end_offset': '1'}}", "end_offset"),
+        ("asset = {'partitions': {'static': ['a'], 'end_offset': 1}}", "end_offset"),
+        ("asset = {'partitions': {'daily': '2026-01-01', 'hourly': '2026-01-01'}}", "one of"),
     ],
 )
 def test_bad_parameters_cells_are_explained(tmp_path: Path, params: str, message: str):
@@ -121,3 +126,12 @@ def test_the_production_notebooks_parse():
     assert {"wine_model", "doc_vectors"} <= set(specs)
     assert specs["wine_model"].upstream == ("wine_table",)
     assert specs["doc_vectors"].upstream == ("doc_corpus",)
+
+
+def test_a_time_partitioned_notebook_may_include_the_current_period(tmp_path: Path):
+    params = PARAMS + "\nasset = {'partitions': {'daily': '2026-01-01', 'end_offset': 1}}"
+    spec = parse_notebook(write_nb(tmp_path / "nb.ipynb", params=params))
+    assert spec.partitions == ("daily", "2026-01-01", 1)
+    days = partitions_def(spec)
+    assert days is not None
+    assert days.get_last_partition_key() == datetime.now(UTC).strftime("%Y-%m-%d")

@@ -33,7 +33,7 @@ def _config_schema(spec: NotebookSpec) -> dict[str, dg.Field]:
 def partitions_def(spec: NotebookSpec) -> dg.PartitionsDefinition | None:
     if spec.partitions is None:
         return None
-    kind, arg = spec.partitions
+    kind, arg, end_offset = spec.partitions
     if kind == "static":
         return dg.StaticPartitionsDefinition(list(arg))
     cls = {
@@ -44,7 +44,43 @@ def partitions_def(spec: NotebookSpec) -> dg.PartitionsDefinition | None:
     }[kind]
     if kind == "hourly" and len(arg) == len("2026-01-01"):
         arg += "-00:00"  # Dagster's hourly format is %Y-%m-%d-%H:%M
-    return cls(start_date=arg)
+    return cls(start_date=arg, end_offset=end_offset)
+
+
+def stale_notebook() -> dg.AutomationCondition:
+    """The daemon re-runs a notebook whose upstream updated or whose code version changed.
+
+    Like Dagster's `eager()`, plus code changes. A time-partitioned notebook runs for its latest
+    partition only, and needs every upstream to have something to read (a day with a few hours
+    of data runs; one with none waits), not every upstream partition.
+    """
+    cond = dg.AutomationCondition
+    changed: dg.AutomationCondition = cond.code_version_changed()  # typed for AssetKey only
+    return (
+        cond.in_latest_time_window()
+        & (cond.newly_missing() | cond.any_deps_updated() | changed).since_last_handled()
+        & cond.all_deps_match(~cond.missing() | cond.will_be_requested())
+        & ~cond.any_deps_in_progress()
+        & ~cond.in_progress()
+    ).with_label("notebook is stale")
+
+
+def _ins(spec: NotebookSpec, partitions: dg.PartitionsDefinition | None) -> dict[str, dg.AssetIn]:
+    """Upstream inputs; a time-partitioned notebook reads whichever upstream partitions exist."""
+    timed = isinstance(partitions, dg.TimeWindowPartitionsDefinition)
+    return {
+        name: dg.AssetIn(
+            dg.AssetKey(name),
+            # e.g. a day reads the hours that had data, and today reads today's hours so far
+            metadata={"allow_missing_partitions": True},
+            partition_mapping=(
+                dg.TimeWindowPartitionMapping(allow_nonexistent_upstream_partitions=True)
+                if timed
+                else None
+            ),
+        )
+        for name in spec.upstream
+    }
 
 
 def _file_metadata(path: Path | None) -> dg.MetadataValue | None:
@@ -62,16 +98,18 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
             kinds=set(spec.kinds),
             owners=list(spec.owners) or None,
             tags=spec.tags or None,
+            automation_condition=stale_notebook(),
         )
         for name in spec.asset_names
     }
+    partitions = partitions_def(spec)
 
     @dg.multi_asset(
         name=spec.name,
         outs=outs,
-        ins={name: dg.AssetIn(dg.AssetKey(name)) for name in spec.upstream},
+        ins=_ins(spec, partitions),
         config_schema=_config_schema(spec),
-        partitions_def=partitions_def(spec),
+        partitions_def=partitions,
         op_tags={"dagma/notebook": str(spec.path)},
         retry_policy=service_retry_policy(),
         pool=spec.pool,

@@ -80,7 +80,7 @@ class NotebookSpec:
     kinds: frozenset[str] = frozenset({"jupyter"})
     owners: tuple[str, ...] = ()
     tags: dict[str, str] = field(default_factory=dict)
-    partitions: tuple[str, Any] | None = None
+    partitions: tuple[str, Any, int] | None = None
     pool: str | None = None
 
     @property
@@ -211,19 +211,27 @@ def _string_list(value: Any, path: Path, what: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _partitions(value: Any, path: Path) -> tuple[str, Any] | None:
-    """`{"daily": "2026-01-01"}` (also hourly, weekly, monthly) or `{"static": ["a", "b"]}`."""
+def _partitions(value: Any, path: Path) -> tuple[str, Any, int] | None:
+    """`{"daily": "2026-01-01"}` (also hourly, weekly, monthly) or `{"static": ["a", "b"]}`.
+
+    A time kind may add `"end_offset": 1`, so the current day (or hour) is a partition too.
+    """
     if value is None:
         return None
-    if isinstance(value, dict) and len(value) == 1:
-        kind, arg = next(iter(value.items()))
-        if kind == "static" and isinstance(arg, list) and all(isinstance(v, str) for v in arg):
-            return kind, tuple(arg)
-        if kind in PARTITION_KINDS and kind != "static" and isinstance(arg, str):
-            return kind, arg
+    if isinstance(value, dict):
+        rest = dict(value)
+        offset = rest.pop("end_offset", 0)
+        if len(rest) == 1 and isinstance(offset, int) and not isinstance(offset, bool):
+            kind, arg = next(iter(rest.items()))
+            strings = isinstance(arg, list) and all(isinstance(v, str) for v in arg)
+            if kind == "static" and strings and not offset:
+                return kind, tuple(arg), 0
+            if kind in PARTITION_KINDS and kind != "static" and isinstance(arg, str):
+                return kind, arg, offset
     raise NotebookError(
         f"{path}: `asset['partitions']` must be like {{'daily': '2026-01-01'}} (one of "
-        f"{', '.join(PARTITION_KINDS)}; static takes a list of keys), got {value!r}."
+        f"{', '.join(PARTITION_KINDS)}; static takes a list of keys; a time kind may add "
+        f"an integer 'end_offset'), got {value!r}."
     )
 
 

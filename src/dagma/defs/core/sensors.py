@@ -1,9 +1,10 @@
-"""What the daemon does when a run fails: its MLflow runs must not stay RUNNING."""
+"""What the daemon does on its own: clean up after failed runs, and keep notebooks fresh."""
 
 import dagster as dg
 
 from dagma.defs.core.resources import MLflowResource
 from dagma.lib import tracking
+from dagma.settings import get_settings
 
 
 @dg.run_failure_sensor(
@@ -17,3 +18,19 @@ def mlflow_runs_of_failed_runs(context: dg.RunFailureSensorContext, mlflow: MLfl
     killed = tracking.kill_runs_of(mlflow.tracking_uri, mlflow.experiment, run_id)
     if killed:
         context.log.info(f"Run {run_id}: MLflow runs {', '.join(killed)} marked KILLED.")
+
+
+def automation_status() -> dg.DefaultSensorStatus:
+    """Running unless DAGMA_AUTOMATION=false; the UI can still switch each one."""
+    on = get_settings().dagma_automation
+    return dg.DefaultSensorStatus.RUNNING if on else dg.DefaultSensorStatus.STOPPED
+
+
+notebook_automation = dg.AutomationConditionSensorDefinition(
+    "notebook_automation",
+    target=dg.AssetSelection.all(),
+    description="Materializes notebooks whose upstream updated or whose code changed "
+    "(their `stale_notebook` condition), with no click.",
+    default_status=automation_status(),
+    minimum_interval_seconds=30,
+)
