@@ -13,7 +13,7 @@ RUN = $(UV) run --frozen --no-sync
 # Runs per alternative in `make bench`: 2 keeps it under 15 minutes on 2 cores.
 BENCH_REPEAT ?= 2
 
-.PHONY: help install demo test lint format bench bench-gate dagster mlflow lab app clean
+.PHONY: help install demo test lint format bench bench-backfill bench-gate dagster mlflow lab app clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,9 @@ bench: install  ## Benchmarks side by side (~15 min); writes docs/benchmarks.md
 	$(RUN) python benchmarks/bench_notebook.py --write-docs --repeat $(BENCH_REPEAT)
 	$(RUN) python benchmarks/bench_graph.py --write-docs --repeat $(BENCH_REPEAT)
 	$(RUN) python benchmarks/bench_vectors.py --write-docs --repeat $(BENCH_REPEAT)
+
+bench-backfill: install  ## 60-partition backfill through services mode at run limits 1 and 2 (~30 min)
+	$(RUN) python benchmarks/bench_backfill.py --limits 1,2 --write-docs
 
 bench-gate: install  ## Quick benchmarks; fails on a ratio >30% worse than benchmarks/baseline.json
 	$(RUN) python benchmarks/gate.py

@@ -23,7 +23,14 @@ def _restore_environ() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def demo() -> tuple[Settings, LabRun]:
+    from datetime import UTC, datetime
+
+    from dagma.lib import arrivals
+
     settings = get_settings()
+    # As `dagma demo` does, so that the current hour (the demo's partition) has samples.
+    if not arrivals.landed_in(settings.inbox_dir, arrivals.hour_key(datetime.now(UTC))):
+        arrivals.write_sample(settings.inbox_dir)
     run = materialize(settings, console=QUIET)
     assert run.success, run.error
     return settings, run

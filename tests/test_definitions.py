@@ -8,6 +8,8 @@ DEMO_ASSETS = {
     "doc_corpus",
     "wine_model",
     "wine_daily_scores",
+    "wine_arrivals",
+    "wine_arrival_scores",
     "doc_vectors",
     "rag_eval",
     "lab_scorecard",

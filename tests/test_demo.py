@@ -81,6 +81,15 @@ def test_partitioned_notebook_sees_its_partition_key(demo):
     assert tags["dagma.partition"] == latest
 
 
+def test_the_day_so_far_scores_exactly_the_hour_the_demo_ingested(demo):
+    """The daily notebook runs after its hourly upstream (their keys sort the other way)."""
+    _, run = demo
+    hour, day = run.values["wine_arrivals"], run.values["wine_arrival_scores"]
+    assert len(hour) > 0 and len(day) == len(hour)
+    assert list(day["source_file"]) == list(hour["source_file"])
+    assert set(day["predicted"]) <= {0, 1, 2}
+
+
 def test_executed_notebooks_are_kept_as_ipynb_and_html(demo):
     settings, run = demo
     folder = settings.runs_dir / run.run_id / "wine_model"

@@ -1,4 +1,4 @@
-"""`--processes 2`: independent notebook steps overlap, and the results match one process."""
+"""`--processes 2`: independent notebook steps overlap, and the results are what one process computes."""
 
 import shutil
 from pathlib import Path
@@ -89,12 +89,10 @@ def test_two_processes_overlap_the_fan_out_and_match_one_process(lab: Path):
     [(daily_start, _)] = step_spans(daily_run).values()
     assert daily_start >= fan_1_done
 
-    sequential = materialize(get_settings(), selection=selection, console=QUIET, processes=1)
-    assert sequential.success, sequential.error
-    assert most_at_once(list(step_spans(sequential.run_ids[0]).values())) == 1
-    assert sorted(sequential.materialized) == sorted(parallel.materialized) == sorted(selection)
-    assert sequential.values == parallel.values
-    assert parallel.values["fan_3"] == {"total": 3 * 499500, "seed": 3}
+    # The values one process computes (each notebook's closed form), not merely the same keys.
+    assert sorted(parallel.materialized) == sorted(selection)
+    for i, name in enumerate(FAN, 1):
+        assert parallel.values[name] == {"total": i * 499500, "seed": i}
     assert parallel.values["fan_daily"]["total"] == parallel.values["fan_1"]["total"]
 
 

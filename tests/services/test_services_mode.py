@@ -34,6 +34,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 LOCATION, REPOSITORY, JOB = "dagma", "__repository__", "__ASSET_JOB"
 FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
+# The demo graph less its partitioned assets, which a run materializes one partition at a time
+# (the UI asks for one; the inbox sensor and automation pick theirs).
+UNPARTITIONED = [
+    "wine_table",
+    "wine_model",
+    "doc_corpus",
+    "doc_vectors",
+    "rag_eval",
+    "lab_scorecard",
+    "slow",
+]
 # Publishes a version of "docs". With `pause`, the first attempt writes the pid of its run
 # worker (the kernel's parent) to SLOW_MARKER and waits there to be killed; a re-execution
 # finds the marker and goes straight on.
@@ -147,6 +158,8 @@ def lab() -> Iterator[Lab]:
         {
             "DAGMA_HOME": str(home),
             "DAGSTER_MAX_CONCURRENT_RUNS": "1",
+            # Sensors and schedules start stopped: every run here is one a test launched.
+            "DAGMA_AUTOMATION": "false",
             "DAGMA_NOTEBOOKS_DIR": str(notebooks),
             "SLOW_MARKER": str(home / "slow-marker"),
         }
@@ -231,6 +244,7 @@ def test_demo_job_runs_through_the_queue_and_the_daemon(lab):
         repository_location_name=LOCATION,
         repository_name=REPOSITORY,
         run_config={"execution": {"config": {"in_process": {}}}},
+        asset_selection=UNPARTITIONED,
     )
     # With one concurrent run allowed, a second submission must wait in the queue.
     small = client.submit_job_execution(
@@ -434,6 +448,76 @@ def test_backup_then_restore_into_an_empty_home_brings_back_runs_models_and_vect
         assert again.returncode != 0 and "not empty" in again.stdout
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _sensor(lab: Lab, mutation: str, name: str) -> str:
+    query = f"""mutation($s: SensorSelector!) {{
+      {mutation}(sensorSelector: $s) {{
+        __typename ... on Sensor {{ sensorState {{ status }} }} ... on PythonError {{ message }}
+      }}
+    }}"""
+    selector = {
+        "repositoryLocationName": LOCATION,
+        "repositoryName": REPOSITORY,
+        "sensorName": name,
+    }
+    result = lab.graphql()._execute(query, {"s": selector})[mutation]
+    assert result["__typename"] == "Sensor", result
+    return str(result["sensorState"]["status"])
+
+
+def _runs_tagged(lab: Lab, key: str, value: str) -> list[dict[str, Any]]:
+    query = """query($tags: [ExecutionTag!]) {
+      runsOrError(filter: {tags: $tags}) {
+        ... on Runs { results { runId status tags { key value } } }
+      }
+    }"""
+    data = lab.graphql()._execute(query, {"tags": [{"key": key, "value": value}]})
+    return [
+        {**r, "tags": {t["key"]: t["value"] for t in r["tags"]}}
+        for r in data["runsOrError"]["results"]
+    ]
+
+
+def test_the_daemon_ingests_a_landed_file_and_scores_its_day_with_no_click(lab):
+    """With the sensors on (what DAGMA_AUTOMATION=true does at start), a CSV dropped into the
+    inbox is ingested by the inbox sensor's run, and the automation sensor then scores the day."""
+    import pickle
+
+    from dagma.lib import arrivals
+
+    assert lab.runs, "the demo run did not start"
+    sample = arrivals.write_sample(lab.home / "inbox", rows=12, seed=5)
+    hour = arrivals.Landed(sample, sample.stat().st_mtime_ns).hour
+    day = hour[:10]
+    try:
+        for name in ("inbox_arrivals", "notebook_automation"):
+            assert _sensor(lab, "startSensor", name) == "RUNNING"
+        deadline = time.monotonic() + 420
+        ingested: list[dict[str, Any]] = []
+        scored: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and not scored:
+            ingested = [
+                r
+                for r in _runs_tagged(lab, "dagster/partition", hour)
+                if r["tags"].get("dagster/sensor_name") == "inbox_arrivals"
+            ]
+            scored = [
+                r
+                for r in _runs_tagged(lab, "dagster/partition", day)
+                if r["status"] == "SUCCESS" and "dagster/from_automation_condition" in r["tags"]
+            ]
+            time.sleep(3)
+        assert [r["status"] for r in ingested] == ["SUCCESS"], (ingested, failures(lab))
+        assert scored, (_runs_tagged(lab, "dagster/partition", day), failures(lab))
+    finally:
+        for name in ("inbox_arrivals", "notebook_automation"):
+            _sensor(lab, "resetSensor", name)  # back to the code's default: stopped
+    stored = lab.config.dagster_home / "storage" / "wine_arrival_scores" / day
+    with open(stored, "rb") as fh:
+        frame = pickle.load(fh)  # nosec B301 # this lab's own IO manager wrote it
+    assert len(frame) == 12 and set(frame["source_file"]) == {sample.name}
+    assert set(frame["predicted"]) <= {0, 1, 2}
 
 
 def test_killed_postgres_is_reported_and_up_restores_it_with_its_data(lab):

@@ -19,6 +19,13 @@ ARRIVAL_HOURS = dg.HourlyPartitionsDefinition(start_date="2026-09-01-00:00", end
 )
 def wine_arrivals(context: dg.AssetExecutionContext) -> dg.Output:
     """The wine samples that landed in the inbox during one UTC hour (by file modification time)."""
+    if not context.has_partition_key:
+        raise dg.Failure(
+            description="wine_arrivals is partitioned by hour: materialize one hour (e.g. "
+            f"{ARRIVAL_HOURS.get_last_partition_key()}), as the inbox sensor does, or backfill a "
+            "range of hours.",
+            allow_retries=False,
+        )
     inbox = get_settings().inbox_dir
     files = arrivals.landed_in(inbox, context.partition_key)
     try:
