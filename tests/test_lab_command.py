@@ -62,6 +62,7 @@ def test_dagma_lab_serves_everything_and_ctrl_c_stops_it_all(tmp_path: Path):
     home = tmp_path / "home"
     ports = {name: free_port() for name in ("dagster", "mlflow", "jupyter", "app")}
     env = {**os.environ, "DAGMA_HOME": str(home), "PYTHONUNBUFFERED": "1"}
+    env["DAGMA_AUTOMATION"] = "false"  # no nightly retrain starting if this runs at 02:00
     for var in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "DAGSTER_UI_URL", "MLFLOW_UI_URL"):
         env.pop(var, None)
     log = tmp_path / "lab.log"
