@@ -287,3 +287,59 @@ def test_only_notebooks_are_automated_and_the_sensor_targets_them(home: Settings
     assert definitions.resolve_sensor_def("inbox_arrivals").default_status == (
         dg.DefaultSensorStatus.RUNNING
     )
+
+
+def test_a_day_runs_after_its_hours_although_its_key_sorts_first(home: Settings):
+    graph = lab.load_definitions(home).resolve_asset_graph()
+    day = ([dg.AssetKey("wine_arrival_scores")], "2026-11-30")
+    hour = ([dg.AssetKey("wine_arrivals")], "2026-11-30-01:00")
+    plain = ([dg.AssetKey("wine_table"), dg.AssetKey("wine_model")], None)
+    assert sorted(["2026-11-30-01:00", "2026-11-30"]) == ["2026-11-30", "2026-11-30-01:00"]
+    ordered = lab._upstream_first(graph, [plain, day, hour])
+    assert ordered.index(hour) < ordered.index(day) and ordered.index(plain) < ordered.index(day)
+
+
+def test_by_hand_a_partitioned_upstream_is_its_stored_partitions(tmp_path: Path):
+    import pickle
+
+    from dagma.nb import NotebookContext
+
+    folder = tmp_path / "storage" / "wine_arrivals"
+    folder.mkdir(parents=True)
+    for key in ("2026-11-29-23:00", "2026-11-30-00:00", "2026-11-30-05:00"):
+        (folder / key).write_bytes(pickle.dumps(key))
+    ctx = NotebookContext(
+        notebook="wine_arrival_scores",
+        asset_names=["wine_arrival_scores"],
+        upstream_paths={"wine_arrivals": str(folder)},
+        outputs_dir=None,
+        tracking_uri="",
+        experiment="dagma",
+        artifact_root=None,
+        qdrant_url=None,
+        qdrant_path="",
+        collection="c",
+        partition_key="2026-11-30",
+    )
+    assert ctx.upstream("wine_arrivals") == {
+        "2026-11-30-00:00": "2026-11-30-00:00",
+        "2026-11-30-05:00": "2026-11-30-05:00",
+    }
+    ctx.partition_key = None
+    assert len(ctx.upstream("wine_arrivals")) == 3
+
+
+def test_ingestion_without_an_hour_says_to_pick_one(home: Settings):
+    """A run of every asset with no partition (a GraphQL "all assets" run) reaches the asset."""
+    storage = dg.FilesystemIOManager(base_dir=str(home.home / "s"))
+    with _instance(home) as instance:
+        run = dg.materialize(
+            [wine_arrivals],
+            instance=instance,
+            resources={"io_manager": storage},
+            raise_on_error=False,
+        )
+    assert not run.success
+    error = run.get_step_failure_events()[0].step_failure_data.error
+    assert error is not None
+    assert "partitioned by hour: materialize one hour" in error.message
