@@ -21,6 +21,9 @@ CASES = [
     "Empty corpus",
     "Empty or too long question",
     "Corrupt embedded store",
+    "Bad inbox file",
+    "Inbox file not ingested",
+    "Bad retrain schedule",
 ]
 
 
