@@ -32,7 +32,11 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
     shutil.copytree(PROJECT_ROOT / "notebooks", notebooks)
     monkeypatch.setenv("DAGMA_HOME", str(tmp_path / "lab"))
     monkeypatch.setenv("DAGMA_NOTEBOOKS_DIR", str(notebooks))
+    # The session's lab exports these; left set, this lab would use the session's instance.
+    for name in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
     settings = get_settings()
+    assert settings.dagster_dir == (tmp_path / "lab" / "dagster").resolve()
     settings.ensure_dirs()
     return settings
 
@@ -343,3 +347,15 @@ def test_ingestion_without_an_hour_says_to_pick_one(home: Settings):
     error = run.get_step_failure_events()[0].step_failure_data.error
     assert error is not None
     assert "partitioned by hour: materialize one hour" in error.message
+
+
+def test_a_stale_run_batches_only_the_partitions_of_what_is_stale(home: Settings):
+    graph = lab.load_definitions(home).resolve_asset_graph()
+    everything = sorted(graph.get_all_asset_keys())
+    latest = lab._latest_partitions(graph, everything)
+    model = dg.AssetKey("wine_model")
+    # Only the model is stale: no run for the partitioned assets' (empty) batches.
+    assert lab._groups(graph, [model], latest) == [([model], None)]
+    arrivals_key = dg.AssetKey("wine_arrivals")
+    groups = lab._groups(graph, [model, arrivals_key], latest)
+    assert groups == [([model], None), ([arrivals_key], latest[arrivals_key])]

@@ -104,6 +104,20 @@ def _latest_partitions(graph: Any, keys: list[Any]) -> dict[Any, str]:
     return latest
 
 
+def _groups(
+    graph: Any, keys: list[Any], partitions: dict[Any, str]
+) -> list[tuple[list[Any], str | None]]:
+    """One run's keys per partition (unpartitioned first), upstream batches first."""
+    groups: list[tuple[list[Any], str | None]] = []
+    plain = [k for k in keys if graph.get(k).partitions_def is None]
+    if plain:
+        groups.append((plain, None))
+    # Only the partitions of `keys`: `--stale` may leave a partitioned asset out.
+    for last in sorted({partitions[k] for k in keys if k in partitions}):
+        groups.append(([k for k in keys if partitions.get(k) == last], last))
+    return _upstream_first(graph, groups)
+
+
 def _upstream_first(graph: Any, groups: list[Any]) -> list[Any]:
     """Order batches so that one whose assets read another's comes after it.
 
@@ -192,15 +206,8 @@ def materialize(
             return LabRun(run_id=None)
 
     job = definitions.resolve_implicit_global_asset_job_def()
-    groups: list[tuple[list[Any], str | None]] = []
-    plain = [k for k in keys if graph.get(k).partitions_def is None]
-    if plain:
-        groups.append((plain, None))
-    for last in sorted(set(partitions.values())):
-        groups.append(([k for k in keys if partitions.get(k) == last], last))
     batches: list[_Batch] = []
-    groups = _upstream_first(graph, groups)
-    for batch_keys, batch_partition in groups:
+    for batch_keys, batch_partition in _groups(graph, keys, partitions):
         earlier = {k for b in batches for k in b.keys}
         needs = {p for k in batch_keys for p in graph.get(k).parent_keys if p in earlier}
         batches.append(_Batch(batch_keys, batch_partition, needs, fan_out=False))

@@ -226,7 +226,9 @@ while not stop.exists():
         times.append(time.time())
         if gen not in gens:
             gens.append(gen)
-            seen.write_text(json.dumps(gens))
+            tmp = seen.with_suffix(".tmp")  # replaced whole: the test never reads half a file
+            tmp.write_text(json.dumps(gens))
+            tmp.replace(seen)
     except Exception as exc:
         errors.append(repr(exc))
     time.sleep(0.002)
