@@ -118,7 +118,9 @@ def test_markdown_edits_keep_the_code_version_and_code_edits_make_it_stale(lab: 
 
     nb.cells[-1].source = BODY.replace("len(wine)", "len(wine) + 1")
     nbformat.write(nb, path)
-    rerun = materialize(get_settings(), stale_only=True, console=QUIET)
+    rerun = materialize(
+        get_settings(), stale_only=True, selection=["wine_table", "wine_summary"], console=QUIET
+    )
     assert rerun.success, rerun.error
     assert "wine_summary" in rerun.materialized and "wine_table" not in rerun.materialized
     assert rerun.values["wine_summary"]["rows"] == 179
