@@ -359,3 +359,16 @@ def test_a_stale_run_batches_only_the_partitions_of_what_is_stale(home: Settings
     arrivals_key = dg.AssetKey("wine_arrivals")
     groups = lab._groups(graph, [model, arrivals_key], latest)
     assert groups == [([model], None), ([arrivals_key], latest[arrivals_key])]
+
+
+def test_a_stale_run_includes_what_reads_the_stale_assets(home: Settings):
+    graph = lab.load_definitions(home).resolve_asset_graph()
+    everything = sorted(graph.get_all_asset_keys())
+    hour = dg.AssetKey("wine_arrivals")
+    chosen = {k.to_user_string() for k in lab._and_downstream(graph, everything, [hour])}
+    assert chosen == {"wine_arrivals", "wine_arrival_scores"}  # a new hour re-scores the day
+    model = {
+        k.to_user_string()
+        for k in lab._and_downstream(graph, everything, [dg.AssetKey("wine_model")])
+    }
+    assert model == {"wine_model", "wine_daily_scores", "wine_arrival_scores", "lab_scorecard"}

@@ -104,6 +104,19 @@ def _latest_partitions(graph: Any, keys: list[Any]) -> dict[Any, str]:
     return latest
 
 
+def _and_downstream(graph: Any, candidates: list[Any], stale: list[Any]) -> list[Any]:
+    """`stale` plus the candidates downstream of it, whose inputs the run is about to change."""
+    chosen = set(stale)
+    grew = True
+    while grew:
+        grew = False
+        for key in candidates:
+            if key not in chosen and chosen & set(graph.get(key).parent_keys):
+                chosen.add(key)
+                grew = True
+    return [k for k in candidates if k in chosen]
+
+
 def _groups(
     graph: Any, keys: list[Any], partitions: dict[Any, str]
 ) -> list[tuple[list[Any], str | None]]:
@@ -201,7 +214,7 @@ def materialize(
         console.print(f"[yellow]Run {run_id[:8]} was marked failed: its process is gone.[/yellow]")
     partitions = _latest_partitions(graph, keys)
     if stale_only:
-        keys = _stale_keys(instance, definitions, keys, partitions)
+        keys = _and_downstream(graph, keys, _stale_keys(instance, definitions, keys, partitions))
         if not keys:
             return LabRun(run_id=None)
 
