@@ -97,20 +97,18 @@ class ServicesLab:
         if proc.returncode != 0:
             raise SystemExit(f"dagma services {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
 
-    def gql(self, query: str, variables: dict[str, Any] | None = None) -> Any:
+    def client(self) -> Any:
         from dagster_graphql import DagsterGraphQLClient
 
-        client = DagsterGraphQLClient(
+        return DagsterGraphQLClient(
             "127.0.0.1", port_number=self.config.dagma_dagster_port, timeout=60
         )
-        return client._execute(query, variables or {})
+
+    def gql(self, query: str, variables: dict[str, Any] | None = None) -> Any:
+        return self.client()._execute(query, variables or {})
 
     def seed(self) -> None:
-        from dagster_graphql import DagsterGraphQLClient
-
-        client = DagsterGraphQLClient(
-            "127.0.0.1", port_number=self.config.dagma_dagster_port, timeout=60
-        )
+        client = self.client()
         run_id = client.submit_job_execution(
             JOB,
             repository_location_name=LOCATION,
