@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 CONTEXT_VAR = "dagma_context"
+# The same path, for code that has no notebook namespace to read it from.
+CONTEXT_ENV = "DAGMA_CONTEXT"
 
 
 class NotebookContextError(RuntimeError):
@@ -121,7 +123,7 @@ class NotebookContext:
             import mlflow.sklearn
 
             mlflow.sklearn.autolog(log_models=False, silent=True)
-        run_id = self.mlflow_run_id or self._bridge_run_id()
+        run_id = self.mlflow_run_id or self.wait_for_run_id()
         if run_id:
             kwargs: dict[str, Any] = {"run_id": run_id}
             if run_name:
@@ -140,7 +142,7 @@ class NotebookContext:
         with mlflow.start_run(**kwargs) as run:
             yield run
 
-    def _bridge_run_id(self, timeout: float = 120.0) -> str | None:
+    def wait_for_run_id(self, timeout: float = 120.0) -> str | None:
         """The run the bridge creates while the kernel starts: wait for its id file."""
         if not self.mlflow_run_file:
             return None
@@ -216,7 +218,7 @@ def context(name: str | None = None) -> NotebookContext:
     file Jupyter reports (or `name`).
     """
     ns = _user_ns()
-    path = ns.get(CONTEXT_VAR) or os.environ.get("DAGMA_CONTEXT")
+    path = ns.get(CONTEXT_VAR) or os.environ.get(CONTEXT_ENV)
     if not path:
         session = ns.get("__session__") or ns.get("__vsc_ipynb_file__") or ""
         notebook = name or (Path(str(session)).stem if session else "interactive")

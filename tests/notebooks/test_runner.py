@@ -78,10 +78,22 @@ def test_a_failing_cell_keeps_ipynb_and_html_and_names_the_error(tmp_path: Path)
     assert failed.html is not None and "boom" in failed.html.read_text()
 
 
-def test_a_notebook_that_never_outputs_is_an_error(tmp_path: Path):
-    path = write_nb(tmp_path / "silent.ipynb", params="n: int = 1", body="n + 1")
-    with pytest.raises(NotebookFailed, match=r"never called ctx.output\(\.\.\., name='silent'\)"):
+def test_a_declared_output_never_handed_over_is_an_error(tmp_path: Path):
+    params = 'asset = {"outputs": ["silent"]}\nn: int = 1'
+    path = write_nb(tmp_path / "silent.ipynb", params=params, body="n + 1")
+    with pytest.raises(NotebookFailed, match=r"never handed over its declared output 'silent'"):
         execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
+
+
+def test_a_notebook_that_hands_no_value_is_its_executed_copy(tmp_path: Path):
+    path = write_nb(
+        tmp_path / "report.ipynb", params="upstream = []\nn: int = 1", body="print('rows', n + 1)"
+    )
+    run = execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
+    value = run.outputs["report"]
+    assert value["executed_notebook"] == str(run.ipynb)
+    assert "rows 2" in Path(value["executed_notebook"]).read_text()
+    assert Path(value["html"]).read_text().startswith("<!DOCTYPE html>")
 
 
 def test_bad_parameters_fail_before_any_kernel_starts(tmp_path: Path):

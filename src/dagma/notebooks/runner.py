@@ -10,10 +10,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from dagma.nb import CONTEXT_VAR, NotebookContext
-from dagma.notebooks.spec import NotebookSpec
+from dagma.notebooks import parameterize
+from dagma.notebooks.spec import NotebookSpec, read_notebook
 
 KERNEL = (
     "python3"  # jupyter_client maps the native kernel to this very interpreter (sys.executable)
@@ -57,6 +58,44 @@ class RunTarget:
     partition_key: str | None = None
     partition_range: list[str] | None = None
     tags: dict[str, str] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """Executes a notebook in a fresh kernel; the executed copy is written even on failure."""
+
+    # Whether upstream values reach the kernel through the run folder (else the engine's own way).
+    passes_inputs: bool
+
+    def run(self, source: Any, values: dict[str, Any], output: Path, cwd: Path) -> None: ...
+
+
+class PapermillEngine:
+    """The default bridge: papermill runs the notebook with its values after the parameters."""
+
+    passes_inputs = True
+
+    def run(self, source: Any, values: dict[str, Any], output: Path, cwd: Path) -> None:
+        import papermill
+
+        # papermill logs a warning per injected name not in the parameters cell; ours is expected.
+        logging.getLogger("papermill").setLevel(logging.ERROR)
+        papermill.execute_notebook(
+            parameterize.for_papermill(source, values),
+            str(output),
+            kernel_name=KERNEL,
+            language="python",
+            cwd=str(cwd),
+            progress_bar=False,
+            log_output=False,
+        )
+
+
+def notebook_value(execution: Execution) -> dict[str, str | None]:
+    """The value of a notebook that hands none over: its executed copy, as with dagstermill."""
+    return {
+        "executed_notebook": str(execution.ipynb),
+        "html": str(execution.html) if execution.html else None,
+    }
 
 
 class KernelError(RuntimeError):
@@ -188,10 +227,10 @@ def execute(
     target: RunTarget,
     params: dict[str, Any] | None = None,
     inputs: dict[str, Any] | None = None,
+    engine: Engine | None = None,
 ) -> Execution:
     """Run `spec` in a fresh kernel of this environment and collect what it outputs."""
-    import papermill
-
+    engine = engine or PapermillEngine()
     values = spec.validate_params(params)
     check_kernel()
     started = time.perf_counter()
@@ -199,7 +238,7 @@ def execute(
     for folder in (inputs_dir, outputs_dir):
         folder.mkdir(parents=True, exist_ok=True)
     upstream_paths = {}
-    for name in spec.upstream:
+    for name in spec.upstream if engine.passes_inputs else ():
         path = inputs_dir / f"{name}.pkl"
         with open(path, "wb") as fh:
             pickle.dump((inputs or {})[name], fh)
@@ -233,18 +272,12 @@ def execute(
     context_path.write_text(json.dumps(asdict(context), default=str, indent=1))
 
     failure: Exception | None = None
-    # papermill logs a warning per injected name not in the parameters cell; ours is expected.
-    logging.getLogger("papermill").setLevel(logging.ERROR)
     try:
-        papermill.execute_notebook(
-            str(spec.path),
-            str(execution.ipynb),
-            parameters={**values, CONTEXT_VAR: str(context_path)},
-            kernel_name=KERNEL,
-            language="python",
-            cwd=str(spec.path.parent),
-            progress_bar=False,
-            log_output=False,
+        engine.run(
+            read_notebook(spec.path),
+            {**values, CONTEXT_VAR: str(context_path)},
+            execution.ipynb,
+            spec.path.parent,
         )
     except Exception as exc:
         failure = exc
@@ -268,8 +301,15 @@ def execute(
 
     for name in spec.asset_names:
         path = outputs_dir / f"{name}.pkl"
+        if not path.is_file() and not spec.outputs:
+            execution.outputs[name] = notebook_value(execution)
+            execution.output_metadata[name] = {}
+            continue
         if not path.is_file():
-            execution.error = f"it never called ctx.output(..., name={name!r})"
+            execution.error = (
+                f"it never handed over its declared output {name!r} "
+                f"(ctx.output(..., name={name!r}) or dagstermill.yield_result(..., {name!r}))"
+            )
             _finish_mlflow_run(execution, target, failed=True)
             raise NotebookFailed(
                 f"Notebook {spec.path.name} finished but {execution.error}. "

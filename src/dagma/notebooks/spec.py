@@ -3,8 +3,9 @@
 A production notebook has one code cell tagged `parameters`. In it:
 - `upstream = ["asset_a", ...]` names the assets whose values it reads;
 - `asset = {"group": ..., "outputs": [...], "kinds": [...], "owners": [...], "tags": {...},
-  "pool": ...}` is optional; `pool` names a Dagster concurrency pool (one step at a time by
-  default), for notebooks that write a shared store;
+  "pool": ..., "engine": ...}` is optional; `pool` names a Dagster concurrency pool (one step
+  at a time by default), for notebooks that write a shared store; `engine` is "papermill" (the
+  default bridge) or "dagstermill";
 - every other assignment is a typed parameter with a literal default, e.g. `seed: int = 42`.
 """
 
@@ -31,7 +32,10 @@ ASSET_OPTIONS = {
     "description",
     "partitions",
     "pool",
+    "engine",
 }
+# The default bridge first. "dagstermill" runs the notebook through dagstermill's own execution.
+ENGINES = ("papermill", "dagstermill")
 PARTITION_KINDS = ("daily", "hourly", "weekly", "monthly", "static")
 _NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 # Names an annotation may use; evaluated with no builtins, so nothing else is reachable.
@@ -82,6 +86,7 @@ class NotebookSpec:
     tags: dict[str, str] = field(default_factory=dict)
     partitions: tuple[str, Any, int] | None = None
     pool: str | None = None
+    engine: str = ENGINES[0]
 
     @property
     def asset_names(self) -> tuple[str, ...]:
@@ -284,6 +289,12 @@ def parse_notebook(path: Path) -> NotebookSpec:
     for out in outputs:
         if not _NAME.match(out):
             raise NotebookError(f"{path}: output {out!r} must be a snake_case asset name.")
+    engine = options.get("engine", ENGINES[0])
+    if engine not in ENGINES:
+        raise NotebookError(
+            f"{path}: `asset['engine']` is {engine!r}, which is not an engine; use one of "
+            f"{', '.join(map(repr, ENGINES))} (or leave it out for {ENGINES[0]!r})."
+        )
     pool = options.get("pool")
     if pool is not None and not (isinstance(pool, str) and _NAME.match(pool)):
         raise NotebookError(
@@ -299,11 +310,12 @@ def parse_notebook(path: Path) -> NotebookSpec:
         code_version=code_version(nb),
         group=options.get("group"),
         outputs=outputs,
-        kinds=frozenset(_string_list(options.get("kinds", ["jupyter"]), path, "kinds")),
+        kinds=frozenset(_string_list(options.get("kinds", ["jupyter"]), path, "kinds")) | {engine},
         owners=_string_list(options.get("owners", []), path, "owners"),
         tags={str(k): str(v) for k, v in options.get("tags", {}).items()},
         partitions=_partitions(options.get("partitions"), path),
         pool=pool,
+        engine=engine,
     )
 
 
