@@ -224,15 +224,23 @@ def materialize(
         earlier = {k for b in batches for k in b.keys}
         needs = {p for k in batch_keys for p in graph.get(k).parent_keys if p in earlier}
         batches.append(_Batch(batch_keys, batch_partition, needs, fan_out=False))
+    from dagma.notebooks.assets import needs_reconstructable_job
+
     for batch in batches:
         # Steps run in this process only when nothing else can run beside them: a notebook
         # step changes the working directory, which step processes started meanwhile inherit.
         batch.fan_out = limit > 1 and (len(batches) > 1 or _can_overlap(graph, batch.keys))
-    if any(b.fan_out for b in batches):
+        # dagstermill's kernel rebuilds its step from a reconstructable job, never in-process.
+        batch.reconstructable = batch.fan_out or any(
+            needs_reconstructable_job(job.asset_layer.get(k).assets_def) for k in batch.keys
+        )
+    if any(b.reconstructable for b in batches):
         shared_definitions(settings, loaded=definitions)
+    if any(b.fan_out for b in batches):
         _start_forkserver(_preload_modules(), log)
     config = _run_config(job, keys, seed, params)
     _no_logging_reconfiguration()
+    _quiet_notebook_engines()
     runner = _Runner(definitions, instance, config, limit)
     _orchestrate(runner, batches, limit, console, settings)
     for batch in batches:
@@ -262,6 +270,7 @@ class _Batch:
     partition: str | None
     needs: set[Any]
     fan_out: bool  # multiprocess executor; else in this process
+    reconstructable: bool = False  # executed from the job's module, not from this process's defs
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     run_id: str | None = None
     thread: threading.Thread | None = None
@@ -304,6 +313,26 @@ def _no_logging_reconfiguration() -> None:
 
     get_yaml_python_handlers._dagma_guard = True  # type: ignore[attr-defined]
     EventMethods.get_yaml_python_handlers = get_yaml_python_handlers  # type: ignore[method-assign]
+
+
+def _quiet_notebook_engines() -> None:
+    """Keep dagstermill's papermill bar and its kernel's stderr off the lab's progress display.
+
+    dagstermill runs papermill with its tqdm bar (imported from `tqdm.auto` at each run) and
+    logs the kernel's output as papermill warnings; the executed notebook keeps all of it, and
+    failures still reach the summary.
+    """
+    import functools
+    import logging
+    import warnings
+
+    import dagster as dg
+    import tqdm.auto
+
+    logging.getLogger("papermill").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)  # dagstermill's, at each step
+    if not isinstance(tqdm.auto.tqdm, functools.partial):
+        tqdm.auto.tqdm = functools.partial(tqdm.auto.tqdm, disable=True)  # type: ignore[misc]
 
 
 def _launch_tags(token: str) -> dict[str, str]:
@@ -410,8 +439,8 @@ class _Runner:
             started = time.perf_counter()
             self.first_start = self.first_start or started
             try:
-                if batch.fan_out:
-                    batch.outcome = self._multiprocess(batch)
+                if batch.reconstructable:
+                    batch.outcome = self._reconstructed(batch)
                 else:
                     batch.outcome = self._in_process(batch)
             except Exception as exc:  # shown to the user, never swallowed
@@ -421,7 +450,7 @@ class _Runner:
                 if batch.outcome is not None:
                     batch.outcome.seconds = self.last_end - started
 
-        if not batch.fan_out:
+        if not batch.reconstructable:
             batch.run_id = str(uuid.uuid4())  # known up front; execute_job makes its own
         batch.thread = threading.Thread(target=work, name=f"dagma-run-{batch.token}", daemon=True)
         batch.thread.start()
@@ -438,7 +467,8 @@ class _Runner:
         )
         return _collect(result, result.asset_value)
 
-    def _multiprocess(self, batch: _Batch) -> LabRun:
+    def _reconstructed(self, batch: _Batch) -> LabRun:
+        """The batch as a reconstructable job: in step processes when it fans out, else here."""
         import dagster as dg
         from dagster._core.definitions.reconstruct import (
             ReconstructableJob,
@@ -451,15 +481,13 @@ class _Runner:
         recon = ReconstructableRepository.for_module(
             __name__, step_definitions.__name__, working_directory=os.getcwd()
         ).get_reconstructable_job(self.job.name)
-        start_method = {"forkserver": {"preload_modules": _preload_modules()}}
-        run_config = {
-            **self.run_config,
-            "execution": {
-                "config": {
-                    "multiprocess": {"max_concurrent": self.limit, "start_method": start_method}
-                }
-            },
-        }
+        executor: dict[str, Any] = {"in_process": {}}
+        if batch.fan_out:
+            start_method = {"forkserver": {"preload_modules": _preload_modules()}}
+            executor = {
+                "multiprocess": {"max_concurrent": self.limit, "start_method": start_method}
+            }
+        run_config = {**self.run_config, "execution": {"config": executor}}
         tags = _launch_tags(batch.token)
         if batch.partition is not None:
             tags["dagster/partition"] = batch.partition
@@ -474,9 +502,9 @@ class _Runner:
         return _collect(result, None)  # the values stayed in the step processes: see load_values
 
     def load_values(self, batch: _Batch) -> None:
-        """Read back, through the IO manager, what a multiprocess run's steps returned."""
+        """Read back, through the IO manager, what a reconstructed run's steps returned."""
         run = batch.outcome
-        if not batch.fan_out or run is None or not run.materialized:
+        if not batch.reconstructable or run is None or not run.materialized:
             return
         # Dagster's loader logs each load at DEBUG on stderr, whatever the run config says.
         with (
@@ -648,6 +676,9 @@ def _definitions_key(settings: Settings) -> tuple[Any, ...]:
     for path in sorted(settings.notebooks_dir.rglob("*.ipynb")):
         stat = path.stat()
         notebooks.append((str(path), stat.st_mtime_ns, stat.st_size))
+    team = settings.dagma_defs_dir
+    for path in sorted(team.glob("*.py")) if team is not None and team.is_dir() else []:
+        notebooks.append((str(path), path.stat().st_mtime_ns, path.stat().st_size))
     dotenv = Path(".env")
     env_file = dotenv.stat().st_mtime_ns if dotenv.is_file() else None
     env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))

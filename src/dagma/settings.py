@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     dagma_notebooks_dir: Path | None = Field(
         default=None, description="Folder of production notebooks; default ./notebooks."
     )
+    dagma_defs_dir: Path | None = Field(
+        default=None,
+        description="A folder of the team's own Dagster definitions (Python files, e.g. "
+        "hand-written dagstermill assets), loaded beside src/dagma/defs/.",
+    )
     dagma_collection: str = Field(default="dagma_docs", description="Vector collection name.")
     dagma_experiment: str = Field(default="dagma", description="MLflow experiment name.")
     dagma_seed: int = Field(default=42, description="Seed used by every notebook and model.")

@@ -11,16 +11,24 @@ from dagma.notebooks.runner import KernelError, NotebookFailed, RunTarget, execu
 from dagma.notebooks.spec import NotebookError, NotebookSpec
 from dagma.settings import get_settings
 
-_CONFIG_TYPES: dict[type, Any] = {int: dg.Int, float: dg.Float, str: dg.String, bool: dg.Bool}
+_CONFIG_TYPES: dict[Any, Any] = {int: dg.Int, float: dg.Float, str: dg.String, bool: dg.Bool}
 # Declared in a parameters cell, these are filled by Dagster rather than by run config.
 PARTITION_PARAMS = ("partition_key", "partition_range")
+# Op tags: which notebook an op runs and on which engine. `notebook_path` is dagstermill's own
+# tag, which the Dagster UI turns into a link to the source notebook.
+NOTEBOOK_TAG, ENGINE_TAG, DAGSTERMILL_PATH_TAG = "dagma/notebook", "dagma/engine", "notebook_path"
 
 
 def _config_schema(spec: NotebookSpec) -> dict[str, dg.Field]:
-    """The notebook's parameters as run config, so the launchpad shows them with defaults."""
+    """The notebook's parameters as run config, so the launchpad shows them with defaults.
+
+    Each field has the declared type (a `float` declared with the default 1 takes 0.5); what
+    Dagster's config cannot express (lists, Literal, constrained fields) is `Any` here and is
+    checked by the notebook's pydantic model before a kernel starts.
+    """
     return {
         name: dg.Field(
-            _CONFIG_TYPES.get(type(p.default), dg.Any),
+            _CONFIG_TYPES.get(p.annotation, dg.Any),
             default_value=p.default,
             is_required=False,
             description=f"{p.type_name} parameter of {spec.path.name}",
@@ -87,6 +95,11 @@ def _file_metadata(path: Path | None) -> dg.MetadataValue | None:
     return dg.MetadataValue.path(str(path)) if path is not None else None
 
 
+def _notebook_metadata(path: Path | None) -> dg.MetadataValue | None:
+    """Opens in the Dagster UI's notebook viewer, as dagstermill's executed notebooks do."""
+    return dg.MetadataValue.notebook(str(path)) if path is not None else None
+
+
 def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
     """A multi-asset that runs `spec` in a fresh kernel and yields each declared output."""
     outs = {
@@ -110,7 +123,11 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         ins=_ins(spec, partitions),
         config_schema=_config_schema(spec),
         partitions_def=partitions,
-        op_tags={"dagma/notebook": str(spec.path)},
+        op_tags={
+            NOTEBOOK_TAG: str(spec.path),
+            ENGINE_TAG: spec.engine,
+            DAGSTERMILL_PATH_TAG: str(spec.path),
+        },
         retry_policy=service_retry_policy(),
         pool=spec.pool,
     )
@@ -144,15 +161,27 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
             partition_range=window,
         )
         mlflow.check()  # a server that is down fails here, and the retry policy waits for it
+        engine = None
+        if spec.engine == "dagstermill":
+            from dagma.notebooks.dagstermill_engine import DagstermillEngine
+
+            engine = DagstermillEngine(context.get_step_execution_context(), inputs, spec.name)
         try:
-            run = execute(spec, run_dir=run_dir, target=target, params=params, inputs=inputs)
+            run = execute(
+                spec,
+                run_dir=run_dir,
+                target=target,
+                params=params,
+                inputs=inputs,
+                engine=engine,
+            )
         except NotebookFailed as exc:
             failed = exc.execution
             raise dg.Failure(
                 description=str(exc),
                 allow_retries=False,  # the notebook's own error: running it again changes nothing
                 metadata={
-                    "executed_notebook": _file_metadata(failed.ipynb),
+                    "executed_notebook": _notebook_metadata(failed.ipynb),
                     "html": _file_metadata(failed.html),
                     "error": failed.error or "",
                 },
@@ -160,7 +189,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         except (NotebookError, KernelError) as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from exc
         common: dict[str, Any] = {
-            "executed_notebook": _file_metadata(run.ipynb),
+            "executed_notebook": _notebook_metadata(run.ipynb),
             "html": _file_metadata(run.html),
             "parameters": dg.MetadataValue.json(run.params),
             "seconds": round(run.seconds, 2),
@@ -169,9 +198,14 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         if run.mlflow_run_id:
             common["mlflow_run_id"] = run.mlflow_run_id
             common["mlflow_run"] = dg.MetadataValue.url(mlflow.run_url(run.mlflow_run_id))
+        events = engine.events if engine is not None else []
+        for event in events:
+            if isinstance(event, dg.Failure | dg.RetryRequested):
+                raise event  # yielded with dagstermill.yield_event, as dagstermill does
         for name in spec.asset_names:
             meta = {**common, **run.output_metadata.get(name, {})}
             yield dg.Output(run.outputs[name], output_name=name, metadata=meta)
+        yield from events
 
     return _notebook
 
@@ -180,6 +214,54 @@ def notebook_assets(folder: Path) -> list[dg.AssetsDefinition]:
     from dagma.notebooks.spec import discover
 
     return [notebook_asset(spec) for spec in discover(folder)]
+
+
+def needs_reconstructable_job(assets_def: dg.AssetsDefinition) -> bool:
+    """Whether its step runs through dagstermill, which runs only reconstructable jobs."""
+    if not assets_def.is_executable:
+        return False
+    tags = assets_def.op.tags
+    if ENGINE_TAG in tags:
+        return tags[ENGINE_TAG] == "dagstermill"
+    return DAGSTERMILL_PATH_TAG in tags  # a hand-written dagstermill asset
+
+
+def _hand_written_notebooks(defs: dg.Definitions) -> dict[dg.AssetKey, Path]:
+    """The source notebook of each asset written with `define_dagstermill_asset`."""
+    found = {}
+    for item in defs.assets or []:
+        if isinstance(item, dg.AssetsDefinition) and needs_reconstructable_job(item):
+            if ENGINE_TAG not in item.op.tags:
+                for key in item.keys:
+                    found[key] = Path(item.op.tags[DAGSTERMILL_PATH_TAG])
+    return found
+
+
+def with_lab_extras(defs: dg.Definitions) -> dg.Definitions:
+    """Hand-written dagstermill assets get what the lab's notebook assets get: a code version
+    from the notebook's code cells, the engine as a kind, and the `stale_notebook` automation.
+    """
+    import warnings
+
+    from dagma.notebooks.spec import code_version, read_notebook
+
+    notebooks = _hand_written_notebooks(defs)
+    if not notebooks:
+        return defs
+    versions = {key: code_version(read_notebook(path)) for key, path in notebooks.items()}
+
+    def extras(spec: dg.AssetSpec) -> dg.AssetSpec:
+        if spec.key not in notebooks:
+            return spec
+        spec = spec.merge_attributes(kinds={"jupyter", "dagstermill"})
+        return spec.replace_attributes(
+            code_version=spec.code_version or versions[spec.key],
+            automation_condition=spec.automation_condition or stale_notebook(),
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # map_asset_specs is marked preview
+        return defs.map_asset_specs(func=extras)
 
 
 def check_upstreams(defs: dg.Definitions) -> None:
@@ -193,14 +275,20 @@ def check_upstreams(defs: dg.Definitions) -> None:
     for item in defs.assets or []:
         if not isinstance(item, dg.AssetsDefinition):
             continue
-        notebook = item.op.tags.get("dagma/notebook") if item.is_executable else None
+        tags = item.op.tags if item.is_executable else {}
+        notebook = tags.get(NOTEBOOK_TAG) or tags.get(DAGSTERMILL_PATH_TAG)
         if notebook is None:
             continue
+        fix = (
+            "the `upstream` list in its parameters cell"
+            if NOTEBOOK_TAG in tags
+            else f"the `ins` of define_dagstermill_asset(name={item.op.name!r}, ...)"
+        )
         for key in sorted(set(item.keys_by_input_name.values()) - produced):
             known = ", ".join(sorted(k.to_user_string() for k in produced))
             raise NotebookError(
-                f"{notebook}: upstream {key.to_user_string()!r} is not an asset. Fix the "
-                f"`upstream` list in its parameters cell; known assets: {known}."
+                f"{notebook}: upstream {key.to_user_string()!r} is not an asset. Fix "
+                f"{fix}; known assets: {known}."
             )
     _check_no_cycle(defs)
 
@@ -214,7 +302,7 @@ def _check_no_cycle(defs: dg.Definitions) -> None:
     for item in defs.assets or []:
         if not isinstance(item, dg.AssetsDefinition):
             continue
-        name = item.op.tags.get("dagma/notebook") if item.is_executable else None
+        name = item.op.tags.get(NOTEBOOK_TAG) if item.is_executable else None
         parents = set(item.keys_by_input_name.values())
         for key in item.keys:
             graph.setdefault(key, set()).update(parents)

@@ -144,9 +144,13 @@ def warm_html_exporter() -> None:
 
 def render_html(ipynb: Path) -> Path:
     """A self-contained HTML copy (images inlined) next to the executed notebook."""
+    import warnings
+
     import nbformat
 
-    body, _ = _html_exporter().from_notebook_node(nbformat.read(ipynb, as_version=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # e.g. dagstermill's scraps: not shown
+        body, _ = _html_exporter().from_notebook_node(nbformat.read(ipynb, as_version=4))
     html = ipynb.with_suffix(".html")
     html.write_text(body, encoding="utf-8")
     return html

@@ -7,6 +7,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
+from dagma.defs.core.notebook_io import LabOutputNotebookIOManager
 from dagma.lib import tracking
 from dagma.settings import get_settings
 
@@ -114,5 +115,15 @@ def resources() -> dg.Definitions:
             ),
             "llm": LLMResource(backend=os.environ.get("DAGMA_LLM", "local")),
             "io_manager": dg.FilesystemIOManager(base_dir=str(s.dagster_dir / "storage")),
+            # dagstermill's default key for executed notebooks: hand-written assets need it.
+            "output_notebook_io_manager": LabOutputNotebookIOManager(
+                base_dir=str(s.dagster_dir / "storage"),
+                runs_dir=str(s.runs_dir),
+                tracking_uri=s.tracking_uri,
+                experiment=s.dagma_experiment,
+                artifact_root=str(s.artifact_root),
+                mlflow_ui_url=s.mlflow_ui,
+                dagster_ui_url=s.dagster_ui_url,
+            ),
         }
     )

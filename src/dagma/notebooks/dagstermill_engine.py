@@ -1,0 +1,65 @@
+"""The dagstermill engine: dagstermill's own execution, on a copy that keeps the defaults.
+
+dagstermill starts the kernel, rebuilds the step's context there from the reconstructable job
+(so `dagstermill.get_context()` is this run's), and loads each upstream value into a variable
+of the input's name. What the notebook yields through `yield_event` comes back as events.
+"""
+
+from __future__ import annotations
+
+import pickle  # nosec B403 # only events dagstermill's own kernel-side manager wrote
+from pathlib import Path
+from typing import Any
+
+import nbformat
+
+from dagma.notebooks import parameterize
+
+
+class DagstermillEngine:
+    """Runs one step's notebook with `dagstermill.factory.execute_notebook`."""
+
+    passes_inputs = False  # dagstermill loads them in the kernel through the IO manager
+
+    def __init__(self, step_context: Any, inputs: dict[str, Any], name: str) -> None:
+        self.step_context, self.inputs, self.name = step_context, inputs, name
+        self.events: list[Any] = []
+
+    def run(self, source: Any, values: dict[str, Any], output: Path, cwd: Path) -> None:
+        from dagstermill.factory import execute_notebook
+
+        work = output.parent / "dagstermill"
+        work.mkdir(parents=True, exist_ok=True)
+        copy = work / output.name
+        nbformat.write(parameterize.for_dagstermill(source, values), copy)
+        try:
+            executed = execute_notebook(
+                self.step_context,
+                name=self.name,
+                save_notebook_on_failure=False,  # the executed copy is kept below either way
+                notebook_path=str(copy),
+                output_notebook_dir=str(work),
+                inputs=self.inputs,
+            )
+        except Exception:
+            failed = sorted(work.glob("*-out.ipynb"), key=lambda p: p.stat().st_mtime)
+            if failed:
+                failed[-1].replace(output)
+            raise
+        finally:
+            for scratch in work.glob("*-inter.ipynb"):  # dagstermill's parameterized copy
+                scratch.unlink(missing_ok=True)
+        Path(executed).replace(output)
+        self.events = events_of(output)
+
+
+def events_of(executed: Path) -> list[Any]:
+    """The Dagster events the notebook yielded with `dagstermill.yield_event`, in order."""
+    import scrapbook
+
+    events = []
+    for key, scrap in scrapbook.read_notebook(str(executed)).scraps.items():
+        if key.startswith("event-"):
+            with open(scrap.data, "rb") as fh:
+                events.append(pickle.load(fh))  # nosec B301 # written by dagstermill's kernel
+    return events
