@@ -332,7 +332,7 @@ def _quiet_notebook_engines() -> None:
     logging.getLogger("papermill").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=dg.BetaWarning)  # dagstermill's, at each step
     if not isinstance(tqdm.auto.tqdm, functools.partial):
-        tqdm.auto.tqdm = functools.partial(tqdm.auto.tqdm, disable=True)  # type: ignore[misc]
+        tqdm.auto.tqdm = functools.partial(tqdm.auto.tqdm, disable=True)
 
 
 def _launch_tags(token: str) -> dict[str, str]:

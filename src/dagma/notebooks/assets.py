@@ -230,10 +230,11 @@ def _hand_written_notebooks(defs: dg.Definitions) -> dict[dg.AssetKey, Path]:
     """The source notebook of each asset written with `define_dagstermill_asset`."""
     found = {}
     for item in defs.assets or []:
-        if isinstance(item, dg.AssetsDefinition) and needs_reconstructable_job(item):
-            if ENGINE_TAG not in item.op.tags:
-                for key in item.keys:
-                    found[key] = Path(item.op.tags[DAGSTERMILL_PATH_TAG])
+        if not isinstance(item, dg.AssetsDefinition) or not needs_reconstructable_job(item):
+            continue
+        if ENGINE_TAG not in item.op.tags:
+            for key in item.keys:
+                found[key] = Path(item.op.tags[DAGSTERMILL_PATH_TAG])
     return found
 
 
