@@ -77,7 +77,7 @@ def _ins(spec: NotebookSpec, partitions: dg.PartitionsDefinition | None) -> dict
     """Upstream inputs; a time-partitioned notebook reads whichever upstream partitions exist."""
     timed = isinstance(partitions, dg.TimeWindowPartitionsDefinition)
     return {
-        name: dg.AssetIn(
+        variable: dg.AssetIn(
             dg.AssetKey(name),
             # e.g. a day reads the hours that had data, and today reads today's hours so far
             metadata={"allow_missing_partitions": True},
@@ -87,7 +87,7 @@ def _ins(spec: NotebookSpec, partitions: dg.PartitionsDefinition | None) -> dict
                 else None
             ),
         )
-        for name in spec.upstream
+        for variable, name in spec.ins.items()
     }
 
 
@@ -165,7 +165,12 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         if spec.engine == "dagstermill":
             from dagma.notebooks.dagstermill_engine import DagstermillEngine
 
-            engine = DagstermillEngine(context.get_step_execution_context(), inputs, spec.name)
+            engine = DagstermillEngine(
+                context.get_step_execution_context(),
+                inputs,
+                spec.name,
+                keep_defaults=spec.keeps_defaults,
+            )
         try:
             run = execute(
                 spec,

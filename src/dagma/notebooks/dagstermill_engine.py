@@ -21,8 +21,11 @@ class DagstermillEngine:
 
     passes_inputs = False  # dagstermill loads them in the kernel through the IO manager
 
-    def __init__(self, step_context: Any, inputs: dict[str, Any], name: str) -> None:
+    def __init__(
+        self, step_context: Any, inputs: dict[str, Any], name: str, *, keep_defaults: bool = True
+    ) -> None:
         self.step_context, self.inputs, self.name = step_context, inputs, name
+        self.keep_defaults = keep_defaults
         self.events: list[Any] = []
 
     def run(self, source: Any, values: dict[str, Any], output: Path, cwd: Path) -> None:
@@ -31,7 +34,9 @@ class DagstermillEngine:
         work = output.parent / "dagstermill"
         work.mkdir(parents=True, exist_ok=True)
         copy = work / output.name
-        nbformat.write(parameterize.for_dagstermill(source, values), copy)
+        nbformat.write(
+            parameterize.for_dagstermill(source, values, keep_defaults=self.keep_defaults), copy
+        )
         try:
             executed = execute_notebook(
                 self.step_context,

@@ -31,11 +31,11 @@ def _tagged(source: str, tag: str) -> nbformat.NotebookNode:
     return cell
 
 
-def _parameters_index(nb: nbformat.NotebookNode) -> int:
+def _parameters_index(nb: nbformat.NotebookNode) -> int | None:
     for i, cell in enumerate(nb.cells):
         if PARAMETERS_TAG in cell.get("metadata", {}).get("tags", []):
             return i
-    raise ValueError("the notebook has no cell tagged 'parameters'")
+    return None
 
 
 def codify(values: dict[str, Any], comment: str = "Parameters") -> str:
@@ -46,30 +46,41 @@ def codify(values: dict[str, Any], comment: str = "Parameters") -> str:
 def for_papermill(nb: nbformat.NotebookNode, values: dict[str, Any]) -> nbformat.NotebookNode:
     """`nb` with an injected-parameters cell of `values` right after its parameters cell."""
     nb = copy.deepcopy(nb)
-    at = _parameters_index(nb) + 1
-    nb.cells.insert(at, _tagged(codify(values), INJECTED_TAG))
+    at = _parameters_index(nb)
+    if at is None:
+        raise ValueError("the notebook has no cell tagged 'parameters'")
+    nb.cells.insert(at + 1, _tagged(codify(values), INJECTED_TAG))
     nb.metadata.setdefault("papermill", {})["parameters"] = json.loads(
         json.dumps(values, default=str)
     )
     return nb
 
 
-def for_dagstermill(nb: nbformat.NotebookNode, values: dict[str, Any]) -> nbformat.NotebookNode:
+def for_dagstermill(
+    nb: nbformat.NotebookNode, values: dict[str, Any], *, keep_defaults: bool = True
+) -> nbformat.NotebookNode:
     """The copy a dagstermill-engine asset hands to dagstermill.
 
     dagstermill replaces the cell tagged `parameters` with its context cell (which also loads
-    the upstream values into variables). Here that tag moves to a new empty cell after the
-    author's parameters cell, so the defaults still run first; the run's values follow in a
-    cell of their own. A first cell lets `yield_result` hand values to the asset.
+    the upstream values into variables). With `keep_defaults`, that tag moves to a new empty
+    cell after the author's parameters cell, so the defaults still run first. Without (an
+    adopted dagstermill notebook), the author's cell is replaced, as dagstermill does. The
+    run's values follow in a cell of their own, and a first cell lets `yield_result` hand
+    values to the asset.
     """
     nb = copy.deepcopy(nb)
     at = _parameters_index(nb)
-    defaults = nb.cells[at]
-    defaults.metadata["tags"] = [
-        DEFAULTS_TAG if t == PARAMETERS_TAG else t for t in defaults.metadata.get("tags", [])
-    ]
+    if at is None:  # dagstermill would inject at the top
+        nb.cells.insert(0, _tagged("", PARAMETERS_TAG))
+        at = 0
+    elif keep_defaults:
+        defaults = nb.cells[at]
+        defaults.metadata["tags"] = [
+            DEFAULTS_TAG if t == PARAMETERS_TAG else t for t in defaults.metadata.get("tags", [])
+        ]
+        at += 1
+        nb.cells.insert(at, _tagged("", PARAMETERS_TAG))
     run_values = _tagged(codify(values, "Parameters of this run (Dagma)"), RUN_VALUES_TAG)
-    nb.cells[at + 1 : at + 1] = [nbformat.v4.new_code_cell(""), run_values]
-    nb.cells[at + 1].metadata["tags"] = [PARAMETERS_TAG]
+    nb.cells.insert(at + 1, run_values)
     nb.cells.insert(0, _tagged(PRELUDE, PRELUDE_TAG))
     return nb

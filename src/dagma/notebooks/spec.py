@@ -7,6 +7,11 @@ A production notebook has one code cell tagged `parameters`. In it:
   at a time by default), for notebooks that write a shared store; `engine` is "papermill" (the
   default bridge) or "dagstermill";
 - every other assignment is a typed parameter with a literal default, e.g. `seed: int = 42`.
+
+A dagstermill notebook joins as it is (`dagma notebook adopt`): its declaration sits in the
+notebook's metadata under "dagma" (`{"engine": "dagstermill", "ins": {"variable": "asset"},
+...asset options}`), and its parameters cell, code written for working by hand, is replaced at
+run time by the upstream values, as dagstermill does.
 """
 
 from __future__ import annotations
@@ -87,6 +92,10 @@ class NotebookSpec:
     partitions: tuple[str, Any, int] | None = None
     pool: str | None = None
     engine: str = ENGINES[0]
+    # The notebook's variable for each upstream asset; the asset's own name unless adopted.
+    ins: dict[str, str] = field(default_factory=dict)
+    # False for an adopted dagstermill notebook: its parameters cell is replaced, not kept.
+    keeps_defaults: bool = True
 
     @property
     def asset_names(self) -> tuple[str, ...]:
@@ -267,12 +276,49 @@ def read_notebook(path: Path) -> nbformat.NotebookNode:
     return nb
 
 
+METADATA_KEY = "dagma"
+
+
+def _adopted(declared: Any, path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The asset options and `ins` of a dagstermill notebook declared in its metadata."""
+    fix = "Run `dagma notebook adopt` on it again, or fix its metadata by hand"
+    if not isinstance(declared, dict) or set(declared) - ASSET_OPTIONS - {"ins"}:
+        raise NotebookError(
+            f"{path}: metadata['{METADATA_KEY}'] must be a dict with keys among "
+            f"{sorted(ASSET_OPTIONS | {'ins'})}, got {declared!r}. {fix}."
+        )
+    options = {k: v for k, v in declared.items() if k != "ins"}
+    if options.get("engine") != "dagstermill":
+        raise NotebookError(
+            f"{path}: metadata['{METADATA_KEY}'] declares a dagstermill notebook, so its "
+            f"'engine' must be 'dagstermill'. A notebook for the default engine declares "
+            f"itself in its parameters cell instead. {fix}."
+        )
+    ins = declared.get("ins", {})
+    good = isinstance(ins, dict) and all(
+        isinstance(k, str) and k.isidentifier() and isinstance(v, str) and _NAME.match(v)
+        for k, v in ins.items()
+    )
+    if not good:
+        raise NotebookError(
+            f"{path}: metadata['{METADATA_KEY}']['ins'] must map the notebook's variable names "
+            f"to asset names, like {{'table': 'wine_table'}}, got {ins!r}. {fix}."
+        )
+    return options, dict(ins)
+
+
 def parse_notebook(path: Path) -> NotebookSpec:
     """Parse one notebook into a spec; raise NotebookError naming the file on any problem."""
     path = path.resolve()
     nb = read_notebook(path)
     _check_language(nb, path)
-    reserved, params = _parse_parameters(_parameters_cell(nb, path), path)
+    declared = nb.metadata.get(METADATA_KEY)
+    ins: dict[str, str] | None = None
+    if declared is not None:
+        options, ins = _adopted(declared, path)
+        reserved, params = {"asset": options, "upstream": sorted(set(ins.values()))}, {}
+    else:
+        reserved, params = _parse_parameters(_parameters_cell(nb, path), path)
     name = path.stem
     if not _NAME.match(name):
         raise NotebookError(
@@ -316,6 +362,8 @@ def parse_notebook(path: Path) -> NotebookSpec:
         partitions=_partitions(options.get("partitions"), path),
         pool=pool,
         engine=engine,
+        ins=ins if ins is not None else {u: u for u in upstream},
+        keeps_defaults=declared is None,
     )
 
 
