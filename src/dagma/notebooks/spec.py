@@ -314,6 +314,8 @@ def parse_notebook(path: Path) -> NotebookSpec:
     _check_language(nb, path)
     declared = nb.metadata.get(METADATA_KEY)
     ins: dict[str, str] | None = None
+    reserved: dict[str, Any]
+    params: dict[str, Param]
     if declared is not None:
         options, ins = _adopted(declared, path)
         reserved, params = {"asset": options, "upstream": sorted(set(ins.values()))}, {}
