@@ -15,14 +15,21 @@ from typing import Any
 import nbformat
 from papermill.translators import PythonTranslator
 
+from dagma.nb import CONTEXT_VAR
+
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
 # In a dagstermill-engine copy: the author's defaults, untagged so dagstermill keeps them.
 DEFAULTS_TAG = "dagma-defaults"
 PRELUDE_TAG = "dagma-prelude"
+KERNELSPEC = {"name": "python3", "language": "python", "display_name": "Python 3 (ipykernel)"}
 # Not "injected-parameters": dagstermill would replace a cell with that tag instead.
 RUN_VALUES_TAG = "dagma-parameters"
-PRELUDE = "import dagma.dagstermill_kernel  # Dagma: yield_result and partition_key in assets"
+PRELUDE = (
+    "import dagma.dagstermill_kernel as __dagma_kernel  # yield_result, partition_key in assets"
+)
+# After the run's values: a plain mlflow.start_run() logs into the materialization's run.
+BIND = "__dagma_kernel.bind({context})"
 
 
 def _tagged(source: str, tag: str) -> nbformat.NotebookNode:
@@ -80,7 +87,11 @@ def for_dagstermill(
         ]
         at += 1
         nb.cells.insert(at, _tagged("", PARAMETERS_TAG))
-    run_values = _tagged(codify(values, "Parameters of this run (Dagma)"), RUN_VALUES_TAG)
-    nb.cells.insert(at + 1, run_values)
+    source = codify(values, "Parameters of this run (Dagma)")
+    if CONTEXT_VAR in values:
+        source += BIND.format(context=CONTEXT_VAR) + "\n"
+    nb.cells.insert(at + 1, _tagged(source, RUN_VALUES_TAG))
     nb.cells.insert(0, _tagged(PRELUDE, PRELUDE_TAG))
+    # The project's own kernel, as the bridge uses, whatever the notebook was saved with.
+    nb.metadata["kernelspec"] = dict(KERNELSPEC)
     return nb
