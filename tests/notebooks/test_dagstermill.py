@@ -107,7 +107,9 @@ def test_a_hand_written_dagstermill_asset_materializes_through_dagma_run(lab: Pa
     kept = Path(metadata["executed_notebook"].value)
     assert kept.parent.parent.name == run.run_id and kept.is_file()
     assert Path(metadata["html"].value).read_text().startswith("<!DOCTYPE html>")
-    logged = mlflow.MlflowClient(get_settings().tracking_uri).get_run(metadata["mlflow_run_id"].text)
+    logged = mlflow.MlflowClient(get_settings().tracking_uri).get_run(
+        metadata["mlflow_run_id"].text
+    )
     assert logged.info.status == "FINISHED"
     assert logged.data.tags["dagma.dagster_run_id"] == run.run_id
     assert logged.data.tags["dagma.engine"] == "dagstermill"
@@ -122,9 +124,9 @@ def test_a_hand_written_dagstermill_asset_materializes_through_the_dagster_cli(l
     settings.export_env()
     before = _latest("wine_report").run_id
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    dagster = str(Path(sys.executable).parent / "dagster")
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "dagster"), "asset", "materialize"]
-        + ["-m", "dagma.definitions", "--select", "wine_report"],
+        [dagster, "asset", "materialize", "-m", "dagma.definitions", "--select", "wine_report"],
         env=env,
         capture_output=True,
         text=True,
@@ -161,7 +163,9 @@ def test_a_dagstermill_engine_dropin_keeps_defaults_and_takes_typed_config(lab: 
     assert ["dagma-defaults"] in tags and ["injected-parameters"] in tags
     assert Path(metadata["html"].value).is_file()
 
-    logged = mlflow.MlflowClient(get_settings().tracking_uri).get_run(metadata["mlflow_run_id"].text)
+    logged = mlflow.MlflowClient(get_settings().tracking_uri).get_run(
+        metadata["mlflow_run_id"].text
+    )
     assert logged.data.metrics["rows"] == 178  # a plain mlflow.start_run() logged into it
     assert logged.data.tags["dagma.notebook"] == "wine_clusters"
     assert logged.data.tags["dagma.partition"] == "b"
