@@ -48,6 +48,79 @@ def notebook_new(
     console.print(f"Created {path}. It is the asset {name!r} at the next definitions load.")
 
 
+@notebook_app.command("adopt")
+def notebook_adopt(
+    path: Annotated[Path, typer.Argument(help="The dagstermill notebook (.ipynb).")],
+    ins: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ins",
+            help="VARIABLE=ASSET: the parameters cell's variable that reads ASSET; repeatable. "
+            "Default: its variables named like an asset.",
+        ),
+    ] = None,
+    group: Annotated[str | None, typer.Option(help="Asset group.")] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="native: rewrite it for the default engine instead of keeping dagstermill.",
+        ),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the diff only.")] = False,
+) -> None:
+    """Bring a dagstermill notebook into notebooks/ as an asset (docs/migrating-from-dagstermill.md)."""
+    import os
+    from unittest import mock
+
+    from dagma.notebooks import adopt
+    from dagma.notebooks.spec import NotebookError
+
+    if to not in (None, "native"):
+        raise typer.BadParameter(
+            "the only choice is 'native' (the default engine).", param_hint="--to"
+        )
+    settings = get_settings()
+
+    def lab_assets(hidden: Path) -> list[str]:
+        from dagma.lab import load_definitions
+
+        env = mock.patch.dict(os.environ)  # loading exports the lab's paths; undone after
+        with adopt.lab_without(settings.notebooks_dir, hidden) as folder, env:
+            os.environ["DAGMA_NOTEBOOKS_DIR"] = str(folder)
+            graph = load_definitions(get_settings()).resolve_asset_graph()
+        return [key.to_user_string() for key in graph.get_all_asset_keys()]
+
+    say: dict[str, Any] = {"markup": False, "highlight": False, "soft_wrap": True}
+    try:
+        plan = adopt.plan(
+            path,
+            settings.notebooks_dir,
+            lab_assets,
+            ins=adopt.parse_ins(ins, path) if ins else None,
+            group=group,
+            native=to == "native",
+        )
+    except NotebookError as exc:
+        console.print(f"error: {exc}", style="red", **say)
+        raise typer.Exit(2) from None
+    for line in plan.diff.splitlines():
+        style = "bold" if line[:3] in ("+++", "---") else {"+": "green", "-": "red"}.get(line[:1])
+        console.print(line, style=style, **say)
+    for note in plan.notes:
+        console.print(f"note: {note}", style="yellow", **say)
+    if dry_run:
+        console.print("Dry run: nothing written.", **say)
+        return
+    spec = plan.write()
+    inputs = ", ".join(f"{v} <- {a}" for v, a in spec.ins.items()) or "none"
+    console.print(
+        f"Adopted {plan.source} as {plan.target}: the asset {spec.name!r} on the {spec.engine} "
+        f"engine, inputs: {inputs}. Run it: dagma run {' '.join([*spec.upstream, *spec.asset_names])}",
+        **say,
+    )
+
+
 @app.command()
 def demo(
     seed: Annotated[int | None, typer.Option(help="Override every notebook's seed.")] = None,
@@ -343,12 +416,13 @@ def lab_command(
 
 def _print_status(report: dict[str, Any]) -> None:
     assets = Table(title="Assets", title_justify="left")
-    for col in ("asset", "group", "last materialized", "run", "stale"):
+    for col in ("asset", "group", "engine", "last materialized", "run", "stale"):
         assets.add_column(col)
     for row in report["assets"]:
         assets.add_row(
             row["key"],
             row["group"] or "",
+            row["engine"] or "",
             row["last_materialized"] or "never",
             (row["run_id"] or "")[:8],
             "yes" if row["stale"] else "no",

@@ -51,6 +51,7 @@ class LabRun:
     error: str | None = None
     seconds: float = 0.0
     links: dict[str, str] = field(default_factory=dict)  # asset -> its MLflow run's URL
+    engines: dict[str, str] = field(default_factory=dict)  # notebook asset -> its engine
 
 
 def load_definitions(settings: Settings) -> Any:
@@ -246,6 +247,8 @@ def materialize(
     for batch in batches:
         runner.load_values(batch)
 
+    from dagma.notebooks.assets import engine_of
+
     total = LabRun(run_id=None, seconds=runner.seconds)
     for batch in batches:
         if batch.outcome is None:
@@ -259,6 +262,10 @@ def materialize(
         total.links.update(run.links)
         if not run.success and total.success:
             total.success, total.error = False, run.error
+    for name in total.materialized:
+        engine = engine_of(graph.get(dg.AssetKey.from_user_string(name)).assets_def)
+        if engine is not None:
+            total.engines[name] = engine
     return total
 
 
@@ -318,21 +325,31 @@ def _no_logging_reconfiguration() -> None:
 def _quiet_notebook_engines() -> None:
     """Keep dagstermill's papermill bar and its kernel's stderr off the lab's progress display.
 
-    dagstermill runs papermill with its tqdm bar (imported from `tqdm.auto` at each run) and
-    logs the kernel's output as papermill warnings; the executed notebook keeps all of it, and
-    failures still reach the summary.
+    dagstermill calls papermill with its default tqdm bar and logs the kernel's output as
+    papermill warnings; the executed notebook keeps all of it, and failures still reach the
+    summary. Only calls for dagstermill's engine change.
     """
     import functools
     import logging
     import warnings
 
     import dagster as dg
-    import tqdm.auto
+    import papermill
 
     logging.getLogger("papermill").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=dg.BetaWarning)  # dagstermill's, at each step
-    if not isinstance(tqdm.auto.tqdm, functools.partial):
-        tqdm.auto.tqdm = functools.partial(tqdm.auto.tqdm, disable=True)
+    execute = papermill.execute_notebook
+    if getattr(execute, "_dagma_quiet", False):
+        return
+
+    @functools.wraps(execute)
+    def quiet(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("engine_name") == "dagstermill":
+            kwargs.setdefault("progress_bar", False)
+        return execute(*args, **kwargs)
+
+    quiet._dagma_quiet = True  # type: ignore[attr-defined]
+    papermill.execute_notebook = quiet
 
 
 def _launch_tags(token: str) -> dict[str, str]:
@@ -776,6 +793,7 @@ def summary(run: LabRun, settings: Settings) -> dict[str, Any]:
         "materialized": run.materialized,
         "values": {k: v for k, v in run.values.items() if isinstance(v, dict)},
         "checks": run.checks,
+        "engines": run.engines,
         "error": run.error,
         "home": str(settings.home),
         "links": {
@@ -791,6 +809,9 @@ def print_summary(run: LabRun, settings: Settings, console: Console) -> None:
     runs = ", ".join(run.run_ids or [str(run.run_id)])
     console.print(f"\nRun {runs} {status} in {run.seconds:.1f} s.")
     console.print(f"Assets materialized ({len(run.materialized)}): {', '.join(run.materialized)}")
+    if run.engines:
+        engines = ", ".join(f"{name} ({engine})" for name, engine in sorted(run.engines.items()))
+        console.print(f"Notebooks and their engines: {engines}")
     model = run.values.get("wine_model")
     if isinstance(model, dict):
         from dagma.lib import tracking
@@ -807,6 +828,16 @@ def print_summary(run: LabRun, settings: Settings, console: Console) -> None:
             url = tracking.run_url(settings.mlflow_ui, exp, model["mlflow_run_id"]) if exp else None
         if url:
             console.print(f"  {url}")
+    clusters = run.values.get("wine_clusters")
+    if isinstance(clusters, dict) and "metrics" in clusters:
+        m = clusters["metrics"]
+        console.print(
+            f"KMeans ({run.engines.get('wine_clusters', 'notebook')}): "
+            f"{clusters['params']['n_clusters']} clusters of sizes {clusters['sizes']}, "
+            f"silhouette {m['silhouette']:.3f}, adjusted Rand {m.get('adjusted_rand', 0):.3f}"
+        )
+        if run.links.get("wine_clusters"):
+            console.print(f"  {run.links['wine_clusters']}")
     vectors = run.values.get("doc_vectors")
     if isinstance(vectors, dict):
         console.print(
@@ -848,6 +879,8 @@ def status(settings: Settings) -> dict[str, Any]:
     """The lab's state as plain data: assets, MLflow runs and vector collections."""
     import dagster as dg
 
+    from dagma.notebooks.assets import engine_of
+
     definitions = load_definitions(settings)
     graph = definitions.resolve_asset_graph()
     instance = dg.DagsterInstance.get()
@@ -864,6 +897,7 @@ def status(settings: Settings) -> dict[str, Any]:
             {
                 "key": key.to_user_string(),
                 "group": graph.get(key).group_name,
+                "engine": engine_of(graph.get(key).assets_def),
                 "last_materialized": (
                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.timestamp))
                     if event

@@ -48,7 +48,7 @@ context = dagstermill.get_context()
 context.log.info(f"k={k}")
 with mlflow.start_run():
     mlflow.log_metric("rows", len(wine_table))
-dagstermill.yield_event(dg.AssetObservation(asset_key="wine_clusters", metadata={"k": k}))
+dagstermill.yield_event(dg.AssetObservation(asset_key="wine_groups", metadata={"k": k}))
 dagstermill.yield_result({
     "rows": len(wine_table), "k": k, "rate": rate, "partition": context.partition_key,
     "parameter": partition_key, "config": dict(context.op_config or {}),
@@ -78,7 +78,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         params="import pandas as pd\ntable = pd.DataFrame({'by_hand': [1]})",
         body="import dagstermill\ncontext = dagstermill.get_context()\nprint('rows', len(table))",
     )
-    _notebook(folder / "wine_clusters.ipynb", CLUSTERS_PARAMS, CLUSTERS_BODY)
+    _notebook(folder / "wine_groups.ipynb", CLUSTERS_PARAMS, CLUSTERS_BODY)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DAGMA_NOTEBOOKS_DIR", str(folder))
         mp.setenv("DAGMA_DEFS_DIR", str(team))
@@ -141,12 +141,12 @@ def test_a_hand_written_dagstermill_asset_materializes_through_the_dagster_cli(l
 def test_a_dagstermill_engine_dropin_keeps_defaults_and_takes_typed_config(lab: Path):
     run = materialize(
         get_settings(),
-        selection=["wine_clusters"],
-        params={"wine_clusters": {"rate": 0.5}},  # a float declared with the default 1
+        selection=["wine_groups"],
+        params={"wine_groups": {"rate": 0.5}},  # a float declared with the default 1
         console=QUIET,
     )
     assert run.success, run.error
-    value = run.values["wine_clusters"]
+    value = run.values["wine_groups"]
     assert value == {
         "rows": 178,  # wine_table, loaded by dagstermill into the variable of its name
         "k": 3,  # the parameters cell's default survived dagstermill
@@ -155,7 +155,7 @@ def test_a_dagstermill_engine_dropin_keeps_defaults_and_takes_typed_config(lab: 
         "parameter": "b",
         "config": {"rate": 0.5},
     }
-    event = _latest("wine_clusters")
+    event = _latest("wine_groups")
     assert event.asset_materialization.partition == "b"
     metadata = event.asset_materialization.metadata
     executed = nbformat.read(metadata["executed_notebook"].value, as_version=4)
@@ -167,21 +167,21 @@ def test_a_dagstermill_engine_dropin_keeps_defaults_and_takes_typed_config(lab: 
         metadata["mlflow_run_id"].text
     )
     assert logged.data.metrics["rows"] == 178  # a plain mlflow.start_run() logged into it
-    assert logged.data.tags["dagma.notebook"] == "wine_clusters"
+    assert logged.data.tags["dagma.notebook"] == "wine_groups"
     assert logged.data.tags["dagma.partition"] == "b"
-    records = dg.DagsterInstance.get().fetch_observations(dg.AssetKey("wine_clusters"), limit=5)
+    records = dg.DagsterInstance.get().fetch_observations(dg.AssetKey("wine_groups"), limit=5)
     assert records.records[0].asset_observation.metadata["k"].value == 3
 
-    node = load_definitions(get_settings()).resolve_asset_graph().get(dg.AssetKey("wine_clusters"))
+    node = load_definitions(get_settings()).resolve_asset_graph().get(dg.AssetKey("wine_groups"))
     assert {"jupyter", "dagstermill"} <= node.kinds
 
 
 def test_both_kinds_run_side_by_side_on_two_processes(lab: Path):
     run = materialize(
-        get_settings(), selection=["wine_report", "wine_clusters"], processes=2, console=QUIET
+        get_settings(), selection=["wine_report", "wine_groups"], processes=2, console=QUIET
     )
     assert run.success, run.error
-    assert sorted(run.materialized) == ["wine_clusters", "wine_report"]
+    assert sorted(run.materialized) == ["wine_groups", "wine_report"]
 
 
 def test_a_dagstermill_notebook_that_hands_no_value_is_its_executed_copy(lab: Path):
@@ -262,6 +262,6 @@ def test_a_defs_dir_that_is_not_a_folder_names_the_variable(
 
 
 def test_the_stored_partition_is_the_handed_value(lab: Path):
-    stored = get_settings().dagster_dir / "storage" / "wine_clusters" / "b"
+    stored = get_settings().dagster_dir / "storage" / "wine_groups" / "b"
     with open(stored, "rb") as fh:
         assert pickle.load(fh)["k"] == 3  # nosec B301

@@ -223,12 +223,17 @@ def notebook_assets(folder: Path) -> list[dg.AssetsDefinition]:
 
 def needs_reconstructable_job(assets_def: dg.AssetsDefinition) -> bool:
     """Whether its step runs through dagstermill, which runs only reconstructable jobs."""
+    return engine_of(assets_def) == "dagstermill"
+
+
+def engine_of(assets_def: dg.AssetsDefinition) -> str | None:
+    """Which notebook engine materializes it: "papermill", "dagstermill", or None (Python)."""
     if not assets_def.is_executable:
-        return False
+        return None
     tags = assets_def.op.tags
     if ENGINE_TAG in tags:
-        return tags[ENGINE_TAG] == "dagstermill"
-    return DAGSTERMILL_PATH_TAG in tags  # a hand-written dagstermill asset
+        return str(tags[ENGINE_TAG])
+    return "dagstermill" if DAGSTERMILL_PATH_TAG in tags else None
 
 
 def _hand_written_notebooks(defs: dg.Definitions) -> dict[dg.AssetKey, Path]:
