@@ -253,9 +253,11 @@ def test_automation_runs_stale_notebooks_and_only_those(home: Settings):
 
         _report(instance, "wine_table")
         result, asked = tick(result.cursor)
-        assert asked == {"wine_model": {None}}
+        # Both engines: the dagstermill notebook is automated like the bridge's.
+        assert asked == {"wine_model": {None}, "wine_clusters": {None}}
 
         _report(instance, "wine_model")
+        _report(instance, "wine_clusters")
         result, asked = tick(result.cursor)
         # Daily scores: only the latest complete day. Arrivals: nothing has landed today yet.
         assert asked == {"wine_daily_scores": {yesterday}}
@@ -285,7 +287,13 @@ def test_only_notebooks_are_automated_and_the_sensor_targets_them(home: Settings
     automated = {
         k.to_user_string() for k in graph.get_all_asset_keys() if graph.get(k).automation_condition
     }
-    assert automated == {"wine_model", "wine_daily_scores", "wine_arrival_scores", "doc_vectors"}
+    assert automated == {
+        "wine_model",
+        "wine_clusters",
+        "wine_daily_scores",
+        "wine_arrival_scores",
+        "doc_vectors",
+    }
     sensor = definitions.resolve_sensor_def("notebook_automation")
     assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
     assert definitions.resolve_sensor_def("inbox_arrivals").default_status == (

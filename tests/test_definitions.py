@@ -7,6 +7,7 @@ DEMO_ASSETS = {
     "wine_table",
     "doc_corpus",
     "wine_model",
+    "wine_clusters",
     "wine_daily_scores",
     "wine_arrivals",
     "wine_arrival_scores",
