@@ -88,7 +88,8 @@ def for_dagstermill(
         at += 1
         nb.cells.insert(at, _tagged("", PARAMETERS_TAG))
     source = codify(values, "Parameters of this run (Dagma)")
-    if CONTEXT_VAR in values:
+    uses_mlflow = any("mlflow" in c.source for c in nb.cells if c.cell_type == "code")
+    if CONTEXT_VAR in values and uses_mlflow:  # binding waits for the run to exist
         source += BIND.format(context=CONTEXT_VAR) + "\n"
     nb.cells.insert(at + 1, _tagged(source, RUN_VALUES_TAG))
     nb.cells.insert(0, _tagged(PRELUDE, PRELUDE_TAG))
