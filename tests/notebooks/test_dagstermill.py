@@ -90,6 +90,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield folder
 
 
+def _materialized(key: str) -> bool:
+    instance = dg.DagsterInstance.get()
+    return instance.get_latest_materialization_event(dg.AssetKey(key)) is not None
+
+
 def _latest(key: str) -> dg.EventLogEntry:
     event = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey(key))
     assert event is not None
@@ -265,3 +270,41 @@ def test_the_stored_partition_is_the_handed_value(lab: Path):
     stored = get_settings().dagster_dir / "storage" / "wine_groups" / "b"
     with open(stored, "rb") as fh:
         assert pickle.load(fh)["k"] == 3  # nosec B301
+
+
+def test_the_dagster_ui_opens_the_executed_notebooks_of_both_engines(
+    lab: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import ModuleTarget
+    from dagster_webserver.webserver import DagsterWebserver
+    from starlette.testclient import TestClient
+
+    settings = get_settings()
+    missing = [k for k in ("wine_report", "wine_groups") if not _materialized(k)]
+    if missing:  # when run alone
+        assert materialize(settings, selection=missing, console=QUIET).success
+    settings.export_env()
+    # The viewer serves only notebooks under the code server's working directory, as with
+    # `dagster dev` started in a project whose DAGMA_HOME is inside it (the default ./.dagma).
+    monkeypatch.chdir(lab.parent)
+    target = ModuleTarget(
+        module_name="dagma.definitions",
+        attribute=None,
+        working_directory=str(lab.parent),
+        location_name="dagma",
+    )
+    expected = {"wine_report": "rows 178", "wine_groups": "yield_result", "wine_table": None}
+    with WorkspaceProcessContext(dg.DagsterInstance.get(), target) as context:
+        client = TestClient(DagsterWebserver(context).create_asgi_app())
+        for key, text in expected.items():
+            metadata = _latest(key).asset_materialization.metadata
+            if text is None:  # a Python asset: no notebook to view
+                assert "executed_notebook" not in metadata
+                continue
+            page = client.get(
+                "/notebook",
+                params={"path": metadata["executed_notebook"].value, "repoLocName": "dagma"},
+            )
+            assert page.status_code == 200, page.text[:500]
+            assert text in page.text  # the executed notebook, rendered by the webserver
