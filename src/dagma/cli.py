@@ -69,7 +69,7 @@ def notebook_adopt(
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the diff only.")] = False,
 ) -> None:
-    """Bring a dagstermill notebook into notebooks/ as an asset (docs/migrating-from-dagstermill.md)."""
+    """Bring a dagstermill notebook into notebooks/ as an asset (or onto the default engine)."""
     import os
     from unittest import mock
 
@@ -113,10 +113,11 @@ def notebook_adopt(
         console.print("Dry run: nothing written.", **say)
         return
     spec = plan.write()
-    inputs = ", ".join(f"{v} <- {a}" for v, a in spec.ins.items()) or "none"
+    inputs = ", ".join(f"{v} <- {a}" for v, a in plan.ins.items()) or "none"
+    run = " ".join([*spec.upstream, *spec.asset_names])
     console.print(
         f"Adopted {plan.source} as {plan.target}: the asset {spec.name!r} on the {spec.engine} "
-        f"engine, inputs: {inputs}. Run it: dagma run {' '.join([*spec.upstream, *spec.asset_names])}",
+        f"engine, inputs: {inputs}. Run it: dagma run {run}",
         **say,
     )
 
