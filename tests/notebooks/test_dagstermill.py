@@ -34,6 +34,23 @@ wine_report = define_dagstermill_asset(
     ins={"table": dg.AssetIn("wine_table")},
 )
 """
+# A dagstermill op in a job, with its executed notebook as an output.
+HAND_WRITTEN_JOB = """from pathlib import Path
+
+import dagster as dg
+from dagstermill import define_dagstermill_op
+
+greet = define_dagstermill_op(
+    name="greet",
+    notebook_path=str(Path(__file__).with_name("greet.ipynb")),
+    output_notebook_name="notebook",
+)
+
+
+@dg.job
+def greeting_job():
+    greet()
+"""
 CLUSTERS_PARAMS = (
     'upstream = ["wine_table"]\n'
     'asset = {"engine": "dagstermill", "partitions": {"static": ["a", "b"]}}\n'
@@ -52,6 +69,7 @@ dagstermill.yield_event(dg.AssetObservation(asset_key="wine_groups", metadata={"
 dagstermill.yield_result({
     "rows": len(wine_table), "k": k, "rate": rate, "partition": context.partition_key,
     "parameter": partition_key, "config": dict(context.op_config or {}),
+    "tracking": context.resources.mlflow.tracking_uri,
 })"""
 
 
@@ -78,6 +96,8 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         params="import pandas as pd\ntable = pd.DataFrame({'by_hand': [1]})",
         body="import dagstermill\ncontext = dagstermill.get_context()\nprint('rows', len(table))",
     )
+    (team / "greeting.py").write_text(HAND_WRITTEN_JOB)
+    _notebook(team / "greet.ipynb", params="who = 'you'", body="print('hello')")
     _notebook(folder / "wine_groups.ipynb", CLUSTERS_PARAMS, CLUSTERS_BODY)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DAGMA_NOTEBOOKS_DIR", str(folder))
@@ -143,6 +163,24 @@ def test_a_hand_written_dagstermill_asset_materializes_through_the_dagster_cli(l
     assert Path(event.asset_materialization.metadata["html"].value).is_file()
 
 
+def test_a_hand_written_dagstermill_job_runs_with_the_lab_resources(lab: Path):
+    get_settings().export_env()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    dagster = str(Path(sys.executable).parent / "dagster")
+    done = subprocess.run(
+        [dagster, "job", "execute", "-m", "dagma.definitions", "-j", "greeting_job"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    event = _latest("greet_output_notebook")
+    kept = Path(event.asset_materialization.metadata["executed_notebook"].value)
+    assert kept.is_file() and "hello" in kept.read_text()
+    assert kept.with_suffix(".html").is_file()
+
+
 def test_a_dagstermill_engine_dropin_keeps_defaults_and_takes_typed_config(lab: Path):
     run = materialize(
         get_settings(),
@@ -159,6 +197,7 @@ def test_a_dagstermill_engine_dropin_keeps_defaults_and_takes_typed_config(lab: 
         "partition": "b",  # the latest static partition, on dagstermill's own context
         "parameter": "b",
         "config": {"rate": 0.5},
+        "tracking": get_settings().tracking_uri,  # the lab's resources, in the kernel
     }
     event = _latest("wine_groups")
     assert event.asset_materialization.partition == "b"
