@@ -55,7 +55,8 @@ def notebook_adopt(
         list[str] | None,
         typer.Option(
             "--ins",
-            help="VARIABLE=ASSET: the parameters cell's variable that reads ASSET; repeatable. "
+            metavar="VARIABLE=ASSET",
+            help="The parameters cell's variable that reads ASSET; repeatable. "
             "Default: its variables named like an asset.",
         ),
     ] = None,
@@ -64,7 +65,8 @@ def notebook_adopt(
         str | None,
         typer.Option(
             "--to",
-            help="native: rewrite it for the default engine instead of keeping dagstermill.",
+            metavar="native",
+            help="Rewrite it for the default engine instead of keeping dagstermill.",
         ),
     ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the diff only.")] = False,
@@ -116,8 +118,8 @@ def notebook_adopt(
     inputs = ", ".join(f"{v} <- {a}" for v, a in plan.ins.items()) or "none"
     run = " ".join([*spec.upstream, *spec.asset_names])
     console.print(
-        f"Adopted {plan.source} as {plan.target}: the asset {spec.name!r} on the {spec.engine} "
-        f"engine, inputs: {inputs}. Run it: dagma run {run}",
+        f"Adopted {adopt.shown(plan.source)} as {adopt.shown(plan.target)}: the asset "
+        f"{spec.name!r} on the {spec.engine} engine, inputs: {inputs}. Run it: dagma run {run}",
         **say,
     )
 

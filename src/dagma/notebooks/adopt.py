@@ -161,12 +161,13 @@ def plan(
     spec = _validate(new, target)
     where = f'  metadata["{METADATA_KEY}"]' if not native else ""
     diff = difflib.unified_diff(
-        before, after, f"{_show(source)}{where}", f"{_show(target)}{where}", lineterm=""
+        before, after, f"{shown(source)}{where}", f"{shown(target)}{where}", lineterm=""
     )
     return Adoption(source, target, new, spec, ins, "\n".join(diff), tuple(notes))
 
 
-def _show(path: Path) -> str:
+def shown(path: Path) -> str:
+    """`path` relative to the working directory when under it, for messages."""
     return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
 
 
