@@ -694,7 +694,9 @@ def _definitions_key(settings: Settings) -> tuple[Any, ...]:
         stat = path.stat()
         notebooks.append((str(path), stat.st_mtime_ns, stat.st_size))
     team = settings.dagma_defs_dir
-    for path in sorted(team.glob("*.py")) if team is not None and team.is_dir() else []:
+    # The team's definitions and the notebooks beside them (their code versions).
+    team_files = [*team.rglob("*.py"), *team.rglob("*.ipynb")] if team and team.is_dir() else []
+    for path in sorted(team_files):
         notebooks.append((str(path), path.stat().st_mtime_ns, path.stat().st_size))
     dotenv = Path(".env")
     env_file = dotenv.stat().st_mtime_ns if dotenv.is_file() else None
