@@ -443,9 +443,8 @@ def _outputs(
     default = False
     for i, tree in enumerate(cells):
         for node in ast.walk(tree) if tree is not None else ():
-            if not names.calls(node, "yield_result"):
+            if not isinstance(node, ast.Call) or not names.calls(node, "yield_result"):
                 continue
-            assert isinstance(node, ast.Call)
             arg = _output_name(node)
             if arg is None:
                 default = True
@@ -606,8 +605,7 @@ def _context_edits(source: str, tree: ast.Module, names: _Names) -> list[Edit]:
 def _output_edits(source: str, tree: ast.Module, names: _Names) -> list[Edit]:
     edits = []
     for node in ast.walk(tree):
-        if names.calls(node, "yield_result"):
-            assert isinstance(node, ast.Call)
+        if isinstance(node, ast.Call) and names.calls(node, "yield_result"):
             value, arg = _output_value(node), _output_name(node)
             text = (ast.get_source_segment(source, value) if value is not None else None) or "None"
             if isinstance(arg, ast.Constant) and arg.value != DEFAULT_OUTPUT:
@@ -677,7 +675,8 @@ def _parameter(stmt: ast.stmt) -> str | None:
     name = _single_target(stmt)
     if name is None or name.startswith("_") or name in RESERVED:
         return None
-    assert isinstance(stmt, ast.Assign | ast.AnnAssign) and stmt.value is not None
+    if not isinstance(stmt, ast.Assign | ast.AnnAssign) or stmt.value is None:
+        return None
     annotation = stmt.annotation if isinstance(stmt, ast.AnnAssign) else None
     types = {n.id for n in ast.walk(annotation) if isinstance(n, ast.Name)} if annotation else set()
     if not types <= _BUILTIN_TYPES:
@@ -716,8 +715,7 @@ def _to_native(
     if at is not None:
         cell = new.cells[at]
         text = str(cell.source)
-        tree = _python(text)
-        assert tree is not None  # checked by _check_not_adopted
+        tree = _python(text) or ast.Module(body=[], type_ignores=[])  # parsed by _check_not_adopted
         taken: list[Edit] = []
         for stmt in tree.body:
             target = _single_target(stmt)
