@@ -1,7 +1,6 @@
 """`dagma notebook adopt`: a dagstermill notebook joins the lab, as it is or onto the default
 engine, and what cannot be adopted is refused with the file, the reason and the fix."""
 
-import shutil
 from pathlib import Path
 
 import nbformat
@@ -13,7 +12,7 @@ from dagma.cli import app
 from dagma.lab import load_definitions, materialize
 from dagma.notebooks import adopt
 from dagma.notebooks.spec import METADATA_KEY, NotebookError, parse_notebook
-from dagma.settings import PROJECT_ROOT, get_settings
+from dagma.settings import get_settings
 from tests.conftest import QUIET
 
 pytestmark = pytest.mark.integration
@@ -23,18 +22,6 @@ PARAMS = "import pandas as pd\ntable = pd.DataFrame()"
 # cell, the notebook computes something and yields it.
 BODY = ("context = dagstermill.get_context()\nrows = len(table)", "dagstermill.yield_result(rows)")
 KNOWN = ["wine_table", "wine_model", "doc_corpus"]
-
-
-@pytest.fixture
-def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A temp copy of notebooks/ and a fresh DAGMA_HOME."""
-    folder = tmp_path / "notebooks"
-    shutil.copytree(PROJECT_ROOT / "notebooks", folder)
-    monkeypatch.setenv("DAGMA_NOTEBOOKS_DIR", str(folder))
-    monkeypatch.setenv("DAGMA_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return folder
 
 
 def dagstermill_notebook(

@@ -110,6 +110,22 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         yield folder
 
 
+def _dagster(*args: str) -> subprocess.CompletedProcess[str]:
+    """The Dagster CLI on the lab's code location, as a user would run it."""
+    get_settings().export_env()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    dagster = str(Path(sys.executable).parent / "dagster")
+    done = subprocess.run(
+        [dagster, *args, "-m", "dagma.definitions"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def _materialized(key: str) -> bool:
     instance = dg.DagsterInstance.get()
     return instance.get_latest_materialization_event(dg.AssetKey(key)) is not None
@@ -145,36 +161,15 @@ def test_a_hand_written_dagstermill_asset_materializes_through_dagma_run(lab: Pa
 
 
 def test_a_hand_written_dagstermill_asset_materializes_through_the_dagster_cli(lab: Path):
-    settings = get_settings()
-    settings.export_env()
     before = _latest("wine_report").run_id
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    dagster = str(Path(sys.executable).parent / "dagster")
-    done = subprocess.run(
-        [dagster, "asset", "materialize", "-m", "dagma.definitions", "--select", "wine_report"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _dagster("asset", "materialize", "--select", "wine_report")
     event = _latest("wine_report")
     assert event.run_id != before
     assert Path(event.asset_materialization.metadata["html"].value).is_file()
 
 
 def test_a_hand_written_dagstermill_job_runs_with_the_lab_resources(lab: Path):
-    get_settings().export_env()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
-    dagster = str(Path(sys.executable).parent / "dagster")
-    done = subprocess.run(
-        [dagster, "job", "execute", "-m", "dagma.definitions", "-j", "greeting_job"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _dagster("job", "execute", "-j", "greeting_job")
     event = _latest("greet_output_notebook")
     kept = Path(event.asset_materialization.metadata["executed_notebook"].value)
     assert kept.is_file() and "hello" in kept.read_text()

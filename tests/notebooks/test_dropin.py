@@ -1,6 +1,5 @@
 """Issue 3's acceptance: a notebook dropped into notebooks/ is an asset, with no Python code."""
 
-import shutil
 from pathlib import Path
 
 import dagster as dg
@@ -10,7 +9,7 @@ import pytest
 
 from dagma.lab import load_definitions, materialize
 from dagma.notebooks.spec import NotebookError
-from dagma.settings import PROJECT_ROOT, get_settings
+from dagma.settings import get_settings
 from tests.conftest import QUIET
 from tests.notebooks.test_spec import write_nb
 
@@ -20,18 +19,6 @@ BODY = (
     "from dagma import nb\nctx = nb.context()\nwine = ctx.upstream('wine_table')\n"
     "ctx.output({'rows': len(wine), 'top': top, 'label': label})"
 )
-
-
-@pytest.fixture
-def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A temp copy of notebooks/ and a fresh DAGMA_HOME."""
-    folder = tmp_path / "notebooks"
-    shutil.copytree(PROJECT_ROOT / "notebooks", folder)
-    monkeypatch.setenv("DAGMA_NOTEBOOKS_DIR", str(folder))
-    monkeypatch.setenv("DAGMA_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("DAGSTER_HOME", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return folder
 
 
 def summary_notebook(folder: Path) -> Path:

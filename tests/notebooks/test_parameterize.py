@@ -7,8 +7,9 @@ import pytest
 
 from dagma.nb import CONTEXT_VAR
 from dagma.notebooks import parameterize
-from dagma.notebooks.runner import RunTarget, execute
+from dagma.notebooks.runner import execute
 from dagma.notebooks.spec import parse_notebook, read_notebook
+from tests.notebooks.test_runner import target
 from tests.notebooks.test_spec import write_nb
 
 
@@ -73,13 +74,7 @@ def test_the_bridge_still_runs_after_dagstermill_replaced_papermills_translator(
         params="n: int = 1",
         body="from dagma import nb\nnb.context().output(n * 2)",
     )
-    target = RunTarget(
-        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
-        experiment="t",
-        artifact_root=str(tmp_path / "artifacts"),
-        qdrant_url=None,
-        qdrant_path=str(tmp_path / "qdrant"),
-        collection="c",
+    run = execute(
+        parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path), params={"n": 4}
     )
-    run = execute(parse_notebook(path), run_dir=tmp_path / "run", target=target, params={"n": 4})
     assert run.outputs == {"after": 8}
