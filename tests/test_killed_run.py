@@ -1,5 +1,6 @@
-"""SIGKILL `dagma run` halfway through a notebook: the next status fails the run, its MLflow
-run does not stay RUNNING, readers still see the last complete collection, and a re-run works."""
+"""SIGKILL `dagma run` halfway through a pooled notebook: the next status fails the run and
+frees its pool slot, its MLflow run does not stay RUNNING, readers still see the last complete
+collection, and a re-run works without help."""
 
 import json
 import os
@@ -45,7 +46,8 @@ def test_a_killed_run_is_failed_on_the_next_status_and_nothing_half_written_is_s
 ):
     folder = tmp_path / "notebooks"
     shutil.copytree(PROJECT_ROOT / "notebooks", folder)
-    write_nb(folder / "slow.ipynb", params="pause: float = 0.0\nversion: int = 1", body=SLOW)
+    params = 'asset = {"pool": "dagma_vectors"}\npause: float = 0.0\nversion: int = 1'
+    write_nb(folder / "slow.ipynb", params=params, body=SLOW)
     home = tmp_path / "home"
     env = {
         k: v
@@ -84,10 +86,15 @@ def test_a_killed_run_is_failed_on_the_next_status_and_nothing_half_written_is_s
     report = json.loads(status.stdout)
     [killed] = report["reaped"]
     assert any(killed in problem for problem in report["problems"])
+    pools = {p["pool"]: p for p in report["pools"]}
+    assert pools["dagma_vectors"]["held_by"] == []  # dagma status lists the slots held now
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
         run = instance.get_run_by_id(killed)
         assert run.status == dg.DagsterRunStatus.FAILURE
         assert instance.get_runs_count(dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])) == 0
+        # The dead run's slot in the pool is free again: nothing waits for it.
+        assert killed not in instance.event_log_storage.get_concurrency_run_ids()
+        assert instance.event_log_storage.get_concurrency_info("dagma_vectors").claimed_slots == []
 
     client = mlflow.MlflowClient(f"sqlite:///{home / 'mlflow' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("dagma")
@@ -100,7 +107,11 @@ def test_a_killed_run_is_failed_on_the_next_status_and_nothing_half_written_is_s
     assert store.search("docs", query, k=3) == hits_before
 
     again = subprocess.run(
-        dagma("run", "slow", "-p", "slow.version=2"), env=env, capture_output=True, text=True
+        dagma("run", "slow", "-p", "slow.version=2"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,  # a slot the dead run still held would make it wait forever
     )
     assert again.returncode == 0, again.stdout + again.stderr
     assert store.current_version("docs").version == before.version + 1

@@ -431,6 +431,14 @@ def _print_status(report: dict[str, Any]) -> None:
             "yes" if row["stale"] else "no",
         )
     console.print(assets)
+    held = [(p, h) for p in report.get("pools", []) for h in p["held_by"]]
+    if held:
+        pools = Table(title="Pool slots held now", title_justify="left")
+        for col in ("pool", "limit", "run", "step"):
+            pools.add_column(col)
+        for pool, holder in held:
+            pools.add_row(pool["pool"], str(pool["limit"]), holder["run_id"][:8], holder["step"])
+        console.print(pools)
     runs = Table(title="Latest MLflow runs", title_justify="left")
     for col in ("run", "name", "status", "metrics"):
         runs.add_column(col)

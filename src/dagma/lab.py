@@ -213,6 +213,8 @@ def materialize(
     instance = dg.DagsterInstance.get()
     for run_id in reap_dead_runs(instance, settings):
         console.print(f"[yellow]Run {run_id[:8]} was marked failed: its process is gone.[/yellow]")
+    for run_id in free_slots_of_finished_runs(instance):
+        console.print(f"[yellow]Freed the pool slots run {run_id[:8]} held when it ended.[/yellow]")
     partitions = _latest_partitions(graph, keys)
     if stale_only:
         keys = _and_downstream(graph, keys, _stale_keys(instance, definitions, keys, partitions))
@@ -397,6 +399,37 @@ def reap_dead_runs(instance: Any, settings: Settings) -> list[str]:
         for run_id in reaped:
             tracking.kill_runs_of(settings.tracking_uri, settings.dagma_experiment, run_id)
     return reaped
+
+
+def free_slots_of_finished_runs(instance: Any) -> list[str]:
+    """Free the pool slots still claimed by runs that ended (killed, crashed, failed).
+
+    A run killed in a pooled step never frees its slot, and every later run of that pool would
+    wait for it forever. Returns the runs whose slots were freed.
+    """
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return []
+    freed = []
+    for run_id in sorted(storage.get_concurrency_run_ids()):
+        run = instance.get_run_by_id(run_id)
+        if run is None or run.is_finished:
+            storage.free_concurrency_slots_for_run(run_id)
+            freed.append(run_id)
+    return freed
+
+
+def held_slots(instance: Any) -> list[dict[str, Any]]:
+    """Each pool's limit and the runs (and steps) that hold its slots now."""
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return []
+    pools = []
+    for key in sorted(storage.get_concurrency_keys()):
+        info = storage.get_concurrency_info(key)
+        held = [{"run_id": c.run_id, "step": c.step_key} for c in info.claimed_slots]
+        pools.append({"pool": key, "limit": info.slot_count, "held_by": held})
+    return pools
 
 
 def _can_overlap(graph: Any, keys: list[Any]) -> bool:
@@ -887,11 +920,13 @@ def status(settings: Settings) -> dict[str, Any]:
     graph = definitions.resolve_asset_graph()
     instance = dg.DagsterInstance.get()
     reaped = reap_dead_runs(instance, settings)
+    freed = free_slots_of_finished_runs(instance)
     keys = sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string())
     stale = set(_stale_keys(instance, definitions, keys, _latest_partitions(graph, keys)))
     problems: list[str] = [
         f"Dagster run {r} was marked failed: the process that ran it is gone" for r in reaped
     ]
+    problems += [f"Dagster run {r} had ended holding pool slots: they were freed" for r in freed]
     assets = []
     for key in keys:
         event = instance.get_latest_materialization_event(key)
@@ -921,6 +956,7 @@ def status(settings: Settings) -> dict[str, Any]:
         "links": {"dagster": settings.dagster_ui_url, "mlflow": settings.mlflow_ui},
         "problems": problems,
         "reaped": reaped,
+        "pools": held_slots(instance),
     }
     try:
         from dagma.lib import tracking
