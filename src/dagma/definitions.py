@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from dagma.dagster_fixes import sleep_while_waiting_for_a_pool
 from dagma.notebooks.assets import check_upstreams, with_lab_extras
 from dagma.notebooks.spec import NotebookError
 from dagma.settings import get_settings
@@ -33,6 +34,9 @@ def _team_definitions(folder: Path) -> list[dg.Definitions]:
             spec.loader.exec_module(module)
             loaded.append(dg.load_definitions_from_module(module))
     return loaded
+
+
+sleep_while_waiting_for_a_pool()  # every process that loads the lab: CLI, run workers, servers
 
 
 @dg.definitions

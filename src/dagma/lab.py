@@ -289,6 +289,7 @@ class _Batch:
     announced: bool = False
     seen: list[str] = field(default_factory=list)
     running: set[str] = field(default_factory=set)
+    blocked: dict[str, tuple[str, float]] = field(default_factory=dict)  # step -> (pool, said at)
     task: Any = None
 
     @property
@@ -620,6 +621,7 @@ def _orchestrate(
         dg.DagsterEventType.STEP_START,
         dg.DagsterEventType.STEP_SUCCESS,
         dg.DagsterEventType.STEP_FAILURE,
+        dg.DagsterEventType.ENGINE_EVENT,  # among them: a step blocked by its pool's limit
     }
     with Progress(
         SpinnerColumn(),
@@ -676,6 +678,28 @@ def _gate(batch: _Batch, earlier: list[_Batch], limit: int) -> str:
     return "wait" if in_flight >= limit else "go"
 
 
+# How often a step that waits for a pool slot says which run holds it.
+WAIT_REPORT_SECONDS = 5.0
+
+
+def _say_who_blocks(instance: Any, batch: _Batch, progress: Progress) -> None:
+    """Every few seconds, for each step waiting on its pool: the pool and the runs holding it."""
+    now = time.monotonic()
+    for step, (pool, said) in list(batch.blocked.items()):
+        if now - said < WAIT_REPORT_SECONDS:
+            continue
+        holders = [
+            f"run {h['run_id'][:8]} ({h['step']})"
+            for p in held_slots(instance)
+            if p["pool"] == pool
+            for h in p["held_by"]
+            if h["run_id"] != batch.run_id
+        ]
+        who = ", ".join(holders) or "a run that is ending"
+        progress.console.print(f"  [yellow]…[/yellow] {step} waits for pool {pool}, held by {who}")
+        batch.blocked[step] = (pool, now)
+
+
 def _poll(
     instance: Any, batch: _Batch, watched: set[Any], progress: Progress, settings: Settings
 ) -> None:
@@ -701,8 +725,15 @@ def _poll(
             kind = entry.dagster_event.event_type
             if kind == dg.DagsterEventType.STEP_START:
                 batch.running.add(entry.step_key)
+                batch.blocked.pop(entry.step_key, None)
             elif kind in (dg.DagsterEventType.STEP_SUCCESS, dg.DagsterEventType.STEP_FAILURE):
                 batch.running.discard(entry.step_key)
+                batch.blocked.pop(entry.step_key, None)
+            elif kind == dg.DagsterEventType.ENGINE_EVENT:
+                data = entry.dagster_event.engine_event_data
+                pool = data.metadata.get("pool") if data is not None else None
+                if pool is not None and entry.step_key and entry.step_key not in batch.blocked:
+                    batch.blocked[entry.step_key] = (str(pool.value), 0.0)
             else:
                 key = entry.dagster_event.asset_key.to_user_string()
                 if key not in batch.seen:
@@ -711,6 +742,7 @@ def _poll(
         batch.cursor = page.cursor or batch.cursor
         if not page.has_more:
             break
+    _say_who_blocks(instance, batch, progress)
     label = f"partition {batch.partition}" if batch.partition else "materializing"
     progress.update(
         batch.task, completed=len(batch.seen), description=f"{label} ({len(batch.seen)})"

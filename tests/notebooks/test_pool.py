@@ -1,9 +1,11 @@
-"""Two runs that write the same collection are serialised by a Dagster concurrency pool."""
+"""Two runs that write the same collection are serialised by a Dagster concurrency pool; the
+one that waits says which run holds the pool, and waits without burning CPU."""
 
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -18,9 +20,16 @@ pytestmark = pytest.mark.integration
 # Holds the collection's writer lock for a while, as a long publish does: a second writer
 # running at the same time would fail with "locked by another writer".
 WRITER = (
-    "import time\nfrom dagma import nb\nctx = nb.context()\nstore = ctx.vector_store()\n"
-    "with store.held('docs'):\n    time.sleep(pause)\nctx.output({'pid': __import__('os').getpid()})"
+    "import os, time\nfrom dagma import nb\nctx = nb.context()\nstore = ctx.vector_store()\n"
+    "with store.held('docs'):\n    open(os.environ['POOL_MARKER'], 'a').write('held\\n')\n"
+    "    time.sleep(pause)\nctx.output({'pid': os.getpid()})"
 )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time a process (not its children) has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def spans(home: Path) -> list[tuple[float, float]]:
@@ -43,7 +52,7 @@ def test_two_runs_writing_one_collection_wait_for_each_other(tmp_path: Path):
     shutil.copytree(PROJECT_ROOT / "notebooks", folder)
     write_nb(
         folder / "writer.ipynb",
-        params='asset = {"pool": "dagma_vectors"}\npause: float = 4.0',
+        params='asset = {"pool": "dagma_vectors"}\npause: float = 12.0',
         body=WRITER,
     )
     env = {
@@ -51,12 +60,16 @@ def test_two_runs_writing_one_collection_wait_for_each_other(tmp_path: Path):
         for k, v in os.environ.items()
         if k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "QDRANT_URL")
     }
-    env.update(DAGMA_NOTEBOOKS_DIR=str(folder), DAGMA_HOME=str(tmp_path / "home"))
+    marker = tmp_path / "held"
+    env.update(
+        DAGMA_NOTEBOOKS_DIR=str(folder), DAGMA_HOME=str(tmp_path / "home"), POOL_MARKER=str(marker)
+    )
     dagma = [sys.executable, "-m", "dagma.cli", "run", "writer"]
     first = subprocess.run(
         [*dagma, "-p", "writer.pause=0"], env=env, capture_output=True, text=True
     )  # nosec B603
     assert first.returncode == 0, first.stdout + first.stderr  # creates the instance once
+    marker.unlink()
 
     both = [
         subprocess.Popen(
@@ -64,8 +77,23 @@ def test_two_runs_writing_one_collection_wait_for_each_other(tmp_path: Path):
         )  # nosec B603
         for _ in range(2)
     ]
+    deadline = time.monotonic() + 120
+    while not marker.exists():  # one of them holds the pool now, for `pause` seconds
+        assert time.monotonic() < deadline, "neither run reached the pool"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    before = [cpu_seconds(p.pid) for p in both]
+    time.sleep(5.0)
+    used = [cpu_seconds(p.pid) - b for p, b in zip(both, before, strict=True)]
     outputs = [p.communicate(timeout=300)[0] for p in both]
     assert [p.returncode for p in both] == [0, 0], outputs
+    # Waiting (and holding, while the kernel sleeps) costs the CLI almost no CPU.
+    assert max(used) < 1.0, used
+    waiting = [out for out in outputs if "waits for pool dagma_vectors" in out]
+    assert len(waiting) == 1, outputs
+    holder = next(out for out in outputs if out is not waiting[0])
+    holder_run = holder.split("Run ", 1)[1].split(":", 1)[0].strip()
+    assert f"held by run {holder_run[:8]} (writer)" in waiting[0], waiting[0]
     assert not any("locked by another writer" in out for out in outputs)
     _, (a_start, a_end), (b_start, b_end) = spans(tmp_path / "home")
     assert b_start >= a_end or a_start >= b_end, "the two writers overlapped"
