@@ -342,3 +342,16 @@ def test_the_dagster_ui_opens_the_executed_notebooks_of_both_engines(
             )
             assert page.status_code == 200, page.text[:500]
             assert text in page.text  # the executed notebook, rendered by the webserver
+
+
+def test_in_process_execution_is_what_dagstermill_refuses_and_dagma_run_avoids(lab: Path):
+    definitions = load_definitions(get_settings())
+    job = definitions.resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(
+        instance=dg.DagsterInstance.get(),
+        asset_selection=[dg.AssetKey("wine_report")],
+        raise_on_error=False,
+    )
+    assert not result.success
+    [failure] = [e for e in result.all_events if e.is_step_failure]
+    assert "not reconstructable" in failure.step_failure_data.error.message

@@ -24,6 +24,11 @@ CASES = [
     "Bad inbox file",
     "Inbox file not ingested",
     "Bad retrain schedule",
+    "Unknown notebook engine",
+    "Unknown dagstermill input",
+    "dagstermill not reconstructable",
+    "Run waits for a pool",
+    "Slot held by a dead run",
 ]
 
 
