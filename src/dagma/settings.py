@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     dagma_retrain_cron: str = Field(
         default="0 2 * * *", description="When (UTC cron) the model notebook retrains nightly."
     )
+    dagma_cell_timeout: float | None = Field(
+        default=3600.0,
+        gt=0,
+        description="Seconds one notebook cell may run before the notebook fails (a hung cell "
+        "would hold its pool slot forever); a notebook's asset['timeout'] overrides it.",
+    )
     dagma_retry_delay: float = Field(
         default=2.0, ge=0, description="Seconds before the first retry; doubles each time."
     )

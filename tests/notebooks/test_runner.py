@@ -1,12 +1,19 @@
 """The bridge against real kernels: values in, outputs and executed copies out."""
 
+import time
 from pathlib import Path
 
 import mlflow
 import nbformat
 import pytest
 
-from dagma.notebooks.runner import KernelError, NotebookFailed, RunTarget, execute
+from dagma.notebooks.runner import (
+    KernelError,
+    NotebookFailed,
+    PapermillEngine,
+    RunTarget,
+    execute,
+)
 from dagma.notebooks.spec import NotebookError, parse_notebook
 from tests.notebooks.test_spec import write_nb
 
@@ -144,4 +151,34 @@ def test_a_non_python_notebook_is_refused_at_load(tmp_path: Path):
     with pytest.raises(
         NotebookError, match=r"kernel language is 'R'.*Switch the notebook's kernel"
     ):
+        parse_notebook(path)
+
+
+def test_a_hung_cell_times_out_keeps_its_copies_and_fails_its_mlflow_run(tmp_path: Path):
+    path = write_nb(
+        tmp_path / "hung.ipynb",
+        params='asset = {"timeout": 1.5}\nn: int = 1',
+        body="import time\nprint('started')\ntime.sleep(60)",
+    )
+    spec = parse_notebook(path)
+    started = time.monotonic()
+    with pytest.raises(NotebookFailed) as info:
+        execute(
+            spec,
+            run_dir=tmp_path / "run",
+            target=target(tmp_path),
+            engine=PapermillEngine(cell_timeout=spec.timeout),
+        )
+    assert time.monotonic() - started < 40  # not the cell's 60 s
+    message = str(info.value)
+    assert "CellTimeoutError" in message and "asset['timeout']" in message
+    failed = info.value.execution
+    assert "started" in failed.ipynb.read_text() and failed.html is not None
+    client = mlflow.MlflowClient(target(tmp_path).tracking_uri)
+    assert client.get_run(failed.mlflow_run_id).info.status == "FAILED"
+
+
+def test_a_timeout_that_is_not_a_positive_number_is_refused(tmp_path: Path):
+    path = write_nb(tmp_path / "t.ipynb", params='asset = {"timeout": "soon"}\nn: int = 1')
+    with pytest.raises(NotebookError, match=r"t\.ipynb: `asset\['timeout'\]` is the most seconds"):
         parse_notebook(path)

@@ -7,7 +7,13 @@ from typing import Any
 import dagster as dg
 
 from dagma.defs.core.resources import MLflowResource, QdrantResource, service_retry_policy
-from dagma.notebooks.runner import KernelError, NotebookFailed, RunTarget, execute
+from dagma.notebooks.runner import (
+    KernelError,
+    NotebookFailed,
+    PapermillEngine,
+    RunTarget,
+    execute,
+)
 from dagma.notebooks.spec import NotebookError, NotebookSpec
 from dagma.settings import get_settings
 
@@ -161,7 +167,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
             partition_range=window,
         )
         mlflow.check()  # a server that is down fails here, and the retry policy waits for it
-        engine = None
+        engine: Any = PapermillEngine(cell_timeout=spec.timeout or settings.dagma_cell_timeout)
         if spec.engine == "dagstermill":
             from dagma.notebooks.dagstermill_engine import DagstermillEngine
 
@@ -203,7 +209,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         if run.mlflow_run_id:
             common["mlflow_run_id"] = run.mlflow_run_id
             common["mlflow_run"] = dg.MetadataValue.url(mlflow.run_url(run.mlflow_run_id))
-        events = engine.events if engine is not None else []
+        events = getattr(engine, "events", [])
         for event in events:
             if isinstance(event, dg.Failure | dg.RetryRequested):
                 raise event  # yielded with dagstermill.yield_event, as dagstermill does

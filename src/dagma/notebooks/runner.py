@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle  # nosec B403 # only pickles our own kernel or IO manager wrote
 import threading
 import time
@@ -74,6 +75,9 @@ class PapermillEngine:
 
     passes_inputs = True
 
+    def __init__(self, cell_timeout: float | None = None) -> None:
+        self.cell_timeout = cell_timeout
+
     def run(self, source: Any, values: dict[str, Any], output: Path, cwd: Path) -> None:
         import papermill
 
@@ -87,6 +91,8 @@ class PapermillEngine:
             cwd=str(cwd),
             progress_bar=False,
             log_output=False,
+            # nbclient takes whole seconds
+            execution_timeout=math.ceil(self.cell_timeout) if self.cell_timeout else None,
         )
 
 
@@ -158,6 +164,11 @@ def render_html(ipynb: Path) -> Path:
 
 def _failure_summary(exc: Exception) -> str:
     """The failing cell and the last lines of its traceback, from papermill's error."""
+    if isinstance(exc, TimeoutError):  # nbclient's CellTimeoutError
+        return (
+            f"{type(exc).__name__}: {str(exc).splitlines()[0]} Raise the notebook's "
+            "asset['timeout'] (seconds per cell) or DAGMA_CELL_TIMEOUT if it needs longer."
+        )
     ename = getattr(exc, "ename", type(exc).__name__)
     evalue = getattr(exc, "evalue", str(exc))
     cell = getattr(exc, "cell_index", None)

@@ -38,6 +38,7 @@ ASSET_OPTIONS = {
     "partitions",
     "pool",
     "engine",
+    "timeout",
 }
 # The default bridge first. "dagstermill" runs the notebook through dagstermill's own execution.
 ENGINES = ("papermill", "dagstermill")
@@ -92,6 +93,7 @@ class NotebookSpec:
     partitions: tuple[str, Any, int] | None = None
     pool: str | None = None
     engine: str = ENGINES[0]
+    timeout: float | None = None  # seconds a cell may run; None: the lab's DAGMA_CELL_TIMEOUT
     # The notebook's variable for each upstream asset; the asset's own name unless adopted.
     ins: dict[str, str] = field(default_factory=dict)
     # False for an adopted dagstermill notebook: its parameters cell is replaced, not kept.
@@ -343,6 +345,14 @@ def parse_notebook(path: Path) -> NotebookSpec:
             f"{path}: `asset['engine']` is {engine!r}, which is not an engine; use one of "
             f"{', '.join(map(repr, ENGINES))} (or leave it out for {ENGINES[0]!r})."
         )
+    timeout = options.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    ):
+        raise NotebookError(
+            f"{path}: `asset['timeout']` is the most seconds one cell may run, a positive "
+            f"number like 600, got {timeout!r}."
+        )
     pool = options.get("pool")
     if pool is not None and not (isinstance(pool, str) and _NAME.match(pool)):
         raise NotebookError(
@@ -364,6 +374,7 @@ def parse_notebook(path: Path) -> NotebookSpec:
         partitions=_partitions(options.get("partitions"), path),
         pool=pool,
         engine=engine,
+        timeout=float(timeout) if timeout is not None else None,
         ins=ins if ins is not None else {u: u for u in upstream},
         keeps_defaults=declared is None,
     )
