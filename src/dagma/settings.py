@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="Seconds one notebook cell may run before the notebook fails (a hung cell "
         "would hold its pool slot forever); a notebook's asset['timeout'] overrides it.",
     )
+    dagma_max_cell_output: int = Field(
+        default=2_000_000,
+        gt=0,
+        description="Bytes of output kept per notebook cell; past it the kept copy says where "
+        "it was cut. A notebook's asset['max_output'] overrides it.",
+    )
     dagma_retry_delay: float = Field(
         default=2.0, ge=0, description="Seconds before the first retry; doubles each time."
     )

@@ -182,3 +182,25 @@ def test_a_timeout_that_is_not_a_positive_number_is_refused(tmp_path: Path):
     path = write_nb(tmp_path / "t.ipynb", params='asset = {"timeout": "soon"}\nn: int = 1')
     with pytest.raises(NotebookError, match=r"t\.ipynb: `asset\['timeout'\]` is the most seconds"):
         parse_notebook(path)
+    path = write_nb(tmp_path / "m.ipynb", params='asset = {"max_output": 0.5}\nn: int = 1')
+    with pytest.raises(NotebookError, match=r"m\.ipynb: `asset\['max_output'\]` is the most bytes"):
+        parse_notebook(path)
+
+
+def test_a_flooding_cell_is_cut_in_the_kept_copy_with_a_marker(tmp_path: Path):
+    path = write_nb(
+        tmp_path / "flood.ipynb",
+        params='asset = {"max_output": 20000}\nn: int = 1',
+        body="for i in range(200_000):\n    print('line', i)\nprint('after the flood')",
+    )
+    spec = parse_notebook(path)
+    engine = PapermillEngine(max_output=spec.max_output)
+    run = execute(spec, run_dir=tmp_path / "run", target=target(tmp_path), engine=engine)
+    executed = nbformat.read(run.ipynb, as_version=4)
+    flood = executed.cells[-1]
+    text = "".join(str(o.get("text", "")) for o in flood.outputs)
+    assert "line 0\n" in text and "line 199999" not in text
+    assert "output was cut at 20,000 bytes" in text and "asset['max_output']" in text
+    assert len(text) < 40_000  # the 2.5 MB it printed is not kept, nor rendered
+    assert run.ipynb.stat().st_size < 100_000 and run.html is not None
+    assert run.outputs["flood"]["executed_notebook"] == str(run.ipynb)  # still a success

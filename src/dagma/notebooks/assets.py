@@ -167,7 +167,10 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
             partition_range=window,
         )
         mlflow.check()  # a server that is down fails here, and the retry policy waits for it
-        engine: Any = PapermillEngine(cell_timeout=spec.timeout or settings.dagma_cell_timeout)
+        engine: Any = PapermillEngine(
+            cell_timeout=spec.timeout or settings.dagma_cell_timeout,
+            max_output=spec.max_output or settings.dagma_max_cell_output,
+        )
         if spec.engine == "dagstermill":
             from dagma.notebooks.dagstermill_engine import DagstermillEngine
 

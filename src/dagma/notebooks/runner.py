@@ -75,11 +75,13 @@ class PapermillEngine:
 
     passes_inputs = True
 
-    def __init__(self, cell_timeout: float | None = None) -> None:
-        self.cell_timeout = cell_timeout
+    def __init__(self, cell_timeout: float | None = None, max_output: int | None = None) -> None:
+        self.cell_timeout, self.max_output = cell_timeout, max_output
 
     def run(self, source: Any, values: dict[str, Any], output: Path, cwd: Path) -> None:
         import papermill
+
+        from dagma.notebooks import output_cap
 
         # papermill logs a warning per injected name not in the parameters cell; ours is expected.
         logging.getLogger("papermill").setLevel(logging.ERROR)
@@ -93,6 +95,8 @@ class PapermillEngine:
             log_output=False,
             # nbclient takes whole seconds
             execution_timeout=math.ceil(self.cell_timeout) if self.cell_timeout else None,
+            engine_name=output_cap.ENGINE,
+            max_output_bytes=self.max_output or 0,
         )
 
 

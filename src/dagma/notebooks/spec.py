@@ -39,6 +39,7 @@ ASSET_OPTIONS = {
     "pool",
     "engine",
     "timeout",
+    "max_output",
 }
 # The default bridge first. "dagstermill" runs the notebook through dagstermill's own execution.
 ENGINES = ("papermill", "dagstermill")
@@ -94,6 +95,7 @@ class NotebookSpec:
     pool: str | None = None
     engine: str = ENGINES[0]
     timeout: float | None = None  # seconds a cell may run; None: the lab's DAGMA_CELL_TIMEOUT
+    max_output: int | None = None  # bytes of output kept per cell; None: DAGMA_MAX_CELL_OUTPUT
     # The notebook's variable for each upstream asset; the asset's own name unless adopted.
     ins: dict[str, str] = field(default_factory=dict)
     # False for an adopted dagstermill notebook: its parameters cell is replaced, not kept.
@@ -353,6 +355,14 @@ def parse_notebook(path: Path) -> NotebookSpec:
             f"{path}: `asset['timeout']` is the most seconds one cell may run, a positive "
             f"number like 600, got {timeout!r}."
         )
+    max_output = options.get("max_output")
+    if max_output is not None and (
+        isinstance(max_output, bool) or not isinstance(max_output, int) or max_output <= 0
+    ):
+        raise NotebookError(
+            f"{path}: `asset['max_output']` is the most bytes of output kept per cell, a "
+            f"positive whole number like 1000000, got {max_output!r}."
+        )
     pool = options.get("pool")
     if pool is not None and not (isinstance(pool, str) and _NAME.match(pool)):
         raise NotebookError(
@@ -375,6 +385,7 @@ def parse_notebook(path: Path) -> NotebookSpec:
         pool=pool,
         engine=engine,
         timeout=float(timeout) if timeout is not None else None,
+        max_output=max_output,
         ins=ins if ins is not None else {u: u for u in upstream},
         keeps_defaults=declared is None,
     )
