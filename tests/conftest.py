@@ -1,11 +1,13 @@
 import os
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from dagma.lab import LabRun, materialize
-from dagma.settings import Settings, get_settings
+from dagma.settings import PROJECT_ROOT, Settings, get_settings
 
 QUIET = Console(quiet=True)
 
@@ -34,3 +36,15 @@ def demo() -> tuple[Settings, LabRun]:
     run = materialize(settings, console=QUIET)
     assert run.success, run.error
     return settings, run
+
+
+@pytest.fixture
+def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temp copy of notebooks/ and a fresh DAGMA_HOME."""
+    folder = tmp_path / "notebooks"
+    shutil.copytree(PROJECT_ROOT / "notebooks", folder)
+    monkeypatch.setenv("DAGMA_NOTEBOOKS_DIR", str(folder))
+    monkeypatch.setenv("DAGMA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return folder

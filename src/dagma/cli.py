@@ -125,6 +125,42 @@ def notebook_adopt(
 
 
 @app.command()
+def gc(
+    keep: Annotated[
+        int | None,
+        typer.Option(min=0, help="Newest executed notebooks kept per notebook (DAGMA_KEEP_RUNS)."),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list what would go.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Prune executed notebooks under $DAGMA_HOME/runs; never one a materialization links."""
+    import dagster as dg
+
+    from dagma.gc import collect
+
+    settings = get_settings()
+    settings.ensure_dirs()
+    settings.export_env()  # DAGSTER_HOME for the instance below
+    with dg.DagsterInstance.get() as instance:
+        report = collect(
+            settings,
+            instance,
+            keep=settings.dagma_keep_runs if keep is None else keep,
+            dry_run=dry_run,
+        )
+    if as_json:
+        typer.echo(json.dumps(report.__dict__, indent=2))
+        return
+    verb = "Would delete" if dry_run else "Deleted"
+    console.print(
+        f"{verb} {len(report.deleted)} executed notebooks under {settings.runs_dir} "
+        f"({report.bytes_freed / 1e6:.1f} MB freed); kept {report.kept}."
+    )
+    for item in report.deleted:
+        console.print(f"  {item}")
+
+
+@app.command()
 def demo(
     seed: Annotated[int | None, typer.Option(help="Override every notebook's seed.")] = None,
     as_json: Annotated[

@@ -79,6 +79,12 @@ class Settings(BaseSettings):
         description="Bytes of output kept per notebook cell; past it the kept copy says where "
         "it was cut. A notebook's asset['max_output'] overrides it.",
     )
+    dagma_keep_runs: int = Field(
+        default=5,
+        ge=0,
+        description="Executed notebooks kept per notebook under runs/ by `dagma gc` and the "
+        "nightly gc, besides every one a current materialization links.",
+    )
     dagma_retry_delay: float = Field(
         default=2.0, ge=0, description="Seconds before the first retry; doubles each time."
     )

@@ -29,6 +29,7 @@ CASES = [
     "dagstermill not reconstructable",
     "Run waits for a pool",
     "Slot held by a dead run",
+    "runs/ fills the disk",
 ]
 
 
