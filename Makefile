@@ -13,7 +13,7 @@ RUN = $(UV) run --frozen --no-sync
 # Runs per alternative in `make bench`: 2 keeps it under 15 minutes on 2 cores.
 BENCH_REPEAT ?= 2
 
-.PHONY: help install demo test lint format bench bench-backfill bench-gate dagster mlflow lab app clean
+.PHONY: help install tools demo test lint format bench bench-backfill bench-gate dagster mlflow lab app clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,7 +29,10 @@ install: | $(UV)  ## Create or update .venv from uv.lock (bytecode compiled)
 demo: install  ## Materialize the whole demo graph into $DAGMA_HOME
 	$(RUN) dagma demo
 
-test: lint  ## Lint, type-check, then the whole test suite (unit, integration, nbval)
+tools:  ## System packages the suite runs for real (nix-bin, Chromium, PostgreSQL), via apt
+	bash scripts/install-system-tools.sh
+
+test: tools lint  ## Lint, type-check, then the whole test suite (unit, integration, nbval)
 	$(RUN) pytest
 
 lint: install  ## ruff lint + format check, mypy

@@ -15,16 +15,20 @@ import pytest
 
 from dagma.settings import PROJECT_ROOT
 from tests.app._support import APP, free_port, running
+from tests.conftest import require
 
 CHROMIUM = Path(os.environ.get("DAGMA_CHROMIUM") or "/usr/bin/chromium")
 QUESTION = "How do I catch an exception?"
 ANSWER_TIMEOUT_MS = 180_000
 PAGE_TIMEOUT_MS = 90_000
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"no Chromium at {CHROMIUM}"),
-]
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", autouse=True)
+def chromium() -> None:
+    require(CHROMIUM.exists(), f"no Chromium at {CHROMIUM}")
+
 
 # Page path, then a text that shows its real content has rendered.
 PAGES = [

@@ -27,6 +27,7 @@ import pytest
 from dagma.services.config import ServicesConfig
 from dagma.services.procs import free_port, marked_pids, pid_alive
 from dagma.services.supervisor import Topology
+from tests.conftest import require
 from tests.notebooks.test_spec import write_nb
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -131,8 +132,10 @@ class Lab:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[Lab]:
-    if not any(Path("/usr/lib/postgresql").glob("*/bin/initdb")):
-        pytest.skip("install postgresql: services mode needs the Postgres server binaries")
+    require(
+        any(Path("/usr/lib/postgresql").glob("*/bin/initdb")),
+        "no PostgreSQL server binaries (Debian's postgresql) for services mode",
+    )
     home = Path(tempfile.mkdtemp(prefix="dagma-services-"))
     home.chmod(0o755)  # Postgres runs unprivileged when the tests run as root
     ports = {
