@@ -8,7 +8,7 @@ set -euo pipefail
 need=()
 command -v nix-instantiate >/dev/null 2>&1 || need+=(nix-bin)
 [ -x "${DAGMA_CHROMIUM:-/usr/bin/chromium}" ] || need+=(chromium chromium-driver)
-fc-list 2>/dev/null | grep -q . || need+=(fonts-dejavu-core)
+find /usr/share/fonts -name '*.ttf' -print -quit 2>/dev/null | grep -q . || need+=(fonts-dejavu-core)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 [ ${#need[@]} -eq 0 ] && exit 0
 
