@@ -84,7 +84,10 @@ def test_inbox_sensor_requests_the_hour_each_file_landed_in(home: Settings):
         later = datetime(2026, 11, 29, 10, 40, tzinfo=UTC)
         os.utime(inbox / "c.csv", (later.timestamp(), later.timestamp()))  # `touch` re-ingests
         touched = _tick(instance, again.cursor)
-        assert [r.partition_key for r in touched.run_requests or []] == ["2026-11-29-10:00"]
+        # Its new hour, and its old one again, which no longer holds it: no day counts it twice.
+        asked = {r.partition_key: r for r in touched.run_requests or []}
+        assert sorted(asked) == ["2026-11-29-09:00", "2026-11-29-10:00"]
+        assert asked["2026-11-29-09:00"].tags["dagma/inbox_files_left"] == "c.csv"
         # A repeated tick (e.g. after a daemon restart) asks for the same run key: not re-run.
         assert (
             touched.run_requests[0].run_key == _tick(instance, again.cursor).run_requests[0].run_key
@@ -120,6 +123,32 @@ def test_inbox_sensor_reports_what_it_ignores_once(
         assert "inbox: ignored old.csv (landed 2025-01-01-00:00, before 2026-09-01-00:00" in warned
         _tick(instance, first.cursor)
         assert "inbox: ignored" not in capfd.readouterr().err  # said once, not every 15 s
+
+
+def test_the_inbox_survives_future_times_and_names_that_are_not_text(
+    home: Settings, capfd: pytest.CaptureFixture[str]
+):
+    inbox = home.inbox_dir
+    now = datetime.now(UTC)
+    _land(inbox, "good.csv", now)
+    _land(inbox, "ahead.csv", now + timedelta(days=2), seed=2)
+    raw = inbox / os.fsdecode(b"bad\xff.csv")
+    raw.write_text("not read")
+    with _instance(home) as instance:
+        capfd.readouterr()
+        first = _tick(instance, None)  # no exception: the tick and its cursor are saved
+        assert [r.partition_key for r in first.run_requests or []] == [arrivals.hour_key(now)]
+        warned = capfd.readouterr().err
+        assert "inbox: ignored ahead.csv (modified in the future" in warned
+        assert "its name is not UTF-8 text: rename it" in warned
+        second = _tick(instance, first.cursor)
+        assert not second.run_requests
+        assert "inbox: ignored" not in capfd.readouterr().err  # said once, not every 15 s
+        # Once its hour exists (here: touched to now), the file from the future is ingested.
+        os.utime(inbox / "ahead.csv", (now.timestamp(), now.timestamp()))
+        third = _tick(instance, second.cursor)
+        assert [r.tags["dagma/inbox_files"] for r in third.run_requests or []] == ["ahead.csv"]
+    assert raw.exists()  # reported, never moved or deleted
 
 
 def test_inbox_sensor_without_an_inbox_says_where_to_drop_files(home: Settings):

@@ -30,6 +30,8 @@ CASES = [
     "Run waits for a pool",
     "Slot held by a dead run",
     "runs/ fills the disk",
+    "Inbox file from the future or with a raw name",
+    "Re-saved inbox file",
 ]
 
 

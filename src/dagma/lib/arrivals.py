@@ -33,7 +33,7 @@ class Landed:
 
     @property
     def hour(self) -> str:
-        return hour_key(datetime.fromtimestamp(self.mtime_ns / 1e9, tz=UTC))
+        return hour_of(self.mtime_ns)
 
 
 def hour_key(moment: datetime) -> str:
@@ -47,27 +47,43 @@ def feature_columns() -> list[str]:
     return [c for c in load_wine().columns if c != "target"]
 
 
-def landed(inbox: Path) -> list[Landed]:
-    """Every CSV file directly in `inbox`, oldest first; none when the folder is missing."""
+def utf8_name(path: Path) -> bool:
+    """Whether a file's name is text (a name of raw bytes cannot be stored or shown)."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _files(inbox: Path) -> list[Path]:
     if not inbox.is_dir():
         return []
+    return [p for p in inbox.iterdir() if p.is_file() and not p.name.startswith(".")]
+
+
+def landed(inbox: Path) -> list[Landed]:
+    """Every CSV file directly in `inbox`, oldest first; none when the folder is missing."""
     files = [
         Landed(p, p.stat().st_mtime_ns)
-        for p in inbox.iterdir()
-        if p.is_file() and p.suffix.lower() == SUFFIX and not p.name.startswith(".")
+        for p in _files(inbox)
+        if p.suffix.lower() == SUFFIX and utf8_name(p)
     ]
     return sorted(files, key=lambda f: (f.mtime_ns, f.path.name))
 
 
 def ignored(inbox: Path) -> list[Path]:
     """Files in `inbox` that are not CSV, which the sensor reports rather than reads."""
-    if not inbox.is_dir():
-        return []
-    return sorted(
-        p
-        for p in inbox.iterdir()
-        if p.is_file() and p.suffix.lower() != SUFFIX and not p.name.startswith(".")
-    )
+    return sorted(p for p in _files(inbox) if p.suffix.lower() != SUFFIX and utf8_name(p))
+
+
+def badly_named(inbox: Path) -> list[Path]:
+    """Files whose names are not UTF-8 text: reported, never read."""
+    return sorted(p for p in _files(inbox) if not utf8_name(p))
+
+
+def hour_of(mtime_ns: int) -> str:
+    return hour_key(datetime.fromtimestamp(mtime_ns / 1e9, tz=UTC))
 
 
 def landed_in(inbox: Path, hour: str) -> list[Landed]:
