@@ -168,11 +168,13 @@ def test_inbox_sensor_without_an_inbox_says_where_to_drop_files(home: Settings):
         (",".join(["alcohol"]) + "\n", "missing column(s)"),
         ("", "not a readable CSV"),
         ("blank", "line 3, column 'ash' is empty"),
+        ("big", "has more than 8 rows. Split it into smaller files, or raise DAGMA_INBOX_MAX_ROWS"),
     ],
 )
-def test_a_bad_inbox_file_fails_the_hour_naming_the_file_and_fix(
-    home: Settings, content: str | None, expected: str
+def test_a_bad_inbox_file_is_skipped_and_named_and_the_good_ones_ingested(
+    home: Settings, content: str | None, expected: str, monkeypatch: pytest.MonkeyPatch
 ):
+    monkeypatch.setenv("DAGMA_INBOX_MAX_ROWS", "8")
     inbox = home.inbox_dir
     at = datetime(2026, 11, 29, 8, 0, tzinfo=UTC)
     good = _land(inbox, "good.csv", at)
@@ -184,6 +186,8 @@ def test_a_bad_inbox_file_fails_the_hour_naming_the_file_and_fix(
         else:
             frame.loc[1, "ash"] = None
         frame.to_csv(bad, index=False)
+    elif content == "big":
+        bad = _land(inbox, "bad.csv", at, rows=9, seed=2)
     else:
         bad.write_text(content)
     os.utime(bad, (at.timestamp(), at.timestamp()))
@@ -193,12 +197,13 @@ def test_a_bad_inbox_file_fails_the_hour_naming_the_file_and_fix(
             instance=instance,
             partition_key="2026-11-29-08:00",
             resources={"io_manager": dg.FilesystemIOManager(base_dir=str(home.home / "s"))},
-            raise_on_error=False,
         )
-    assert not run.success
-    failure = run.get_step_failure_events()[0].step_failure_data.error
-    assert failure is not None
-    assert str(bad) in failure.message and expected in failure.message
+        event = instance.get_latest_materialization_event(wine_arrivals.key)
+    frame = run.output_for_node("wine_arrivals")
+    assert len(frame) == 5 and set(frame["source_file"]) == {"good.csv"}
+    skipped = event.asset_materialization.metadata["skipped_files"].value
+    assert list(skipped) == ["bad.csv"]
+    assert str(bad) in skipped["bad.csv"] and expected in skipped["bad.csv"]
     assert bad.exists() and good.exists()  # nothing in the inbox is moved or lost
 
 
@@ -206,7 +211,7 @@ def test_a_header_only_file_is_named(tmp_path: Path):
     path = tmp_path / "empty.csv"
     path.write_text(",".join(arrivals.feature_columns()) + "\n")
     with pytest.raises(arrivals.ArrivalError, match="header but no rows"):
-        arrivals.read([arrivals.Landed(path, path.stat().st_mtime_ns)])
+        arrivals.read_file(arrivals.Landed(path, path.stat().st_mtime_ns))
 
 
 @pytest.fixture

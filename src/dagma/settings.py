@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         description="Executed notebooks kept per notebook under runs/ by `dagma gc` and the "
         "nightly gc, besides every one a current materialization links.",
     )
+    dagma_inbox_max_rows: int = Field(
+        default=100_000,
+        gt=0,
+        description="Rows one inbox CSV may have; a larger file is named and skipped.",
+    )
     dagma_retry_delay: float = Field(
         default=2.0, ge=0, description="Seconds before the first retry; doubles each time."
     )

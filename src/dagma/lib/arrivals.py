@@ -18,6 +18,8 @@ if TYPE_CHECKING:
 
 HOUR_FORMAT = "%Y-%m-%d-%H:00"  # Dagster's hourly partition keys
 SUFFIX = ".csv"
+# Rows one inbox file may have; a larger one is named and skipped (DAGMA_INBOX_MAX_ROWS).
+MAX_ROWS = 100_000
 
 
 class ArrivalError(ValueError):
@@ -107,49 +109,70 @@ def batch_key(hour: str, files: Iterable[Landed]) -> str:
     return f"{hour}:{digest.hexdigest()[:12]}"
 
 
-def read(files: Iterable[Landed]) -> pd.DataFrame:
-    """One frame of every file's rows, with `source_file` and `landed_at`; checked column by column."""
+def read_file(f: Landed, max_rows: int = MAX_ROWS) -> pd.DataFrame:
+    """One file's rows, with `source_file` and `landed_at`; ArrivalError names what to fix."""
     import pandas as pd
 
     features = feature_columns()
-    frames = []
+    try:
+        # Only a blank cell is missing; "n/a" or "NaN" in a feature is reported as text.
+        frame = pd.read_csv(f.path, keep_default_na=False, na_values=[""], nrows=max_rows + 1)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise ArrivalError(
+            f"{f.path}: not a readable CSV ({exc}). Fix or remove the file; it is re-read "
+            "when its modification time changes."
+        ) from None
+    except OSError as exc:
+        raise ArrivalError(f"{f.path}: cannot be read ({exc}). Fix its permissions.") from None
+    if len(frame) > max_rows:
+        raise ArrivalError(
+            f"{f.path}: has more than {max_rows:,} rows. Split it into smaller files, or raise "
+            "DAGMA_INBOX_MAX_ROWS."
+        )
+    missing = [c for c in features if c not in frame.columns]
+    if missing:
+        raise ArrivalError(
+            f"{f.path}: missing column(s) {', '.join(missing)}. A wine sample needs all of "
+            f"{', '.join(features)} (and optionally `target`). Fix the header and save again."
+        )
+    if frame.empty:
+        raise ArrivalError(f"{f.path}: has a header but no rows. Add samples or remove it.")
+    keep = features + (["target"] if "target" in frame.columns else [])
+    frame = frame[keep].copy()
+    for column in keep:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = values.isna() if column != "target" else values.isna() & frame[column].notna()
+        if bad.any():
+            row = int(bad.idxmax()) + 2  # 1-based, after the header line
+            value = frame[column][bad].iloc[0]
+            what = "empty" if pd.isna(value) else f"{value!r}, not a number"
+            raise ArrivalError(
+                f"{f.path}: line {row}, column {column!r} is {what}. Fix the value and "
+                "save the file again."
+            )
+        frame[column] = values
+    frame["source_file"] = f.path.name
+    frame["landed_at"] = pd.Timestamp(f.mtime_ns, unit="ns", tz="UTC")
+    return frame
+
+
+def read(files: Iterable[Landed], max_rows: int = MAX_ROWS) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The rows of every good file, and what is wrong with each bad one (by file name).
+
+    A bad file never keeps the good ones out: it is named, with its fix, and skipped.
+    """
+    import pandas as pd
+
+    frames, problems = [], {}
     for f in files:
         try:
-            # Only a blank cell is missing; "n/a" or "NaN" in a feature is reported as text.
-            frame = pd.read_csv(f.path, keep_default_na=False, na_values=[""])
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-            raise ArrivalError(
-                f"{f.path}: not a readable CSV ({exc}). Fix or remove the file; it is re-read "
-                "when its modification time changes."
-            ) from None
-        missing = [c for c in features if c not in frame.columns]
-        if missing:
-            raise ArrivalError(
-                f"{f.path}: missing column(s) {', '.join(missing)}. A wine sample needs all of "
-                f"{', '.join(features)} (and optionally `target`). Fix the header and save again."
-            )
-        if frame.empty:
-            raise ArrivalError(f"{f.path}: has a header but no rows. Add samples or remove it.")
-        keep = features + (["target"] if "target" in frame.columns else [])
-        frame = frame[keep].copy()
-        for column in keep:
-            values = pd.to_numeric(frame[column], errors="coerce")
-            bad = values.isna() if column != "target" else values.isna() & frame[column].notna()
-            if bad.any():
-                row = int(bad.idxmax()) + 2  # 1-based, after the header line
-                value = frame[column][bad].iloc[0]
-                what = "empty" if pd.isna(value) else f"{value!r}, not a number"
-                raise ArrivalError(
-                    f"{f.path}: line {row}, column {column!r} is {what}. Fix the value and "
-                    "save the file again."
-                )
-            frame[column] = values
-        frame["source_file"] = f.path.name
-        frame["landed_at"] = pd.Timestamp(f.mtime_ns, unit="ns", tz="UTC")
-        frames.append(frame)
+            frames.append(read_file(f, max_rows))
+        except ArrivalError as exc:
+            problems[f.path.name] = str(exc)
     if not frames:
-        return pd.DataFrame(columns=[*features, "target", "source_file", "landed_at"])
-    return pd.concat(frames, ignore_index=True)
+        columns = [*feature_columns(), "target", "source_file", "landed_at"]
+        return pd.DataFrame(columns=columns), problems
+    return pd.concat(frames, ignore_index=True), problems
 
 
 def combine(parts: Mapping[str, pd.DataFrame] | pd.DataFrame) -> pd.DataFrame:

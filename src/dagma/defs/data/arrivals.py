@@ -26,17 +26,20 @@ def wine_arrivals(context: dg.AssetExecutionContext) -> dg.Output:
             "range of hours.",
             allow_retries=False,
         )
-    inbox = get_settings().inbox_dir
+    settings = get_settings()
+    inbox = settings.inbox_dir
     files = arrivals.landed_in(inbox, context.partition_key)
-    try:
-        frame = arrivals.read(files)
-    except arrivals.ArrivalError as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from exc
+    frame, problems = arrivals.read(files, settings.dagma_inbox_max_rows)
+    for problem in problems.values():
+        context.log.warning(f"inbox: skipped {problem}")
     return dg.Output(
         frame,
         metadata={
             "rows": len(frame),
-            "files": dg.MetadataValue.json([f.path.name for f in files]),
+            "files": dg.MetadataValue.json(
+                [f.path.name for f in files if f.path.name not in problems]
+            ),
+            "skipped_files": dg.MetadataValue.json(problems),
             "inbox": dg.MetadataValue.path(str(inbox)),
             "labelled_rows": int(frame["target"].notna().sum()) if len(frame) else 0,
             "preview": dg.MetadataValue.md(frame.head(5).to_markdown(index=False)),
