@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from dagma.lib.vectors import EmbeddedStore
+from dagma.notebooks.papermill_engine import RUN_ENV, kernels_of
 from dagma.settings import PROJECT_ROOT
 from tests.notebooks.test_spec import write_nb
 
@@ -39,6 +40,23 @@ ctx.output({"version": published.version})"""
 
 def dagma(*args: str) -> list[str]:
     return [sys.executable, "-m", "dagma.cli", *args]
+
+
+def kernel_runs(marker: str) -> set[str]:
+    """The run ids of the live kernels started with this test's environment."""
+    runs = set()
+    for entry in Path("/proc").iterdir():
+        try:
+            env = dict(
+                item.split(b"=", 1)
+                for item in (entry / "environ").read_bytes().split(b"\0")
+                if b"=" in item
+            )
+        except OSError:
+            continue
+        if env.get(b"SLOW_MARKER") == marker.encode() and RUN_ENV.encode() in env:
+            runs.add(env[RUN_ENV.encode()].decode())
+    return runs
 
 
 def test_a_killed_run_is_failed_on_the_next_status_and_nothing_half_written_is_seen(
@@ -78,14 +96,21 @@ def test_a_killed_run_is_failed_on_the_next_status_and_nothing_half_written_is_s
     while not (tmp_path / "marker").exists():
         assert victim.poll() is None and time.monotonic() < deadline, "the run never started"
         time.sleep(0.2)
-    os.killpg(victim.pid, signal.SIGKILL)  # the CLI and everything in its session
+    os.kill(victim.pid, signal.SIGKILL)  # the CLI alone, as the OOM killer does
     victim.wait(timeout=30)
+    orphans = kernel_runs(env["SLOW_MARKER"])
+    assert len(orphans) == 1  # its kernel goes on running the notebook, with no one waiting
 
     status = subprocess.run(dagma("status", "--json"), env=env, capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     [killed] = report["reaped"]
     assert any(killed in problem for problem in report["problems"])
+    assert orphans == {killed}
+    deadline = time.monotonic() + 10
+    while kernels_of(killed) and time.monotonic() < deadline:  # SIGKILLed, then reaped by init
+        time.sleep(0.1)
+    assert kernels_of(killed) == []  # the dead run's kernel is stopped
     pools = {p["pool"]: p for p in report["pools"]}
     assert pools["dagma_vectors"]["held_by"] == []  # dagma status lists the slots held now
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
@@ -115,3 +140,24 @@ def test_a_killed_run_is_failed_on_the_next_status_and_nothing_half_written_is_s
     )
     assert again.returncode == 0, again.stdout + again.stderr
     assert store.current_version("docs").version == before.version + 1
+
+
+def test_a_dead_runs_tagged_processes_are_stopped_and_no_other():
+    from dagma.lab import stop_kernels_of
+
+    def tagged(run_id: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, RUN_ENV: run_id}
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
+
+    dead, alive = tagged("dead-run"), tagged("dead-run-2")
+    try:
+        deadline = time.monotonic() + 10
+        while not kernels_of("dead-run") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stop_kernels_of("dead-run") == [dead.pid]
+        assert dead.wait(timeout=10) == -signal.SIGKILL
+        assert alive.poll() is None  # another run's kernel is left alone
+    finally:
+        for proc in (dead, alive):
+            proc.kill()
+            proc.wait()

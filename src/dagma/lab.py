@@ -393,6 +393,7 @@ def reap_dead_runs(instance: Any, settings: Settings) -> list[str]:
             f"The process that ran it (pid {pid}) is gone: killed or crashed. Nothing it was "
             "writing became visible. Re-run with `dagma run --stale` or `dagma run ASSET`.",
         )
+        stop_kernels_of(run.run_id)
         reaped.append(run.run_id)
     if reaped and not settings.tracking_uri.startswith(("http://", "https://")):
         from dagma.lib import tracking
@@ -400,6 +401,24 @@ def reap_dead_runs(instance: Any, settings: Settings) -> list[str]:
         for run_id in reaped:
             tracking.kill_runs_of(settings.tracking_uri, settings.dagma_experiment, run_id)
     return reaped
+
+
+def stop_kernels_of(run_id: str) -> list[int]:
+    """Stop a dead run's kernels, which would go on running (and writing) with no one waiting.
+
+    ipykernel exits when its parent dies only where orphans are reparented to PID 1; under a
+    subreaper (a container's init, a systemd user session) it keeps running.
+    """
+    import signal
+
+    from dagma.notebooks.papermill_engine import kernels_of
+
+    stopped = []
+    for pid in kernels_of(run_id):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            stopped.append(pid)
+    return stopped
 
 
 def free_slots_of_finished_runs(instance: Any) -> list[str]:

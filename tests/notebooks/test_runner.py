@@ -204,3 +204,14 @@ def test_a_flooding_cell_is_cut_in_the_kept_copy_with_a_marker(tmp_path: Path):
     assert len(text) < 40_000  # the 2.5 MB it printed is not kept, nor rendered
     assert run.ipynb.stat().st_size < 100_000 and run.html is not None
     assert run.outputs["flood"]["executed_notebook"] == str(run.ipynb)  # still a success
+
+
+def test_kernels_are_found_by_the_run_in_their_environment(tmp_path: Path):
+    from dagma.notebooks.papermill_engine import RUN_ENV, kernels_of
+
+    for pid, environ in [("101", f"A=1\0{RUN_ENV}=run-1\0"), ("102", f"{RUN_ENV}=run-12\0")]:
+        (tmp_path / pid).mkdir()
+        (tmp_path / pid / "environ").write_bytes(environ.encode())
+    (tmp_path / "self").mkdir()
+    assert kernels_of("run-1", proc=tmp_path) == [101]  # not run-12: whole values only
+    assert kernels_of("run-2", proc=tmp_path) == []

@@ -170,6 +170,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         engine: Any = PapermillEngine(
             cell_timeout=spec.timeout or settings.dagma_cell_timeout,
             max_output=spec.max_output or settings.dagma_max_cell_output,
+            run_id=context.run_id,  # so a dead run's kernel can be found and stopped
         )
         if spec.engine == "dagstermill":
             from dagma.notebooks.dagstermill_engine import DagstermillEngine

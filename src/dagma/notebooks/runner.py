@@ -75,13 +75,18 @@ class PapermillEngine:
 
     passes_inputs = True
 
-    def __init__(self, cell_timeout: float | None = None, max_output: int | None = None) -> None:
-        self.cell_timeout, self.max_output = cell_timeout, max_output
+    def __init__(
+        self,
+        cell_timeout: float | None = None,
+        max_output: int | None = None,
+        run_id: str | None = None,
+    ) -> None:
+        self.cell_timeout, self.max_output, self.run_id = cell_timeout, max_output, run_id
 
     def run(self, source: Any, values: dict[str, Any], output: Path, cwd: Path) -> None:
         import papermill
 
-        from dagma.notebooks import output_cap
+        from dagma.notebooks import papermill_engine
 
         # papermill logs a warning per injected name not in the parameters cell; ours is expected.
         logging.getLogger("papermill").setLevel(logging.ERROR)
@@ -95,8 +100,9 @@ class PapermillEngine:
             log_output=False,
             # nbclient takes whole seconds
             execution_timeout=math.ceil(self.cell_timeout) if self.cell_timeout else None,
-            engine_name=output_cap.ENGINE,
+            engine_name=papermill_engine.ENGINE,
             max_output_bytes=self.max_output or 0,
+            kernel_env={papermill_engine.RUN_ENV: self.run_id} if self.run_id else None,
         )
 
 

@@ -1,21 +1,27 @@
-"""A papermill engine that keeps at most N bytes of each cell's output, with a visible marker.
+"""Dagma's papermill engine: each cell's output capped, each kernel tagged with its run.
 
 A cell that prints without end would otherwise be kept whole in memory, re-saved after every
-cell and rendered to HTML. Past the cap, the kernel's further output is read and dropped.
+cell and rendered to HTML: past the cap, the kernel's further output is read and dropped, and
+the cell says where it was cut. The kernel's environment names its Dagster run, so the kernel
+of a run whose process was killed can be found and stopped (`kernels_of`).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import nbformat
+from nbclient.util import run_sync
 from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, papermill_engines
 from papermill.log import logger
 from papermill.utils import merge_kwargs, remove_args
-from traitlets import Integer
+from traitlets import Dict, Integer
 
 ENGINE = "dagma"
+RUN_ENV = "DAGMA_KERNEL_RUN_ID"
 
 
 def _size(output: Any) -> int:
@@ -24,10 +30,35 @@ def _size(output: Any) -> int:
     return sum(len(str(value)) for value in output.get("data", {}).values()) or 64
 
 
-class CappedClient(PapermillNotebookClient):
+def kernels_of(run_id: str, proc: Path = Path("/proc")) -> list[int]:
+    """The processes (kernels) started for Dagster run `run_id` that are still alive."""
+    marker = f"{RUN_ENV}={run_id}".encode()
+    found = []
+    for entry in proc.iterdir() if proc.is_dir() else []:
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, or another user's
+            continue
+        if marker in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+class LabClient(PapermillNotebookClient):
     max_output_bytes = Integer(0, help="Most bytes of output kept per cell; 0 keeps all.").tag(
         config=True
     )
+    kernel_env = Dict(help="Variables added to the kernel's environment.").tag(config=True)
+
+    async def async_start_new_kernel(self, **kwargs: Any) -> None:
+        if self.kernel_env:
+            kwargs["env"] = {**os.environ, **kwargs.get("env", {}), **self.kernel_env}
+        await super().async_start_new_kernel(**kwargs)
+
+    # nbclient binds the sync form to its own coroutine at class creation: bind ours.
+    start_new_kernel = run_sync(async_start_new_kernel)
 
     def __init__(self, nb_man: Any, **kwargs: Any) -> None:
         super().__init__(nb_man, **kwargs)
@@ -65,8 +96,8 @@ class CappedClient(PapermillNotebookClient):
         return None
 
 
-class CappedEngine(NBClientEngine):
-    """papermill's nbclient engine, with `max_output_bytes` passed to its client."""
+class LabEngine(NBClientEngine):
+    """papermill's nbclient engine, with `max_output_bytes` and `kernel_env` for its client."""
 
     @classmethod
     def execute_managed_notebook(
@@ -79,6 +110,7 @@ class CappedEngine(NBClientEngine):
         start_timeout: int = 60,
         execution_timeout: int | None = None,
         max_output_bytes: int = 0,
+        kernel_env: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> Any:
         kwargs = remove_args(["input_path", "timeout", "startup_timeout"], **kwargs)
@@ -92,7 +124,10 @@ class CappedEngine(NBClientEngine):
             stdout_file=stdout_file,
             stderr_file=stderr_file,
         )
-        return CappedClient(nb_man, max_output_bytes=max_output_bytes, **final).execute()
+        client = LabClient(
+            nb_man, max_output_bytes=max_output_bytes, kernel_env=kernel_env or {}, **final
+        )
+        return client.execute()
 
 
-papermill_engines.register(ENGINE, CappedEngine)
+papermill_engines.register(ENGINE, LabEngine)
