@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import re
 import shutil
 import sqlite3
 import tarfile
@@ -22,6 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from dagma.settings import Settings
 
@@ -173,7 +176,10 @@ def write_archive(staging: Path, manifest: dict[str, Any], archive: Path) -> int
     }
     (staging / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=1))
     partial = archive.with_name(archive.name + ".partial")
-    with tarfile.open(partial, "w:gz", compresslevel=1) as tar:
+    partial.unlink(missing_ok=True)  # left by a backup that was killed
+    # Owner-only from the first byte: the archive holds the lab's databases.
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz", compresslevel=1) as tar:
         tar.add(staging, arcname="lab")
     partial.rename(archive)  # a backup that stopped halfway never looks complete
     return len(files)
@@ -194,19 +200,59 @@ def _read_manifest(tar: tarfile.TarFile, archive: Path) -> dict:
     return manifest
 
 
-def _rehome(database: Path, old: str, new: str) -> None:
-    """Rewrite absolute paths under the old home in every text column of a SQLite file."""
+def rehome_text(text: str, old: str, new: str) -> str:
+    """`text` with every path under `old` moved under `new`, whole path components only.
+
+    A path counts where it starts a value, follows `file://`, `sqlite:///` or a non-path
+    character (a quote in JSON, `=` in a URI), and ends at `/`, a quote, white space or the
+    end: an old home `/data` moves `/data/x.csv` but not `/database/x.csv` or `/x/data/y`. The
+    percent-encoded form MLflow writes in artifact URIs (`/my%20home`) moves too.
+    """
+    start = r"(?:(?<=file://)|(?<=sqlite:///)|(?<![\w./%~-]))"
+
+    def moved(match: re.Match[str]) -> str:
+        in_uri = match.string[: match.start()].endswith("file://") or match.group(0) != old
+        return quote(new) if in_uri else new
+
+    for before in dict.fromkeys((old, quote(old))):
+        text = re.sub(start + re.escape(before) + r"(?=/|$|[\"'\s,}\]])", moved, text)
+    return text
+
+
+def rehome_sqlite(database: Path, old: str, new: str) -> int:
+    """Move the paths under the old home in every text column of a SQLite file; cells changed."""
+    changed = 0
     with sqlite3.connect(database) as db:
-        tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+        tables = [
+            r[0]
+            for r in db.execute(
+                "SELECT name FROM sqlite_master WHERE type='table' "
+                "AND sql NOT LIKE '%WITHOUT ROWID%'"
+            )
+        ]
         for table in tables:
             columns = [r[1] for r in db.execute(f'PRAGMA table_info("{table}")')]  # nosec B608
             for column in columns:
-                # Identifiers come from sqlite_master, values are bound parameters.
-                sql = (
-                    f'UPDATE "{table}" SET "{column}" = REPLACE("{column}", ?, ?) '  # nosec B608
-                    f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0'
-                )
-                db.execute(sql, (old, new, old))
+                rows: dict[int, str] = {}
+                for needle in {old, quote(old)}:
+                    # Identifiers come from sqlite_master, values are bound parameters.
+                    rows.update(
+                        db.execute(
+                            f'SELECT rowid, "{column}" FROM "{table}" '  # nosec B608
+                            f"WHERE typeof(\"{column}\") = 'text' "
+                            f'AND instr("{column}", ?) > 0',
+                            (needle,),
+                        ).fetchall()
+                    )
+                for rowid, value in rows.items():
+                    moved = rehome_text(value, old, new)
+                    if moved != value:
+                        db.execute(
+                            f'UPDATE "{table}" SET "{column}" = ? WHERE rowid = ?',  # nosec B608
+                            (moved, rowid),
+                        )
+                        changed += 1
+    return changed
 
 
 def check_target(archive: Path, home: Path) -> Path:
@@ -265,7 +311,7 @@ def restore(settings: Settings, archive: Path) -> Report:
         expected = manifest["files"]
         for database in staging.rglob("*.db"):
             if _is_sqlite(database):
-                _rehome(database, manifest["home"], str(home))
+                rehome_sqlite(database, manifest["home"], str(home))
         if home.exists():
             home.rmdir()
         shutil.move(str(staging), home)
