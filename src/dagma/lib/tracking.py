@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import subprocess  # nosec B404 # we run argv lists we build, never a shell
 import tempfile
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -173,6 +174,17 @@ def client(tracking_uri: str) -> MlflowClient:
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri)
+
+
+def end_notebook_run(
+    tracking_uri: str, run_id: str, files: Iterable[Path | None], failed: bool = False
+) -> None:
+    """Attach an executed notebook's files under `notebook/`, then end its run."""
+    mlflow_client = client(tracking_uri)
+    for path in files:
+        if path is not None and path.is_file():
+            mlflow_client.log_artifact(run_id, str(path), artifact_path="notebook")
+    mlflow_client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
 def kill_runs_of(tracking_uri: str, experiment: str, dagster_run_id: str) -> list[str]:

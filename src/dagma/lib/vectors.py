@@ -21,7 +21,6 @@ import mmap
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -33,6 +32,8 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+
+from dagma.lib.atomic import write_atomic
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _VERSION = re.compile(r"v(\d{4,})")
@@ -489,19 +490,6 @@ def _edge_filter(filter: dict[str, Any], extra: Sequence[Any] = ()) -> Any:
     return qe.Filter(must=conditions)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class EmbeddedStore(VectorStore):
     """Collections under `root/<collection>/v<NNNN>`, with `CURRENT` naming the live version."""
 
@@ -717,9 +705,9 @@ class EmbeddedStore(VectorStore):
                     collection, version, name, points, vectors.shape[1], metadata or {}
                 )
                 manifest = {**asdict(info), "created_at": time.time()}
-                _write_atomic(building / "manifest.json", json.dumps(manifest))
+                write_atomic(building / "manifest.json", json.dumps(manifest))
                 building.rename(final)
-                _write_atomic(folder / "CURRENT", name + "\n")
+                write_atomic(folder / "CURRENT", name + "\n")
             except BaseException:  # CURRENT still names the previous version
                 shutil.rmtree(building, ignore_errors=True)
                 shutil.rmtree(final, ignore_errors=True)

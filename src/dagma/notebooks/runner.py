@@ -238,11 +238,9 @@ def _finish_mlflow_run(execution: Execution, target: RunTarget, failed: bool) ->
 
     if execution.mlflow_run_id is None:
         return
-    client = tracking.client(target.tracking_uri)
-    for path in (execution.ipynb, execution.html):
-        if path is not None and path.is_file():
-            client.log_artifact(execution.mlflow_run_id, str(path), artifact_path="notebook")
-    client.set_terminated(execution.mlflow_run_id, status="FAILED" if failed else "FINISHED")
+    tracking.end_notebook_run(
+        target.tracking_uri, execution.mlflow_run_id, (execution.ipynb, execution.html), failed
+    )
 
 
 def execute(

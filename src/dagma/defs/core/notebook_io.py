@@ -7,7 +7,6 @@ copy and an MLflow run tagged with its lineage, as the lab's own notebook assets
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,13 +20,7 @@ with warnings.catch_warnings():
     from dagstermill.io_managers import LocalOutputNotebookIOManager
 
 from dagma.lib import tracking
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+from dagma.lib.atomic import write_atomic
 
 
 class _LabNotebooks(LocalOutputNotebookIOManager):
@@ -39,12 +32,12 @@ class _LabNotebooks(LocalOutputNotebookIOManager):
         from dagma.notebooks.runner import render_html
 
         # Where downstream steps load it from (dagstermill's path); replaced whole, never torn.
-        _write_atomically(Path(self._get_path(context)), obj)
+        write_atomic(Path(self._get_path(context)), obj)
         name = (
             "__".join(context.get_asset_identifier()) if context.has_asset_key else context.step_key
         )
         kept = Path(self.settings.runs_dir) / context.run_id / name / f"{name}.ipynb"
-        _write_atomically(kept, obj)
+        write_atomic(kept, obj)
         html = render_html(kept)
         metadata: dict[str, Any] = {
             "executed_notebook": dg.MetadataValue.notebook(str(kept)),
@@ -70,10 +63,9 @@ class _LabNotebooks(LocalOutputNotebookIOManager):
         experiment = tracking.setup_experiment(
             s.tracking_uri, s.experiment, Path(s.artifact_root) if s.artifact_root else None
         )
-        client = tracking.client(s.tracking_uri)
         notebook = Path(str(context.op_def.tags.get("notebook_path", name))).stem
         partition = context.partition_key if context.has_partition_key else None
-        run = client.create_run(
+        run = tracking.client(s.tracking_uri).create_run(
             experiment,
             run_name=notebook,
             tags=tracking.lineage_tags(
@@ -84,9 +76,7 @@ class _LabNotebooks(LocalOutputNotebookIOManager):
                 engine="dagstermill",
             ),
         )
-        for path in (ipynb, html):
-            client.log_artifact(run.info.run_id, str(path), artifact_path="notebook")
-        client.set_terminated(run.info.run_id, status="FINISHED")
+        tracking.end_notebook_run(s.tracking_uri, run.info.run_id, (ipynb, html))
         return {
             "mlflow_run_id": run.info.run_id,
             "mlflow_run": dg.MetadataValue.url(
