@@ -17,15 +17,14 @@ from dagstermill.context import DagstermillExecutionContext
 from dagstermill.manager import MANAGER_FOR_NOTEBOOK_INSTANCE as _MANAGER
 
 from dagma import nb
+from dagma.notebooks.spec import DAGSTERMILL_RESULT
 
-DEFAULT_OUTPUT = "result"
 
-
-def yield_result(value: Any, output_name: str = DEFAULT_OUTPUT) -> Any:
+def yield_result(value: Any, output_name: str = DAGSTERMILL_RESULT) -> Any:
     """dagstermill's `yield_result`, for the outputs of a Dagma notebook asset."""
     if not _MANAGER.in_job:
         return value
-    nb.context().output(value, name=None if output_name == DEFAULT_OUTPUT else output_name)
+    nb.context().output(value, name=None if output_name == DAGSTERMILL_RESULT else output_name)
     return None
 
 

@@ -707,12 +707,9 @@ def _say_who_blocks(instance: Any, batch: _Batch, progress: Progress) -> None:
     for step, (pool, said) in list(batch.blocked.items()):
         if now - said < WAIT_REPORT_SECONDS:
             continue
+        claimed = instance.event_log_storage.get_concurrency_info(pool).claimed_slots
         holders = [
-            f"run {h['run_id'][:8]} ({h['step']})"
-            for p in held_slots(instance)
-            if p["pool"] == pool
-            for h in p["held_by"]
-            if h["run_id"] != batch.run_id
+            f"run {c.run_id[:8]} ({c.step_key})" for c in claimed if c.run_id != batch.run_id
         ]
         who = ", ".join(holders) or "a run that is ending"
         progress.console.print(f"  [yellow]…[/yellow] {step} waits for pool {pool}, held by {who}")

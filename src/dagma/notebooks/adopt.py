@@ -25,6 +25,7 @@ from pathlib import Path
 import nbformat
 
 from dagma.notebooks.spec import (
+    DAGSTERMILL_RESULT,
     METADATA_KEY,
     RESERVED,
     NotebookError,
@@ -33,7 +34,6 @@ from dagma.notebooks.spec import (
 )
 
 TAG = "parameters"
-DEFAULT_OUTPUT = "result"  # dagstermill's name of the output `yield_result(value)` yields
 _ASSET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # What a kept parameter's annotation may name and still run in the kernel without an import.
 _BUILTIN_TYPES = {"int", "float", "str", "bool", "list", "dict", "None"}
@@ -449,7 +449,7 @@ def _outputs(
             if arg is None:
                 default = True
             elif isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                if arg.value == DEFAULT_OUTPUT:
+                if arg.value == DAGSTERMILL_RESULT:
                     default = True
                 elif arg.value not in named:
                     named.append(arg.value)
@@ -608,7 +608,7 @@ def _output_edits(source: str, tree: ast.Module, names: _Names) -> list[Edit]:
         if isinstance(node, ast.Call) and names.calls(node, "yield_result"):
             value, arg = _output_value(node), _output_name(node)
             text = (ast.get_source_segment(source, value) if value is not None else None) or "None"
-            if isinstance(arg, ast.Constant) and arg.value != DEFAULT_OUTPUT:
+            if isinstance(arg, ast.Constant) and arg.value != DAGSTERMILL_RESULT:
                 text += f", name={json.dumps(arg.value)}"
             edits.append((*_span(source, node), f"ctx.output({text})"))
     return edits

@@ -167,11 +167,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
             partition_range=window,
         )
         mlflow.check()  # a server that is down fails here, and the retry policy waits for it
-        engine: Any = PapermillEngine(
-            cell_timeout=spec.timeout or settings.dagma_cell_timeout,
-            max_output=spec.max_output or settings.dagma_max_cell_output,
-            run_id=context.run_id,  # so a dead run's kernel can be found and stopped
-        )
+        engine: Any
         if spec.engine == "dagstermill":
             from dagma.notebooks.dagstermill_engine import DagstermillEngine
 
@@ -180,6 +176,12 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
                 inputs,
                 spec.name,
                 keep_defaults=spec.keeps_defaults,
+            )
+        else:
+            engine = PapermillEngine(
+                cell_timeout=spec.timeout or settings.dagma_cell_timeout,
+                max_output=spec.max_output or settings.dagma_max_cell_output,
+                run_id=context.run_id,  # so a dead run's kernel can be found and stopped
             )
         try:
             run = execute(
@@ -250,11 +252,11 @@ def _hand_written_notebooks(defs: dg.Definitions) -> dict[dg.AssetKey, Path]:
     """The source notebook of each asset written with `define_dagstermill_asset`."""
     found = {}
     for item in defs.assets or []:
-        if not isinstance(item, dg.AssetsDefinition) or not needs_reconstructable_job(item):
+        if not isinstance(item, dg.AssetsDefinition) or not item.is_executable:
             continue
-        if ENGINE_TAG not in item.op.tags:
-            for key in item.keys:
-                found[key] = Path(item.op.tags[DAGSTERMILL_PATH_TAG])
+        tags = item.op.tags
+        if DAGSTERMILL_PATH_TAG in tags and ENGINE_TAG not in tags:  # not one of the lab's
+            found.update(dict.fromkeys(item.keys, Path(tags[DAGSTERMILL_PATH_TAG])))
     return found
 
 

@@ -281,6 +281,18 @@ def read_notebook(path: Path) -> nbformat.NotebookNode:
 
 
 METADATA_KEY = "dagma"
+# dagstermill's name for the output `yield_result(value)` yields without one.
+DAGSTERMILL_RESULT = "result"
+
+
+def _positive(
+    options: dict[str, Any], key: str, kinds: tuple[type, ...], path: Path, what: str
+) -> Any:
+    """`options[key]` when it is a positive number of `kinds` (None when absent)."""
+    value: Any = options.get(key)
+    if value is not None and (type(value) not in kinds or value <= 0):  # a bool is not an int
+        raise NotebookError(f"{path}: `asset['{key}']` is {what}, got {value!r}.")
+    return value
 
 
 def _adopted(declared: Any, path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -347,22 +359,20 @@ def parse_notebook(path: Path) -> NotebookSpec:
             f"{path}: `asset['engine']` is {engine!r}, which is not an engine; use one of "
             f"{', '.join(map(repr, ENGINES))} (or leave it out for {ENGINES[0]!r})."
         )
-    timeout = options.get("timeout")
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
-    ):
-        raise NotebookError(
-            f"{path}: `asset['timeout']` is the most seconds one cell may run, a positive "
-            f"number like 600, got {timeout!r}."
-        )
-    max_output = options.get("max_output")
-    if max_output is not None and (
-        isinstance(max_output, bool) or not isinstance(max_output, int) or max_output <= 0
-    ):
-        raise NotebookError(
-            f"{path}: `asset['max_output']` is the most bytes of output kept per cell, a "
-            f"positive whole number like 1000000, got {max_output!r}."
-        )
+    timeout = _positive(
+        options,
+        "timeout",
+        (int, float),
+        path,
+        "the most seconds one cell may run, a positive number like 600",
+    )
+    max_output = _positive(
+        options,
+        "max_output",
+        (int,),
+        path,
+        "the most bytes of output kept per cell, a positive whole number like 1000000",
+    )
     pool = options.get("pool")
     if pool is not None and not (isinstance(pool, str) and _NAME.match(pool)):
         raise NotebookError(
