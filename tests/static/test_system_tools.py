@@ -4,6 +4,7 @@ naming the command; under CI a missing tool fails its tests instead of skipping 
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -25,15 +26,22 @@ def as_a_user_who_cannot_install() -> list[str]:
 
 def test_without_rights_it_stops_at_once_naming_the_install_command(tmp_path: Path):
     env = {**os.environ, "DAGMA_CHROMIUM": str(tmp_path / "no-chromium")}
+    # A copy the other user can read: a checkout (or pytest's tmp) may sit in a 0700 folder.
+    readable = Path(tempfile.mkdtemp(prefix="dagma-tools-"))
+    readable.chmod(0o755)
+    script = readable / SCRIPT.name
+    shutil.copy(SCRIPT, script)
+    script.chmod(0o644)
     done = subprocess.run(
-        [*as_a_user_who_cannot_install(), str(SCRIPT)],
+        [*as_a_user_who_cannot_install(), str(script)],
         env=env,
         cwd="/",
         capture_output=True,
         text=True,
         timeout=60,
     )
-    assert done.returncode == 1
+    shutil.rmtree(readable)
+    assert done.returncode == 1, done.stderr
     assert "missing: chromium chromium-driver" in done.stderr
     assert "sudo sh -c 'apt-get update -qq && " in done.stderr and "chromium" in done.stderr
 
