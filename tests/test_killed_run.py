@@ -1,7 +1,9 @@
-"""SIGKILL `dagma run` halfway through a pooled notebook: the next status fails the run and
-frees its pool slot, its MLflow run does not stay RUNNING, readers still see the last complete
-collection, and a re-run works without help."""
+"""SIGKILL `dagma run` halfway through a pooled notebook's publish: the next status fails the run,
+frees its pool slot, stops every process it started and removes its half-built version; its
+MLflow run does not stay RUNNING, readers still see the last complete collection, and a re-run
+works without help."""
 
+import fcntl
 import json
 import os
 import shutil
@@ -16,25 +18,31 @@ import mlflow
 import numpy as np
 import pytest
 
+from dagma.lib.processes import tagged
 from dagma.lib.vectors import EmbeddedStore
-from dagma.notebooks.papermill_engine import RUN_ENV, kernels_of
+from dagma.notebooks.papermill_engine import RUN_ENV
 from dagma.settings import PROJECT_ROOT
 from tests.notebooks.test_spec import write_nb
 
 pytestmark = pytest.mark.integration
 
-# Starts its MLflow run, says so, waits `pause` seconds, then publishes a new version of "docs".
+# Starts its MLflow run and publishes a new version of "docs"; after the first point is written
+# (the writer lock held, the version half-built) it says so and waits `pause` seconds.
 SLOW = """import os, time
 import numpy as np
 from dagma import nb
 from dagma.lib.vectors import point_id
+def halfway(done):
+    if done == 1:
+        open(os.environ["SLOW_MARKER"], "w").write("started")
+        time.sleep(pause)
 ctx = nb.context()
 with ctx.start_run():
-    open(os.environ["SLOW_MARKER"], "w").write("started")
-    time.sleep(pause)
     ids = [point_id("docs", str(i)) for i in range(3)]
     vectors = np.eye(3, 4, k=version % 2, dtype="float32")
-    published = ctx.vector_store().publish("docs", ids, vectors, [{"n": i} for i in range(3)])
+    published = ctx.vector_store().publish(
+        "docs", ids, vectors, [{"n": i} for i in range(3)], batch_size=1, progress=halfway
+    )
 ctx.output({"version": published.version})"""
 
 
@@ -42,21 +50,26 @@ def dagma(*args: str) -> list[str]:
     return [sys.executable, "-m", "dagma.cli", *args]
 
 
-def kernel_runs(marker: str) -> set[str]:
-    """The run ids of the live kernels started with this test's environment."""
-    runs = set()
-    for entry in Path("/proc").iterdir():
+def started_by(marker: str) -> dict[int, dict[bytes, bytes]]:
+    """The live processes started with this test's environment, and their environments."""
+    found = {}
+    for pid in tagged("SLOW_MARKER", marker):
         try:
-            env = dict(
-                item.split(b"=", 1)
-                for item in (entry / "environ").read_bytes().split(b"\0")
-                if b"=" in item
-            )
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if env.get(b"SLOW_MARKER") == marker.encode() and RUN_ENV.encode() in env:
-            runs.add(env[RUN_ENV.encode()].decode())
-    return runs
+        found[pid] = dict(item.split(b"=", 1) for item in environ if b"=" in item)
+    return found
+
+
+def lock_is_free(folder: Path) -> bool:
+    with open(folder / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return True
 
 
 def test_a_killed_run_is_failed_on_the_next_status_and_nothing_half_written_is_seen(
@@ -96,21 +109,27 @@ def test_a_killed_run_is_failed_on_the_next_status_and_nothing_half_written_is_s
     while not (tmp_path / "marker").exists():
         assert victim.poll() is None and time.monotonic() < deadline, "the run never started"
         time.sleep(0.2)
+    docs = home / "qdrant" / "docs"
+    assert list(docs.glob(".building-*")) and not lock_is_free(docs)  # caught mid-publish
     os.kill(victim.pid, signal.SIGKILL)  # the CLI alone, as the OOM killer does
     victim.wait(timeout=30)
-    orphans = kernel_runs(env["SLOW_MARKER"])
-    assert len(orphans) == 1  # its kernel goes on running the notebook, with no one waiting
+    orphans = started_by(env["SLOW_MARKER"])
+    # Its kernel goes on running the notebook, with no one waiting, and still holds the lock.
+    kernel_runs = {e[RUN_ENV.encode()].decode() for e in orphans.values() if RUN_ENV.encode() in e}
+    assert len(kernel_runs) == 1
+    assert not lock_is_free(docs)
 
     status = subprocess.run(dagma("status", "--json"), env=env, capture_output=True, text=True)
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
     [killed] = report["reaped"]
     assert any(killed in problem for problem in report["problems"])
-    assert orphans == {killed}
-    deadline = time.monotonic() + 10
-    while kernels_of(killed) and time.monotonic() < deadline:  # SIGKILLed, then reaped by init
-        time.sleep(0.1)
-    assert kernels_of(killed) == []  # the dead run's kernel is stopped
+    assert kernel_runs == {killed}
+    # Nothing the dead run started is left: its kernel, Dagster's log followers, nothing.
+    assert started_by(env["SLOW_MARKER"]) == {}
+    assert tagged(RUN_ENV, killed) == []
+    assert lock_is_free(docs)
+    assert list(docs.glob(".building-*")) == []  # the half-built version is gone
     pools = {p["pool"]: p for p in report["pools"]}
     assert pools["dagma_vectors"]["held_by"] == []  # dagma status lists the slots held now
     with dg.DagsterInstance.from_config(str(home / "dagster")) as instance:
@@ -143,21 +162,31 @@ def test_a_killed_run_is_failed_on_the_next_status_and_nothing_half_written_is_s
 
 
 def test_a_dead_runs_tagged_processes_are_stopped_and_no_other():
-    from dagma.lab import stop_kernels_of
+    from dagma.reaping import OWNER_ENV, stop_processes_of
 
-    def tagged(run_id: str) -> subprocess.Popen[bytes]:
-        env = {**os.environ, RUN_ENV: run_id}
+    def start(**tags: str) -> subprocess.Popen[bytes]:
+        env = {**os.environ, **tags}
         return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
 
-    dead, alive = tagged("dead-run"), tagged("dead-run-2")
+    gone = subprocess.Popen(["true"])  # a pid that is certainly dead: the owner that was killed
+    gone.wait()
+    dead = start(**{RUN_ENV: "dead-run"})
+    orphan = start(**{OWNER_ENV: str(gone.pid)})  # e.g. a `tail -F` its dead owner started
+    other_run = start(**{RUN_ENV: "dead-run-2"})
+    live_owner = start(**{OWNER_ENV: str(os.getpid())})  # this process is alive
+    procs = (dead, orphan, other_run, live_owner)
     try:
         deadline = time.monotonic() + 10
-        while not kernels_of("dead-run") and time.monotonic() < deadline:
+        while len(tagged(RUN_ENV, "dead-run")) + len(tagged(OWNER_ENV, str(gone.pid))) < 2:
+            assert time.monotonic() < deadline
             time.sleep(0.05)
-        assert stop_kernels_of("dead-run") == [dead.pid]
-        assert dead.wait(timeout=10) == -signal.SIGKILL
-        assert alive.poll() is None  # another run's kernel is left alone
+        assert stop_processes_of("dead-run") == [dead.pid]  # no owner given: the kernels only
+        assert orphan.poll() is None
+        assert stop_processes_of("dead-run", owner=gone.pid) == [orphan.pid]
+        assert stop_processes_of("dead-run", owner=os.getpid()) == []  # a live owner's are kept
+        assert dead.wait(timeout=10) == orphan.wait(timeout=10) == -signal.SIGKILL
+        assert other_run.poll() is None and live_owner.poll() is None  # others left alone
     finally:
-        for proc in (dead, alive):
+        for proc in procs:
             proc.kill()
             proc.wait()

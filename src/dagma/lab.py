@@ -16,6 +16,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from dagma import reaping
+from dagma.reaping import free_slots_of_finished_runs, held_slots, reap_dead_runs
 from dagma.settings import Settings, get_settings
 
 # Steps at once by default; `dagma run --processes N` or DAGMA_PROCESSES change it.
@@ -23,8 +25,6 @@ DEFAULT_PROCESSES = 1
 PROCESSES_ENV = "DAGMA_PROCESSES"
 # Tag of each run started here, so a run made by execute_job can be found by its launcher.
 LAUNCH_TAG = "dagma/launch"
-# Which process runs it, so that a run whose process died can be told from one still going.
-PID_TAG, HOST_TAG = "dagma/pid", "dagma/host"
 # Imported once by the fork server before the code location, so step processes skip them.
 PRELOAD: tuple[str, ...] = (
     "dagster._utils.test",
@@ -193,6 +193,7 @@ def materialize(
     limit = resolve_processes(processes)
     console = console or Console()
     log = settings.dagster_dir / "step-processes.log"
+    reaping.own_processes()  # before any process starts, so that each one is marked
     if limit > 1 and not stale_only and (not selection or len(selection) > 1):
         # Likely to fan out: the server imports and loads while this process does the same.
         settings.ensure_dirs()
@@ -356,100 +357,7 @@ def _quiet_notebook_engines() -> None:
 
 
 def _launch_tags(token: str) -> dict[str, str]:
-    import socket
-
-    return {LAUNCH_TAG: token, PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def reap_dead_runs(instance: Any, settings: Settings) -> list[str]:
-    """Fail the runs started on this host whose process is gone (killed, crashed, rebooted).
-
-    Services mode has the daemon's run monitoring for this; an embedded lab has no daemon, so
-    every `dagma run` and `dagma status` looks. Their MLflow runs are marked KILLED.
-    """
-    import socket
-
-    import dagster as dg
-
-    host = socket.gethostname()
-    active = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING]
-    reaped = []
-    for run in instance.get_runs(dg.RunsFilter(statuses=active)):
-        pid = run.tags.get(PID_TAG, "")
-        if not pid.isdigit() or run.tags.get(HOST_TAG) != host or _alive(int(pid)):
-            continue
-        instance.report_run_failed(
-            run,
-            f"The process that ran it (pid {pid}) is gone: killed or crashed. Nothing it was "
-            "writing became visible. Re-run with `dagma run --stale` or `dagma run ASSET`.",
-        )
-        stop_kernels_of(run.run_id)
-        reaped.append(run.run_id)
-    if reaped and not settings.tracking_uri.startswith(("http://", "https://")):
-        from dagma.lib import tracking
-
-        for run_id in reaped:
-            tracking.kill_runs_of(settings.tracking_uri, settings.dagma_experiment, run_id)
-    return reaped
-
-
-def stop_kernels_of(run_id: str) -> list[int]:
-    """Stop a dead run's kernels, which would go on running (and writing) with no one waiting.
-
-    ipykernel exits when its parent dies only where orphans are reparented to PID 1; under a
-    subreaper (a container's init, a systemd user session) it keeps running.
-    """
-    import signal
-
-    from dagma.notebooks.papermill_engine import kernels_of
-
-    stopped = []
-    for pid in kernels_of(run_id):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-            stopped.append(pid)
-    return stopped
-
-
-def free_slots_of_finished_runs(instance: Any) -> list[str]:
-    """Free the pool slots still claimed by runs that ended (killed, crashed, failed).
-
-    A run killed in a pooled step never frees its slot, and every later run of that pool would
-    wait for it forever. Returns the runs whose slots were freed.
-    """
-    storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits:
-        return []
-    freed = []
-    for run_id in sorted(storage.get_concurrency_run_ids()):
-        run = instance.get_run_by_id(run_id)
-        if run is None or run.is_finished:
-            storage.free_concurrency_slots_for_run(run_id)
-            freed.append(run_id)
-    return freed
-
-
-def held_slots(instance: Any) -> list[dict[str, Any]]:
-    """Each pool's limit and the runs (and steps) that hold its slots now."""
-    storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits:
-        return []
-    pools = []
-    for key in sorted(storage.get_concurrency_keys()):
-        info = storage.get_concurrency_info(key)
-        held = [{"run_id": c.run_id, "step": c.step_key} for c in info.claimed_slots]
-        pools.append({"pool": key, "limit": info.slot_count, "held_by": held})
-    return pools
+    return {LAUNCH_TAG: token, **reaping.own_processes()}
 
 
 def _can_overlap(graph: Any, keys: list[Any]) -> bool:

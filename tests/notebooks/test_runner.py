@@ -207,11 +207,17 @@ def test_a_flooding_cell_is_cut_in_the_kept_copy_with_a_marker(tmp_path: Path):
 
 
 def test_kernels_are_found_by_the_run_in_their_environment(tmp_path: Path):
-    from dagma.notebooks.papermill_engine import RUN_ENV, kernels_of
+    from dagma.lib.processes import tagged
+    from dagma.notebooks.papermill_engine import RUN_ENV
 
-    for pid, environ in [("101", f"A=1\0{RUN_ENV}=run-1\0"), ("102", f"{RUN_ENV}=run-12\0")]:
+    for pid, environ, state in [
+        ("101", f"A=1\0{RUN_ENV}=run-1\0", "S"),
+        ("102", f"{RUN_ENV}=run-12\0", "S"),
+        ("103", f"{RUN_ENV}=run-1\0", "Z"),  # exited, not yet reaped: not a live kernel
+    ]:
         (tmp_path / pid).mkdir()
         (tmp_path / pid / "environ").write_bytes(environ.encode())
+        (tmp_path / pid / "stat").write_text(f"{pid} (python) {state} 1 1 1")
     (tmp_path / "self").mkdir()
-    assert kernels_of("run-1", proc=tmp_path) == [101]  # not run-12: whole values only
-    assert kernels_of("run-2", proc=tmp_path) == []
+    assert tagged(RUN_ENV, "run-1", proc=tmp_path) == [101]  # not run-12: whole values only
+    assert tagged(RUN_ENV, "run-2", proc=tmp_path) == []

@@ -660,6 +660,23 @@ class EmbeddedStore(VectorStore):
         with self._writer_lock(folder):
             yield folder
 
+    def discard_dead_builds(self) -> list[Path]:
+        """Remove the half-built versions of writers that died; a live writer's are kept.
+
+        A dead writer's lock is free (the kernel released it when it died), so a folder whose
+        lock can be taken has no build in progress.
+        """
+        removed = []
+        for folder in sorted(p for p in self.root.glob("*") if p.is_dir()):
+            building = list(folder.glob(".building-*"))
+            if not building:
+                continue
+            with contextlib.suppress(VectorStoreError), self._writer_lock(folder):
+                for stale in building:
+                    shutil.rmtree(stale, ignore_errors=True)
+                    removed.append(stale)
+        return removed
+
     @contextlib.contextmanager
     def _writer_lock(self, folder: Path) -> Iterator[None]:
         folder.mkdir(parents=True, exist_ok=True)

@@ -3,13 +3,12 @@
 A cell that prints without end would otherwise be kept whole in memory, re-saved after every
 cell and rendered to HTML: past the cap, the kernel's further output is read and dropped, and
 the cell says where it was cut. The kernel's environment names its Dagster run, so the kernel
-of a run whose process was killed can be found and stopped (`kernels_of`).
+of a run whose process was killed can be found and stopped (see `dagma.reaping`).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import nbformat
@@ -28,22 +27,6 @@ def _size(output: Any) -> int:
     if output.get("output_type") == "stream":
         return len(str(output.get("text", "")))
     return sum(len(str(value)) for value in output.get("data", {}).values()) or 64
-
-
-def kernels_of(run_id: str, proc: Path = Path("/proc")) -> list[int]:
-    """The processes (kernels) started for Dagster run `run_id` that are still alive."""
-    marker = f"{RUN_ENV}={run_id}".encode()
-    found = []
-    for entry in proc.iterdir() if proc.is_dir() else []:
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:  # gone meanwhile, or another user's
-            continue
-        if marker in environ.split(b"\0"):
-            found.append(int(entry.name))
-    return found
 
 
 class LabClient(PapermillNotebookClient):

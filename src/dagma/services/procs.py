@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dagma.lib import processes
+
 MARKER = "DAGMA_SERVICES_HOME"
 
 
@@ -59,12 +61,7 @@ class StateFile:
 
 def pid_alive(pid: int) -> bool:
     """True for a running process; a zombie (exited, not yet reaped) counts as dead."""
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            state = handle.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    return processes.alive(pid)
 
 
 def record_alive(record: ProcRecord) -> bool:
@@ -133,18 +130,7 @@ def spawn(
 def marked_pids(marker_value: str) -> list[int]:
     """Pids whose environment carries `MARKER=marker_value`: everything we started, and its
     descendants, including those that left our process groups (Jupyter kernels do)."""
-    needle = f"{MARKER}={marker_value}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if needle in environ.split(b"\0") and pid_alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
+    return processes.tagged(MARKER, marker_value)
 
 
 def terminate(pids: Sequence[int], *, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from dagma import reaping
 from dagma.defs.core.resources import MLflowResource
 from dagma.lib import tracking
 from dagma.settings import get_settings
@@ -9,7 +10,8 @@ from dagma.settings import get_settings
 
 @dg.run_failure_sensor(
     name="mlflow_runs_of_failed_runs",
-    description="Marks KILLED the MLflow runs a failed or killed Dagster run left RUNNING.",
+    description="Releases what a failed or killed Dagster run left behind: marks KILLED the "
+    "MLflow runs it left RUNNING, stops its kernels and removes its half-built vector versions.",
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=5,
 )
@@ -18,6 +20,11 @@ def mlflow_runs_of_failed_runs(context: dg.RunFailureSensorContext, mlflow: MLfl
     killed = tracking.kill_runs_of(mlflow.tracking_uri, mlflow.experiment, run_id)
     if killed:
         context.log.info(f"Run {run_id}: MLflow runs {', '.join(killed)} marked KILLED.")
+    stopped = reaping.stop_processes_of(run_id)  # its kernels on this host, if any
+    if stopped:
+        context.log.info(f"Run {run_id}: stopped its kernels (pids {stopped}).")
+    for build in reaping.discard_dead_builds(get_settings()):
+        context.log.info(f"Run {run_id}: removed the half-built vector version {build}.")
 
 
 def automation_status() -> dg.DefaultSensorStatus:
