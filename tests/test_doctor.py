@@ -208,3 +208,51 @@ def test_real_postgres_server(ctx: doctor.Context, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("DAGSTER_PG_PORT", os.environ["DAGMA_TEST_PG_PORT"])
     monkeypatch.setenv("DAGSTER_PG_PASSWORD", "unused-by-a-reachability-check")
     assert by_name(doctor.collect(ctx))["postgres"].ok
+
+
+def test_a_slot_held_by_a_dead_run_is_reported_and_fixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ctx: doctor.Context
+) -> None:
+    """What a `dagma run` killed in a pooled step leaves: its run STARTED, its slot claimed."""
+    import dagster as dg
+    from dagster._core.storage.dagster_run import DagsterRun
+
+    from dagma.reaping import HOST_TAG, PID_TAG
+    from dagma.settings import Settings
+
+    monkeypatch.setenv("DAGMA_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("DAGSTER_HOME", raising=False)
+    settings = Settings()
+    settings.ensure_dirs()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    tags = {PID_TAG: str(gone.pid), HOST_TAG: socket.gethostname()}
+    with dg.DagsterInstance.from_config(str(settings.dagster_dir)) as instance:
+        dead = instance.add_run(
+            DagsterRun(job_name="__ASSET_JOB", status=dg.DagsterRunStatus.STARTED, tags=tags)
+        )
+        live = instance.add_run(
+            DagsterRun(
+                job_name="__ASSET_JOB",
+                status=dg.DagsterRunStatus.STARTED,
+                tags={**tags, PID_TAG: str(os.getpid())},
+            )
+        )
+        storage = instance.event_log_storage
+        storage.set_concurrency_slots("dagma_vectors", 2)
+        assert storage.claim_concurrency_slot("dagma_vectors", dead.run_id, "slow").is_claimed
+        assert storage.claim_concurrency_slot("dagma_vectors", live.run_id, "other").is_claimed
+
+    check = by_name(doctor.collect(ctx))["pool slots"]
+    assert not check.ok and check.blocks
+    assert f"dagma_vectors held by run {dead.run_id[:8]}" in check.detail
+    assert live.run_id[:8] not in check.detail  # a live run's slot is its own
+    assert "dagma doctor --fix" in check.fix
+
+    fixed = by_name(doctor.collect(ctx, fix=True))["pool slots"]
+    assert fixed.ok and dead.run_id[:8] in fixed.detail
+    with dg.DagsterInstance.from_config(str(settings.dagster_dir)) as instance:
+        assert instance.get_run_by_id(dead.run_id).status == dg.DagsterRunStatus.FAILURE
+        claims = instance.event_log_storage.get_concurrency_info("dagma_vectors").claimed_slots
+        assert [c.run_id for c in claims] == [live.run_id]
+    assert by_name(doctor.collect(ctx))["pool slots"].ok

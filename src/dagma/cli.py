@@ -321,11 +321,14 @@ def restore(
 @app.command()
 def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    fix: Annotated[
+        bool, typer.Option("--fix", help="Apply the safe fixes: free slots of dead runs.")
+    ] = False,
 ) -> None:
     """Check this environment against what is pinned, with the fix for each failure."""
     from dagma.doctor import run as run_doctor
 
-    raise typer.Exit(run_doctor(as_json))
+    raise typer.Exit(run_doctor(as_json, fix=fix))
 
 
 @app.command()

@@ -1,8 +1,9 @@
 """`dagma doctor`: check this environment against what the repository pins.
 
 Each check returns a :class:`Check`; :func:`run` prints one line per check (or JSON) and
-returns a non-zero exit code only when a blocking check fails. Nothing here imports Dagster,
-MLflow or LangChain, so the doctor stays fast and works in a half-broken venv.
+returns a non-zero exit code only when a blocking check fails. Nothing here imports MLflow or
+LangChain, and Dagster only to read the pool slots of a lab that has an instance, so the
+doctor stays fast and works in a half-broken venv.
 """
 
 from __future__ import annotations
@@ -326,6 +327,41 @@ def check_vector_store(ctx: Context, settings: Settings) -> Check:
     )
 
 
+FIX_SLOTS = "uv run dagma doctor --fix (fails the dead runs and frees their slots)"
+
+
+def check_pool_slots(settings: Settings, fix: bool = False) -> Check:
+    """Slots held by runs that ended or whose process is gone block their pool for good."""
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.dagster_dir)
+    if not (home / "dagster.yaml").exists():
+        return Check("pool slots", True, "blocking", f"no Dagster instance in {home} yet")
+    try:
+        import dagster as dg
+
+        from dagma import reaping
+    except ImportError as exc:
+        return Check("pool slots", False, "warning", f"cannot import Dagster: {exc}", SYNC_FIX)
+    try:
+        instance = dg.DagsterInstance.from_config(str(home))
+    except Exception as exc:  # e.g. services mode's dagster.yaml without its Postgres variables
+        detail = f"cannot open the Dagster instance in {home}: {str(exc).splitlines()[0]}"
+        return Check("pool slots", False, "warning", detail, SERVICES_FIX)
+    with instance:
+        stuck = reaping.stuck_slots(instance)
+        if stuck and fix:
+            reaping.reap_dead_runs(instance, settings)
+            reaping.free_slots_of_finished_runs(instance)
+            freed = stuck
+            stuck = reaping.stuck_slots(instance)
+            if not stuck:
+                runs = ", ".join(sorted({s["run_id"][:8] for s in freed}))
+                return Check("pool slots", True, "blocking", f"freed the slots of run(s) {runs}")
+    if not stuck:
+        return Check("pool slots", True, "blocking", "no slot is held by a dead or ended run")
+    held = "; ".join(f"{s['pool']} held by run {s['run_id'][:8]}: {s['why']}" for s in stuck)
+    return Check("pool slots", False, "blocking", held, FIX_SLOTS)
+
+
 def check_env_vars(ctx: Context, settings: Settings) -> list[Check]:
     missing: list[tuple[str, str, Severity]] = []
     if settings.qdrant_url and not settings.qdrant_api_key:
@@ -373,13 +409,14 @@ def check_env_file(ctx: Context) -> Check:
     )
 
 
-def collect(ctx: Context | None = None) -> list[Check]:
-    """Run every check, in the order they are printed."""
+def collect(ctx: Context | None = None, fix: bool = False) -> list[Check]:
+    """Run every check, in the order they are printed; `fix` applies the fixes that are safe."""
     ctx = ctx or Context()
     settings = Settings(_env_file=ctx.dotenv if ctx.dotenv.exists() else None)  # type: ignore[call-arg]
     results = [check_python(ctx), check_venv(ctx), check_bytecode(ctx), check_kernel(ctx)]
     results += check_services(ctx, settings)
     results.append(check_vector_store(ctx, settings))
+    results.append(check_pool_slots(settings, fix))
     results += check_env_vars(ctx, settings)
     results.append(check_env_file(ctx))
     return results
@@ -396,9 +433,9 @@ def render(checks: Iterable[Check]) -> str:
     return "\n".join(lines)
 
 
-def run(as_json: bool = False, ctx: Context | None = None) -> int:
+def run(as_json: bool = False, ctx: Context | None = None, fix: bool = False) -> int:
     """Print the checks; 1 if any blocking check failed, else 0."""
-    checks = collect(ctx)
+    checks = collect(ctx, fix)
     code = 1 if any(c.blocks for c in checks) else 0
     if as_json:
         print(json.dumps({"ok": code == 0, "checks": [asdict(c) for c in checks]}, indent=2))
@@ -409,4 +446,4 @@ def run(as_json: bool = False, ctx: Context | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(as_json="--json" in sys.argv[1:]))
+    sys.exit(run(as_json="--json" in sys.argv[1:], fix="--fix" in sys.argv[1:]))

@@ -112,6 +112,32 @@ def free_slots_of_finished_runs(instance: Any) -> list[str]:
     return freed
 
 
+def stuck_slots(instance: Any) -> list[dict[str, str]]:
+    """The pool slots held by a run that can no longer free them: it ended, or its process is
+    gone. Every later run of that pool would wait for them."""
+    import dagster as dg
+
+    host = socket.gethostname()
+    stuck = []
+    for pool in held_slots(instance):
+        for claim in pool["held_by"]:
+            run = instance.get_run_by_id(claim["run_id"])
+            pid = run.tags.get(PID_TAG, "") if run else ""
+            if run is None or run.is_finished:
+                why = "the run has ended"
+            elif (
+                run.status in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING)
+                and pid.isdigit()
+                and run.tags.get(HOST_TAG) == host
+                and not processes.alive(int(pid))
+            ):
+                why = f"its process (pid {pid}) is gone"
+            else:
+                continue
+            stuck.append({"pool": pool["pool"], "run_id": claim["run_id"], "why": why})
+    return stuck
+
+
 def held_slots(instance: Any) -> list[dict[str, Any]]:
     """Each pool's limit and the runs (and steps) that hold its slots now."""
     storage = instance.event_log_storage
