@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 
@@ -822,27 +822,100 @@ def _edge_error(folder: Path, exc: Exception) -> VectorStoreError:
 
 # --------------------------------------------------------------------------- server (qdrant-client)
 
+if TYPE_CHECKING:
+    from qdrant_client import QdrantClient
+
+# Longer strings are passages, not filter keys: a keyword index on them would hold every
+# passage a second time in the server's RAM.
+_KEYWORD_MAX = 256
+
+
+def _check_payloads(ids: Sequence[str], payloads: Sequence[dict[str, Any]]) -> None:
+    """Refuse, before anything is built, a payload the client would fail on or alter.
+
+    Its REST side stores NaN as null and its local engine keeps it; neither takes numpy
+    scalars. qdrant-edge refuses all of these, and so does this, naming the point.
+    """
+    for point, payload in zip(ids, payloads, strict=True):
+        try:
+            if not isinstance(payload, dict):
+                raise TypeError(f"payload is a {type(payload).__name__}, not a dict")
+            json.dumps(payload, allow_nan=False, ensure_ascii=False).encode()
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError: lone surrogates
+            raise ValueError(
+                f"point {point!r} is invalid ({exc}); payloads must be JSON values without NaN"
+            ) from exc
+
+
+def _index_schemas(payloads: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """The payload index type of each top-level key whose values share one scalar kind.
+
+    Short strings get `keyword`, bools `bool`, ints `integer`, and numbers with any float
+    `float`; a key holding passages, mixed kinds or containers gets none.
+    """
+    kinds: dict[str, set[str]] = {}
+    for payload in payloads:
+        for key, value in payload.items():
+            kind = type(value)
+            if value is None:
+                continue
+            if kind is str:
+                seen = "keyword" if len(value) <= _KEYWORD_MAX else "passage"
+            elif kind is bool:
+                seen = "bool"
+            elif kind is int:
+                seen = "integer"
+            elif kind is float:
+                seen = "float"
+            else:
+                seen = "other"
+            kinds.setdefault(key, set()).add(seen)
+    schemas: dict[str, str] = {}
+    for key, found in kinds.items():
+        if not (isinstance(key, str) and _FIELD.fullmatch(key)):
+            continue  # qdrant would read dots and brackets in it as a path
+        if found <= {"integer", "float"}:
+            schemas[key] = "float" if "float" in found else "integer"
+        elif found in ({"keyword"}, {"bool"}):
+            schemas[key] = found.pop()
+    return schemas
+
 
 class ServerStore(VectorStore):
-    """Collections on a Qdrant server: versions `<collection>__v<NNNN>` behind an alias."""
+    """Collections on a Qdrant server: versions `<collection>__v<NNNN>` behind an alias.
+
+    Each version gets a payload index on every key a filter can use (see `_index_schemas`):
+    servers in strict mode refuse filtered searches on unindexed keys.
+    """
 
     kind = "server"
 
     def __init__(
-        self, url: str, api_key: str | None = None, keep: int = 3, timeout: int = 10
+        self,
+        url: str,
+        api_key: str | None = None,
+        keep: int = 3,
+        timeout: int = 10,
+        *,
+        client: QdrantClient | None = None,
     ) -> None:
-        from qdrant_client import QdrantClient
-
+        """Connect to the server at `url`; or use `client`, any open QdrantClient (also its
+        local engine), which `url` then only names in messages and `close` leaves open."""
         super().__init__(keep)
         self.location = url
-        self._client = QdrantClient(
-            url=url, api_key=api_key, timeout=timeout, check_compatibility=False
-        )
+        self._owns_client = client is None
+        if client is None:
+            from qdrant_client import QdrantClient
+
+            client = QdrantClient(
+                url=url, api_key=api_key, timeout=timeout, check_compatibility=False
+            )
+        self._client = client
         with self._errors():
             self._client.get_collections()
 
     @contextlib.contextmanager
-    def _errors(self, collection: str | None = None) -> Iterator[None]:
+    def _errors(self) -> Iterator[None]:
         from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
         try:
@@ -853,11 +926,6 @@ class ServerStore(VectorStore):
                     f"Qdrant at {self.location} rejected the API key (HTTP {exc.status_code}). "
                     "Fix: set QDRANT_API_KEY to a key of that server."
                 ) from exc
-            if exc.status_code == 404 and collection:
-                raise VectorStoreError(
-                    f"collection {collection!r} has not been published on {self.location}; "
-                    "run the pipeline that publishes it first"
-                ) from exc
             raise VectorStoreError(f"Qdrant at {self.location} failed: {exc}") from exc
         except (ResponseHandlingException, OSError) as exc:
             raise VectorStoreError(
@@ -865,10 +933,15 @@ class ServerStore(VectorStore):
                 "QDRANT_URL, or unset QDRANT_URL to use the embedded store."
             ) from exc
 
-    def _versions(self, collection: str) -> list[int]:
-        pattern = re.compile(re.escape(collection) + r"__v(\d{4,})")
-        names = (c.name for c in self._client.get_collections().collections)
-        return sorted(int(m[1]) for n in names if (m := pattern.fullmatch(n)))
+    def _published(self, collection: str) -> str:
+        """The version `collection`'s alias points at; an error naming the fix if it has none."""
+        name = self._alias_target(collection)
+        if name is None:
+            raise VectorStoreError(
+                f"collection {collection!r} has not been published on {self.location}; "
+                "run the pipeline that publishes it first"
+            )
+        return name
 
     def _alias_target(self, collection: str) -> str | None:
         aliases = self._client.get_aliases().aliases
@@ -891,7 +964,7 @@ class ServerStore(VectorStore):
 
     def current_version(self, collection: str) -> CollectionVersion | None:
         _check_name(collection)
-        with self._errors(collection):
+        with self._errors():
             name = self._alias_target(collection)
             return None if name is None else self._info(collection, name)
 
@@ -927,20 +1000,30 @@ class ServerStore(VectorStore):
             else models.FieldCondition(key=key, match=models.MatchValue(value=value))
             for key, value in _check_filter(filter).items()
         ]
-        with self._errors(collection):
-            points = self._client.query_points(
-                collection,
-                query=query,
-                limit=k,
-                query_filter=models.Filter(must=conditions) if conditions else None,
-                with_payload=True,
-            ).points
+        with self._errors():
+            try:
+                points = self._client.query_points(
+                    collection,
+                    query=query,
+                    limit=k,
+                    query_filter=models.Filter(must=conditions) if conditions else None,
+                    with_payload=True,
+                ).points
+            except Exception:
+                # Name the usual causes the same way on a server and in the local engine.
+                name = self._published(collection)
+                _check_query(collection, vector, self._info(collection, name).dim, k)
+                raise
         return [Hit(str(p.id), p.score, p.payload or {}) for p in points]
 
     def count(self, collection: str) -> int:
         _check_name(collection)
-        with self._errors(collection):
-            return self._client.count(collection, exact=True).count
+        with self._errors():
+            try:
+                return self._client.count(collection, exact=True).count
+            except Exception:
+                self._published(collection)
+                raise
 
     def publish(
         self,
@@ -956,8 +1039,19 @@ class ServerStore(VectorStore):
         from qdrant_client import models
 
         vectors = _check_batch(collection, ids, vectors, payloads, batch_size, metadata)
+        # Ids as the server returns them (canonical UUID text, or unsigned ints).
+        point_ids: list[Any] = [int(p) if p.isdigit() else p for p in _canonical_ids(ids)]
+        _check_payloads(ids, payloads)
         with self._errors():
-            versions = self._versions(collection)
+            existing = {c.name for c in self._client.get_collections().collections}
+            if collection in existing:
+                raise VectorStoreError(
+                    f"Qdrant at {self.location} has a collection named {collection!r}, so the "
+                    f"alias {collection!r} cannot point at its versions. Fix: delete or rename "
+                    "that collection, or publish under another name."
+                )
+            pattern = re.compile(re.escape(collection) + r"__v(\d{4,})")
+            versions = sorted(int(m[1]) for n in existing if (m := pattern.fullmatch(n)))
             version = max(versions, default=0) + 1
             name = f"{collection}__v{version:04d}"
             self._client.create_collection(
@@ -968,10 +1062,15 @@ class ServerStore(VectorStore):
                 metadata=metadata or None,
             )
             try:
+                # Before the points, so the server indexes them as they arrive.
+                for key, schema in _index_schemas(payloads).items():
+                    self._client.create_payload_index(
+                        name, key, field_schema=models.PayloadSchemaType(schema), wait=True
+                    )
                 for start in range(0, len(ids), batch_size):
                     stop = min(start + batch_size, len(ids))
                     batch = models.Batch(
-                        ids=list(ids[start:stop]),
+                        ids=point_ids[start:stop],
                         vectors=np.asarray(vectors[start:stop], dtype=np.float32).tolist(),
                         payloads=list(payloads[start:stop]),
                     )
@@ -1002,4 +1101,5 @@ class ServerStore(VectorStore):
             return self._info(collection, name)
 
     def close(self) -> None:
-        self._client.close()
+        if self._owns_client:
+            self._client.close()
