@@ -433,6 +433,12 @@ class _Runner:
         batch.thread = threading.Thread(target=work, name=f"dagma-run-{batch.token}", daemon=True)
         batch.thread.start()
 
+    def _tags(self, batch: _Batch) -> dict[str, str]:
+        from dagma.notebooks.assets import run_max_runtime
+
+        steps = [self.job.asset_layer.get(k).assets_def for k in batch.keys]
+        return {**_launch_tags(batch.token), **run_max_runtime(steps)}
+
     def _in_process(self, batch: _Batch) -> LabRun:
         result = self.job.execute_in_process(
             instance=self.instance,
@@ -441,7 +447,7 @@ class _Runner:
             partition_key=batch.partition,
             run_config=self.run_config,
             raise_on_error=False,
-            tags=_launch_tags(batch.token),
+            tags=self._tags(batch),
         )
         return _collect(result, result.asset_value)
 
@@ -466,7 +472,7 @@ class _Runner:
                 "multiprocess": {"max_concurrent": self.limit, "start_method": start_method}
             }
         run_config = {**self.run_config, "execution": {"config": executor}}
-        tags = _launch_tags(batch.token)
+        tags = self._tags(batch)
         if batch.partition is not None:
             tags["dagster/partition"] = batch.partition
         result = dg.execute_job(

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="Seconds one notebook cell may run before the notebook fails (a hung cell "
         "would hold its pool slot forever); a notebook's asset['timeout'] overrides it.",
     )
+    dagma_notebook_timeout: float | None = Field(
+        default=6 * 3600.0,
+        gt=0,
+        description="Seconds a whole notebook may run, kernel start included; a notebook's "
+        "asset['max_runtime'] overrides it. Runs also get Dagster's dagster/max_runtime tag.",
+    )
     dagma_max_cell_output: int = Field(
         default=2_000_000,
         gt=0,

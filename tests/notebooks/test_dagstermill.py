@@ -257,6 +257,38 @@ def test_a_failing_dagstermill_notebook_keeps_ipynb_html_and_fails_its_mlflow_ru
     assert [r.info.status for r in found] == ["FAILED"]
 
 
+def test_the_lab_limits_bound_the_dagstermill_engine_too(lab: Path):
+    """Output cap, kernel tag and notebook timeout, on dagstermill's own execution."""
+    params = 'asset = {"engine": "dagstermill", "max_output": 20000, "max_runtime": 20}\nn: int = 1'
+    body = (
+        "import os, time\n"
+        "print('tagged', os.environ.get('DAGMA_KERNEL_RUN_ID'))\n"
+        "for i in range(200_000):\n    print('line', i)\n"
+        "time.sleep(n)"
+    )
+    _notebook(lab / "wine_flood.ipynb", params, body)
+    try:
+        run = materialize(get_settings(), selection=["wine_flood"], console=QUIET)
+        assert run.success, run.error
+        executed = Path(run.values["wine_flood"]["executed_notebook"]).read_text()
+        assert f"tagged {run.run_ids[0]}" in executed  # a dead run's kernel can be found
+        assert "output was cut at 20,000 bytes" in executed and "line 199999" not in executed
+        assert len(executed) < 100_000
+        tags = dg.DagsterInstance.get().get_run_by_id(run.run_ids[0]).tags
+        assert tags["dagster/max_runtime"] == str(20 + 600)  # for run monitoring, with a margin
+        late = materialize(
+            get_settings(),
+            selection=["wine_flood"],
+            params={"wine_flood": {"n": 90}},
+            console=QUIET,
+        )
+    finally:
+        (lab / "wine_flood.ipynb").unlink()
+    assert not late.success
+    assert "max_runtime of 20 seconds" in str(late.error)
+    assert late.seconds < 80  # not the 90 s sleep
+
+
 def test_dagstermill_notebooks_errors_name_the_file_and_the_fix(lab: Path, tmp_path: Path):
     bad_engine = write_nb(tmp_path / "odd.ipynb", params='asset = {"engine": "papermil"}')
     with pytest.raises(NotebookError, match=r"odd\.ipynb: `asset\['engine'\]` is 'papermil'.*"):

@@ -7,6 +7,7 @@ import mlflow
 import nbformat
 import pytest
 
+from dagma.notebooks.papermill_engine import Limits
 from dagma.notebooks.runner import (
     KernelError,
     NotebookFailed,
@@ -167,7 +168,7 @@ def test_a_hung_cell_times_out_keeps_its_copies_and_fails_its_mlflow_run(tmp_pat
             spec,
             run_dir=tmp_path / "run",
             target=target(tmp_path),
-            engine=PapermillEngine(cell_timeout=spec.timeout),
+            engine=PapermillEngine(Limits(cell_timeout=spec.timeout)),
         )
     assert time.monotonic() - started < 40  # not the cell's 60 s
     message = str(info.value)
@@ -178,9 +179,44 @@ def test_a_hung_cell_times_out_keeps_its_copies_and_fails_its_mlflow_run(tmp_pat
     assert client.get_run(failed.mlflow_run_id).info.status == "FAILED"
 
 
+def test_a_notebook_past_its_max_runtime_fails_though_each_cell_is_in_time(tmp_path: Path):
+    nap = "import time\ntime.sleep(1.5)\nprint('napped')"
+    path = write_nb(
+        tmp_path / "slow.ipynb",
+        params='asset = {"timeout": 30, "max_runtime": 4}\nn: int = 1',
+        body=nap,
+    )
+    nb = nbformat.read(path, as_version=4)
+    nb.cells += [nbformat.v4.new_code_cell(nap) for _ in range(5)]  # 9 s in all
+    nbformat.write(nb, path)
+    spec = parse_notebook(path)
+    assert spec.max_runtime == 4.0
+    started = time.monotonic()
+    with pytest.raises(NotebookFailed) as info:
+        execute(
+            spec,
+            run_dir=tmp_path / "run",
+            target=target(tmp_path),
+            engine=PapermillEngine(Limits(cell_timeout=spec.timeout, max_runtime=spec.max_runtime)),
+        )
+    assert time.monotonic() - started < 20  # not the 9 s of naps plus a 30 s cell timeout
+    message = str(info.value)
+    assert "NotebookTimeoutError" in message and "max_runtime of 4 seconds" in message
+    assert "asset['max_runtime'] or DAGMA_NOTEBOOK_TIMEOUT" in message
+    failed = info.value.execution
+    kept = nbformat.read(failed.ipynb, as_version=4)
+    printed = [c for c in kept.cells if "napped" in str(c.get("outputs", ""))]
+    assert 1 <= len(printed) < 6  # stopped midway; the copy keeps what ran
+    client = mlflow.MlflowClient(target(tmp_path).tracking_uri)
+    assert client.get_run(failed.mlflow_run_id).info.status == "FAILED"
+
+
 def test_a_timeout_that_is_not_a_positive_number_is_refused(tmp_path: Path):
     path = write_nb(tmp_path / "t.ipynb", params='asset = {"timeout": "soon"}\nn: int = 1')
     with pytest.raises(NotebookError, match=r"t\.ipynb: `asset\['timeout'\]` is the most seconds"):
+        parse_notebook(path)
+    path = write_nb(tmp_path / "r.ipynb", params='asset = {"max_runtime": -1}\nn: int = 1')
+    with pytest.raises(NotebookError, match=r"r\.ipynb: `asset\['max_runtime'\]` is the most sec"):
         parse_notebook(path)
     path = write_nb(tmp_path / "m.ipynb", params='asset = {"max_output": 0.5}\nn: int = 1')
     with pytest.raises(NotebookError, match=r"m\.ipynb: `asset\['max_output'\]` is the most bytes"):
@@ -194,7 +230,7 @@ def test_a_flooding_cell_is_cut_in_the_kept_copy_with_a_marker(tmp_path: Path):
         body="for i in range(200_000):\n    print('line', i)\nprint('after the flood')",
     )
     spec = parse_notebook(path)
-    engine = PapermillEngine(max_output=spec.max_output)
+    engine = PapermillEngine(Limits(max_output=spec.max_output))
     run = execute(spec, run_dir=tmp_path / "run", target=target(tmp_path), engine=engine)
     executed = nbformat.read(run.ipynb, as_version=4)
     flood = executed.cells[-1]

@@ -23,6 +23,8 @@ PARTITION_PARAMS = ("partition_key", "partition_range")
 # Op tags: which notebook an op runs and on which engine. `notebook_path` is dagstermill's own
 # tag, which the Dagster UI turns into a link to the source notebook.
 NOTEBOOK_TAG, ENGINE_TAG, DAGSTERMILL_PATH_TAG = "dagma/notebook", "dagma/engine", "notebook_path"
+# The seconds a notebook step may run; a run's dagster/max_runtime is the sum over its steps.
+MAX_RUNTIME_TAG = "dagma/max_runtime"
 
 
 def _config_schema(spec: NotebookSpec) -> dict[str, dg.Field]:
@@ -133,6 +135,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
             NOTEBOOK_TAG: str(spec.path),
             ENGINE_TAG: spec.engine,
             DAGSTERMILL_PATH_TAG: str(spec.path),
+            **_max_runtime_tag(spec),
         },
         retry_policy=service_retry_policy(),
         pool=spec.pool,
@@ -167,6 +170,14 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
             partition_range=window,
         )
         mlflow.check()  # a server that is down fails here, and the retry policy waits for it
+        from dagma.notebooks.papermill_engine import Limits
+
+        limits = Limits(
+            cell_timeout=spec.timeout or settings.dagma_cell_timeout,
+            max_runtime=spec.max_runtime or settings.dagma_notebook_timeout,
+            max_output=spec.max_output or settings.dagma_max_cell_output,
+            run_id=context.run_id,  # so a dead run's kernel can be found and stopped
+        )
         engine: Any
         if spec.engine == "dagstermill":
             from dagma.notebooks.dagstermill_engine import DagstermillEngine
@@ -176,13 +187,10 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
                 inputs,
                 spec.name,
                 keep_defaults=spec.keeps_defaults,
+                limits=limits,
             )
         else:
-            engine = PapermillEngine(
-                cell_timeout=spec.timeout or settings.dagma_cell_timeout,
-                max_output=spec.max_output or settings.dagma_max_cell_output,
-                run_id=context.run_id,  # so a dead run's kernel can be found and stopped
-            )
+            engine = PapermillEngine(limits)
         try:
             run = execute(
                 spec,
@@ -225,6 +233,19 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         yield from events
 
     return _notebook
+
+
+def _max_runtime_tag(spec: NotebookSpec) -> dict[str, str]:
+    seconds = spec.max_runtime or get_settings().dagma_notebook_timeout
+    return {MAX_RUNTIME_TAG: str(int(seconds))} if seconds else {}
+
+
+def run_max_runtime(assets_defs: list[dg.AssetsDefinition]) -> dict[str, str]:
+    """Dagster's dagster/max_runtime run tag for a run of these assets' notebook steps, with
+    ten minutes for the run itself; run monitoring (services mode) stops a run past it."""
+    steps = {id(a): a for a in assets_defs if a.is_executable}.values()
+    seconds = [int(a.op.tags[MAX_RUNTIME_TAG]) for a in steps if MAX_RUNTIME_TAG in a.op.tags]
+    return {"dagster/max_runtime": str(sum(seconds) + 600)} if seconds else {}
 
 
 def notebook_assets(folder: Path) -> list[dg.AssetsDefinition]:

@@ -3,17 +3,96 @@
 dagstermill starts the kernel, rebuilds the step's context there from the reconstructable job
 (so `dagstermill.get_context()` is this run's), and loads each upstream value into a variable
 of the input's name. What the notebook yields through `yield_event` comes back as events.
+The lab's limits (cell and notebook timeouts, output cap, the kernel's run tag) apply through
+an engine that adds them to dagstermill's own, chosen when dagstermill calls papermill.
 """
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import pickle  # nosec B403 # only events dagstermill's own kernel-side manager wrote
 from pathlib import Path
 from typing import Any
 
 import nbformat
+import papermill
+from dagstermill.engine import DagstermillEngine as _DagstermillEngine
+from dagstermill.engine import DagstermillNotebookClient
+from papermill.engines import papermill_engines
+from papermill.log import logger
+from papermill.utils import merge_kwargs, remove_args
 
 from dagma.notebooks import parameterize
+from dagma.notebooks.papermill_engine import LabClient, Limits
+
+ENGINE = "dagma-dagstermill"
+# The limits of the step running in this thread; dagstermill calls papermill without them.
+_LIMITS: contextvars.ContextVar[Limits | None] = contextvars.ContextVar("limits", default=None)
+
+
+class _Client(DagstermillNotebookClient, LabClient):
+    """dagstermill's cell loop and teardown, with the lab's limits and kernel tag."""
+
+
+class _BoundedEngine(_DagstermillEngine):
+    @classmethod
+    def execute_managed_notebook(
+        cls,
+        nb_man: Any,
+        kernel_name: str,
+        log_output: bool = False,
+        stdout_file: Any = None,
+        stderr_file: Any = None,
+        start_timeout: int = 120,
+        execution_timeout: int | None = None,
+        max_output_bytes: int = 0,
+        kernel_env: dict[str, str] | None = None,
+        max_runtime: float = 0.0,
+        **kwargs: Any,
+    ) -> Any:
+        kwargs = remove_args(["timeout", "startup_timeout", "input_path"], **kwargs)
+        final = merge_kwargs(
+            kwargs,
+            timeout=execution_timeout,
+            startup_timeout=start_timeout,
+            kernel_name=kernel_name,
+            log=logger,
+            log_output=log_output,
+            stdout_file=stdout_file,
+            stderr_file=stderr_file,
+        )
+        client = _Client(
+            nb_man,
+            max_output_bytes=max_output_bytes,
+            kernel_env=kernel_env or {},
+            max_runtime=max_runtime,
+            **final,
+        )
+        return client.execute()
+
+
+papermill_engines.register(ENGINE, _BoundedEngine)
+
+
+def _bound_dagstermill_calls() -> None:
+    """Route dagstermill's `papermill.execute_notebook` call through the bounded engine."""
+    execute = papermill.execute_notebook
+    if getattr(execute, "_dagma_bounded", False):
+        return
+
+    @functools.wraps(execute)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        limits = _LIMITS.get()
+        if limits is not None and kwargs.get("engine_name") == "dagstermill":
+            kwargs.update(engine_name=ENGINE, **limits.papermill_kwargs())
+        return execute(*args, **kwargs)
+
+    bounded._dagma_bounded = True  # type: ignore[attr-defined]
+    papermill.execute_notebook = bounded
+
+
+_bound_dagstermill_calls()
 
 
 class DagstermillEngine:
@@ -22,10 +101,17 @@ class DagstermillEngine:
     passes_inputs = False  # dagstermill loads them in the kernel through the IO manager
 
     def __init__(
-        self, step_context: Any, inputs: dict[str, Any], name: str, *, keep_defaults: bool = True
+        self,
+        step_context: Any,
+        inputs: dict[str, Any],
+        name: str,
+        *,
+        keep_defaults: bool = True,
+        limits: Limits | None = None,
     ) -> None:
         self.step_context, self.inputs, self.name = step_context, inputs, name
         self.keep_defaults = keep_defaults
+        self.limits = limits or Limits()
         self.events: list[Any] = []
 
     def run(self, source: Any, values: dict[str, Any], output: Path, cwd: Path) -> None:
@@ -37,6 +123,7 @@ class DagstermillEngine:
         nbformat.write(
             parameterize.for_dagstermill(source, values, keep_defaults=self.keep_defaults), copy
         )
+        bound = _LIMITS.set(self.limits)
         try:
             executed = execute_notebook(
                 self.step_context,
@@ -52,6 +139,7 @@ class DagstermillEngine:
                 failed[-1].replace(output)
             raise
         finally:
+            _LIMITS.reset(bound)
             for scratch in work.glob("*-inter.ipynb"):  # dagstermill's parameterized copy
                 scratch.unlink(missing_ok=True)
         Path(executed).replace(output)

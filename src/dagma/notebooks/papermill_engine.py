@@ -8,19 +8,47 @@ of a run whose process was killed can be found and stopped (see `dagma.reaping`)
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import nbformat
+from nbclient.exceptions import CellTimeoutError
 from nbclient.util import run_sync
 from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, papermill_engines
 from papermill.log import logger
 from papermill.utils import merge_kwargs, remove_args
-from traitlets import Dict, Integer
+from traitlets import Dict, Float, Integer
 
 ENGINE = "dagma"
 RUN_ENV = "DAGMA_KERNEL_RUN_ID"
+
+
+class NotebookTimeoutError(CellTimeoutError):
+    """The whole notebook ran past its `max_runtime`."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What bounds one notebook's execution, whichever engine runs it."""
+
+    cell_timeout: float | None = None  # seconds per cell
+    max_runtime: float | None = None  # seconds for the whole notebook, kernel start included
+    max_output: int | None = None  # bytes of output kept per cell
+    run_id: str | None = None  # tags the kernel, so a dead run's kernel can be found
+
+    def papermill_kwargs(self) -> dict[str, Any]:
+        """For `papermill.execute_notebook` with one of Dagma's engines."""
+        return {
+            # nbclient takes whole seconds
+            "execution_timeout": math.ceil(self.cell_timeout) if self.cell_timeout else None,
+            "max_runtime": self.max_runtime or 0.0,
+            "max_output_bytes": self.max_output or 0,
+            "kernel_env": {RUN_ENV: self.run_id} if self.run_id else None,
+        }
 
 
 def _size(output: Any) -> int:
@@ -34,6 +62,9 @@ class LabClient(PapermillNotebookClient):
         config=True
     )
     kernel_env = Dict(help="Variables added to the kernel's environment.").tag(config=True)
+    max_runtime = Float(0.0, help="Seconds the whole notebook may run; 0: no limit.").tag(
+        config=True
+    )
 
     async def async_start_new_kernel(self, **kwargs: Any) -> None:
         if self.kernel_env:
@@ -47,6 +78,26 @@ class LabClient(PapermillNotebookClient):
         super().__init__(nb_man, **kwargs)
         self._kept: dict[int, int] = {}
         self._cut: set[int] = set()
+        self._deadline = time.monotonic() + self.max_runtime if self.max_runtime else None
+        if self._deadline is not None:
+            self.timeout_func = self._time_left
+
+    def _time_left(self, cell: Any) -> float:
+        """A cell's timeout: its own, or less when the notebook's time runs out sooner."""
+        assert self._deadline is not None
+        left = max(self._deadline - time.monotonic(), 0.01)  # 0 would mean "no timeout"
+        return min(self.timeout, left) if self.timeout else left
+
+    async def _async_handle_timeout(self, timeout: int, cell: Any = None) -> Any:
+        try:
+            return await super()._async_handle_timeout(timeout, cell)
+        except CellTimeoutError as exc:
+            if self._deadline is None or time.monotonic() < self._deadline - 0.05:
+                raise
+            raise NotebookTimeoutError(
+                f"The notebook ran past its max_runtime of {self.max_runtime:g} seconds. Raise "
+                "the notebook's asset['max_runtime'] or DAGMA_NOTEBOOK_TIMEOUT if it needs longer."
+            ) from exc
 
     def output(
         self, outs: list[Any], msg: dict[str, Any], display_id: str | None, cell_index: int
@@ -94,6 +145,7 @@ class LabEngine(NBClientEngine):
         execution_timeout: int | None = None,
         max_output_bytes: int = 0,
         kernel_env: dict[str, str] | None = None,
+        max_runtime: float = 0.0,
         **kwargs: Any,
     ) -> Any:
         kwargs = remove_args(["input_path", "timeout", "startup_timeout"], **kwargs)
@@ -108,7 +160,11 @@ class LabEngine(NBClientEngine):
             stderr_file=stderr_file,
         )
         client = LabClient(
-            nb_man, max_output_bytes=max_output_bytes, kernel_env=kernel_env or {}, **final
+            nb_man,
+            max_output_bytes=max_output_bytes,
+            kernel_env=kernel_env or {},
+            max_runtime=max_runtime,
+            **final,
         )
         return client.execute()
 

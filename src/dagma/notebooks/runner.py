@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import pickle  # nosec B403 # only pickles our own kernel or IO manager wrote
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dagma.nb import CONTEXT_VAR, NotebookContext
 from dagma.notebooks import parameterize
 from dagma.notebooks.spec import NotebookSpec, read_notebook
+
+if TYPE_CHECKING:
+    from dagma.notebooks.papermill_engine import Limits
 
 KERNEL = (
     "python3"  # jupyter_client maps the native kernel to this very interpreter (sys.executable)
@@ -75,13 +77,10 @@ class PapermillEngine:
 
     passes_inputs = True
 
-    def __init__(
-        self,
-        cell_timeout: float | None = None,
-        max_output: int | None = None,
-        run_id: str | None = None,
-    ) -> None:
-        self.cell_timeout, self.max_output, self.run_id = cell_timeout, max_output, run_id
+    def __init__(self, limits: Limits | None = None) -> None:
+        from dagma.notebooks.papermill_engine import Limits
+
+        self.limits = limits or Limits()
 
     def run(self, source: Any, values: dict[str, Any], output: Path, cwd: Path) -> None:
         import papermill
@@ -98,11 +97,8 @@ class PapermillEngine:
             cwd=str(cwd),
             progress_bar=False,
             log_output=False,
-            # nbclient takes whole seconds
-            execution_timeout=math.ceil(self.cell_timeout) if self.cell_timeout else None,
             engine_name=papermill_engine.ENGINE,
-            max_output_bytes=self.max_output or 0,
-            kernel_env={papermill_engine.RUN_ENV: self.run_id} if self.run_id else None,
+            **self.limits.papermill_kwargs(),
         )
 
 
@@ -174,6 +170,8 @@ def render_html(ipynb: Path) -> Path:
 
 def _failure_summary(exc: Exception) -> str:
     """The failing cell and the last lines of its traceback, from papermill's error."""
+    if isinstance(exc, TimeoutError) and "max_runtime" in str(exc):  # NotebookTimeoutError
+        return f"{type(exc).__name__}: {exc}"
     if isinstance(exc, TimeoutError):  # nbclient's CellTimeoutError
         return (
             f"{type(exc).__name__}: {str(exc).splitlines()[0]} Raise the notebook's "

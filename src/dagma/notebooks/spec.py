@@ -39,6 +39,7 @@ ASSET_OPTIONS = {
     "pool",
     "engine",
     "timeout",
+    "max_runtime",
     "max_output",
 }
 # The default bridge first. "dagstermill" runs the notebook through dagstermill's own execution.
@@ -95,6 +96,7 @@ class NotebookSpec:
     pool: str | None = None
     engine: str = ENGINES[0]
     timeout: float | None = None  # seconds a cell may run; None: the lab's DAGMA_CELL_TIMEOUT
+    max_runtime: float | None = None  # seconds the notebook may run; None: DAGMA_NOTEBOOK_TIMEOUT
     max_output: int | None = None  # bytes of output kept per cell; None: DAGMA_MAX_CELL_OUTPUT
     # The notebook's variable for each upstream asset; the asset's own name unless adopted.
     ins: dict[str, str] = field(default_factory=dict)
@@ -366,6 +368,13 @@ def parse_notebook(path: Path) -> NotebookSpec:
         path,
         "the most seconds one cell may run, a positive number like 600",
     )
+    max_runtime = _positive(
+        options,
+        "max_runtime",
+        (int, float),
+        path,
+        "the most seconds the whole notebook may run, a positive number like 7200",
+    )
     max_output = _positive(
         options,
         "max_output",
@@ -395,6 +404,7 @@ def parse_notebook(path: Path) -> NotebookSpec:
         pool=pool,
         engine=engine,
         timeout=float(timeout) if timeout is not None else None,
+        max_runtime=float(max_runtime) if max_runtime is not None else None,
         max_output=max_output,
         ins=ins if ins is not None else {u: u for u in upstream},
         keeps_defaults=declared is None,
