@@ -149,14 +149,25 @@ def test_status_json_names_every_asset_and_collection(demo):
 
 
 def test_a_fresh_home_offline_reproduces_metrics_point_ids_and_answer(demo, tmp_path: Path):
-    """`dagma demo` in a new network namespace (no route out): nothing is downloaded."""
+    """`dagma demo` with every Python process of it (kernels included) refused any network use
+    beyond this machine, which works without root: nothing is downloaded, or even looked up."""
     _, first = demo
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
     env["DAGMA_HOME"] = str(tmp_path / "second")
+    offline = Path(__file__).with_name("offline")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(offline), env.get("PYTHONPATH")]))
+    attempts = tmp_path / "network-attempts.log"
+    env["DAGMA_OFFLINE_LOG"] = str(attempts)
     dagma = str(Path(sys.executable).with_name("dagma"))
-    offline = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$0" demo --json', dagma]
-    done = subprocess.run(offline, env=env, capture_output=True, text=True, timeout=600)
+    probe = "import urllib.request as u; u.urlopen('https://pypi.org', timeout=5)"
+    refused = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "offline test: refused" in refused.stderr  # the guard works
+    attempts.unlink()
+    done = subprocess.run(
+        [dagma, "demo", "--json"], env=env, capture_output=True, timeout=600, text=True
+    )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert not attempts.exists(), attempts.read_text()  # nothing even tried to go out
     second = json.loads(done.stdout)["values"]
     assert second["wine_model"]["metrics"] == first.values["wine_model"]["metrics"]
     assert second["doc_vectors"]["ids_digest"] == first.values["doc_vectors"]["ids_digest"]
