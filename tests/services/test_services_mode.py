@@ -14,7 +14,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from typing import Any
 import pytest
 
 from dagma.services.config import ServicesConfig
-from dagma.services.procs import free_port, marked_pids, pid_alive
+from dagma.services.procs import MARKER, free_port, marked_pids, pid_alive, port_in_use
 from dagma.services.supervisor import Topology
 from tests.conftest import require
 from tests.notebooks.test_spec import write_nb
@@ -443,8 +445,238 @@ def test_backup_then_restore_into_an_empty_home_brings_back_runs_models_and_vect
 
         again = lab.cli("restore", str(archive))  # the live home is not empty: refused
         assert again.returncode != 0 and "not empty" in again.stdout
+        assert not list(scratch.glob(".dagma-restore-*")), "the restore left its temp folder"
+
+        # The cluster was built in a temporary folder and renamed: it starts where it is now,
+        # and Dagster's events name the new home's files, as in the embedded restore.
+        old_paths = _events_naming(lab.config, str(lab.home))
+        assert old_paths > 0, "Dagster stores no path of the home: nothing to move"
+        moved = ServicesConfig(dagma_home=home, dagma_pg_port=int(env["DAGMA_PG_PORT"]))
+        topology = Topology(moved)
+        try:
+            topology.up(progress=lambda _: None, only={"postgres"})
+            assert counts(moved, moved.passwords()["postgres"]) == live
+            assert _events_naming(moved, str(lab.home)) == 0
+            assert _events_naming(moved, str(home)) == old_paths
+        finally:
+            topology.down(progress=lambda _: None)
+        assert not marked_pids(str(home))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _events_naming(config: ServicesConfig, path: str) -> int:
+    """Dagster events that hold a path under `path` (executed notebooks, stored outputs)."""
+    import psycopg
+
+    with psycopg.connect(
+        host="127.0.0.1",
+        port=config.dagma_pg_port,
+        user="postgres",
+        password=config.passwords()["postgres"],
+        dbname="dagster",
+        connect_timeout=10,
+    ) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM event_logs WHERE strpos(event, %s) > 0", (path + "/",)
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _processes_under(folder: Path) -> list[int]:
+    """Live processes started for any home under `folder`, a restore's temporary one included."""
+    prefix = f"{MARKER}={folder}/".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(v.startswith(prefix) for v in environ) and pid_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def _manifest(archive: Path) -> dict[str, Any]:
+    with tarfile.open(archive, "r:gz") as tar:
+        member = tar.extractfile("lab/manifest.json")
+        assert member is not None
+        return dict(json.load(member))
+
+
+def _restore(
+    lab: Lab, archive: Path, home: Path, port: int, *args: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "dagma.services.cli", "restore", str(archive), *args],
+        env={**lab.env, "DAGMA_HOME": str(home), "DAGMA_PG_PORT": str(port)},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def _said(done: subprocess.CompletedProcess[str]) -> str:
+    """The CLI's output with the console's line wrapping undone."""
+    return " ".join((done.stdout + done.stderr).split())
+
+
+@pytest.fixture(scope="module")
+def scratch() -> Iterator[Path]:
+    folder = Path(tempfile.mkdtemp(prefix="dagma-restore-"))
+    folder.chmod(0o755)  # the restored cluster's Postgres runs unprivileged
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _good_archive(lab: Lab, scratch: Path) -> Path:
+    """The backup taken while MLflow wrote (the test before), or a new one."""
+    archive = scratch / "lab.tar.gz"
+    if not archive.exists():
+        done = lab.cli("backup", str(archive))
+        assert done.returncode == 0, done.stdout + done.stderr
+    return archive
+
+
+def test_a_backup_taken_while_mlflow_writes_restores_with_the_counts_of_its_snapshot(
+    lab, scratch, monkeypatch
+):
+    from mlflow import MlflowClient
+
+    from dagma.services.backup import counts
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", lab.mlflow_password())
+    client = MlflowClient(tracking_uri=lab.config.mlflow_url)
+    experiment = client.get_experiment_by_name("dagma")
+    assert experiment is not None
+    run = client.create_run(experiment.experiment_id, run_name="backup-while-writing")
+    stop, written, errors = threading.Event(), [0], []
+    secrets = json.loads(lab.config.secrets_file.read_text())
+
+    def write() -> None:
+        """Metric rows of that run, one transaction each, as the MLflow server's role: as fast
+        as the database takes them, so no gap of a backup goes without a write."""
+        import psycopg
+
+        try:
+            with psycopg.connect(
+                host="127.0.0.1",
+                port=lab.config.dagma_pg_port,
+                user="mlflow",
+                password=secrets["mlflow"],
+                dbname="mlflow",
+                autocommit=True,
+                connect_timeout=10,
+            ) as conn:
+                while not stop.is_set():
+                    conn.execute(
+                        "INSERT INTO metrics (key, value, timestamp, run_uuid, step, is_nan) "
+                        "VALUES ('written', %s, %s, %s, %s, false)",
+                        (written[0], int(time.time() * 1000), run.info.run_id, written[0]),
+                    )
+                    written[0] += 1
+        except Exception as exc:
+            errors.append(exc)
+
+    writer = threading.Thread(target=write, daemon=True)
+    password = secrets["postgres"]
+    archive = scratch / "lab.tar.gz"
+    writer.start()
+    try:
+        deadline = time.monotonic() + 60
+        while written[0] < 5 and not errors:
+            assert time.monotonic() < deadline, "the writer wrote nothing"
+            time.sleep(0.05)
+        before = counts(lab.config, password)
+        done = lab.cli("backup", str(archive))
+        after = counts(lab.config, password)
+    finally:
+        stop.set()
+        writer.join(60)
+        client.set_terminated(run.info.run_id)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not errors, errors
+    recorded = _manifest(archive)["counts"]
+    # The snapshot fell between rows written before and after it: the lab wrote throughout.
+    assert before["mlflow.metrics"] < recorded["mlflow.metrics"] < after["mlflow.metrics"]
+
+    home = scratch / "while-writing"
+    restored = _restore(lab, archive, home, free_port(), "--json")
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    assert json.loads(restored.stdout)["counts"] == recorded
+    assert not _processes_under(scratch)
+    shutil.rmtree(home)
+
+
+def test_a_failed_or_killed_restore_leaves_nothing_and_the_next_restore_succeeds(lab, scratch):
+    from dagma.backup import write_archive
+
+    archive = _good_archive(lab, scratch)
+    # A damaged dump whose checksums are right: pg_restore restores dagster, then fails midway
+    # through mlflow's data.
+    unpacked = scratch / "unpacked"
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(unpacked, filter="data")
+    staging = unpacked / "lab"
+    manifest = json.loads((staging / "manifest.json").read_text())
+    (staging / "manifest.json").unlink()
+    dump = staging / "postgres" / "mlflow.dump"
+    dump.write_bytes(dump.read_bytes()[: dump.stat().st_size // 2])
+    del manifest["files"]
+    damaged = scratch / "damaged.tar.gz"
+    write_archive(staging, manifest, damaged)
+    shutil.rmtree(unpacked)
+
+    home, port = scratch / "home", free_port()
+
+    def nothing_left() -> None:
+        assert not home.exists(), sorted(p.name for p in home.iterdir())
+        assert not list(scratch.glob(".dagma-restore-*"))
+        assert not _processes_under(scratch), "a Postgres of the restore is still running"
+        assert not port_in_use(port)
+
+    failed = _restore(lab, damaged, home, port)
+    said = _said(failed)
+    assert failed.returncode != 0, said
+    assert "pg_restore of database 'mlflow'" in said and str(damaged) in said, said
+    assert "postgres: restored dagster" in said, said  # it failed midway, not at the start
+    assert f"Nothing was restored: {home} is as it was" in said, said
+    assert "run the restore again" in said, said
+    nothing_left()
+
+    # Killed once its Postgres runs: the folder and the Postgres stay until the next restore.
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "dagma.services.cli", "restore", str(archive)],
+        env={**lab.env, "DAGMA_HOME": str(home), "DAGMA_PG_PORT": str(port)},
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while not port_in_use(port):
+        assert killed.poll() is None, "the restore ended before its Postgres started"
+        assert time.monotonic() < deadline, "the restore's Postgres never started"
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(30)
+    left = list(scratch.glob(".dagma-restore-*"))
+    assert len(left) == 1 and _processes_under(scratch), "the kill left nothing to clean up"
+    assert not home.exists()
+
+    done = _restore(lab, archive, home, port)
+    said = _said(done)
+    assert done.returncode == 0, said
+    assert f"removed {left[0]}, left by a restore that was killed" in said, said
+    assert "Restored" in said and f"into {home}" in said, said
+    assert not list(scratch.glob(".dagma-restore-*"))
+    assert not _processes_under(scratch) and not port_in_use(port)
+    assert (home / "postgres" / "data" / "PG_VERSION").is_file()
+    assert (home / "mlflow" / "artifacts").is_dir()
 
 
 def _sensor(lab: Lab, mutation: str, name: str) -> str:
