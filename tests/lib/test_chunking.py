@@ -19,8 +19,10 @@ def test_a_single_long_paragraph_is_split_by_sentence_and_width():
 
 
 def test_chunking_is_deterministic_and_overlap_carries_text():
-    text = "\n\n".join(f"Sentence number {i} is here." for i in range(50))
-    assert chunk_text(text, 120) == chunk_text(text, 120)
+    sentences = [f"Sentence number {i} is here." for i in range(50)]
+    text = "\n\n".join(sentences)
+    # whole sentences packed greedily: four (at most 111 chars) fit in 120, five do not
+    assert chunk_text(text, 120) == [" ".join(sentences[i : i + 4]) for i in range(0, 50, 4)]
     overlapped = chunk_text(text, 120, overlap=20)
     assert overlapped[1].startswith(overlapped[0][-20:].strip())
 

@@ -294,7 +294,8 @@ class FakePipeline:
         return PASSAGES[question]
 
     def answer(self, question: str, docs: Any = None) -> Any:
-        return assemble_answer(question, docs, REPLIES[question])
+        ans = assemble_answer(question, docs, REPLIES[question])
+        return ans.model_copy(update={"generation_s": 5.0, "output_tokens": 100})
 
 
 def test_evaluate_answers_scores_citations_faithfulness_and_latency() -> None:
@@ -325,8 +326,12 @@ def test_evaluate_answers_scores_citations_faithfulness_and_latency() -> None:
     assert rows["a"]["faithfulness"] == 1.0
     assert rows["b"]["faithfulness"] == pytest.approx(1 / 2)  # "repeats" yes, "forever" no
     assert res["faithfulness"] == pytest.approx(0.75)
-    assert 0 <= res["latency_p50_s"] <= res["latency_p95_s"]
-    assert all(r["latency_s"] >= r["generation_s"] >= 0 for r in res["rows"])
+    # latency is the wall time measured here; generation time and tokens are the answer's own
+    latencies = [r["latency_s"] for r in res["rows"]]
+    assert all(0 < s < 5.0 for s in latencies)  # the fake answers at once, not in 5 s
+    assert (res["latency_p50_s"], res["latency_p95_s"]) == latency_percentiles(latencies)
+    assert [(r["generation_s"], r["output_tokens"]) for r in res["rows"]] == [(5.0, 100)] * 2
+    assert res["tokens_per_s"] == 20.0
     assert evaluate_answers(questions, pipeline, limit=0)["answered"] == 0
     with pytest.raises(ValueError, match="limit"):
         evaluate_answers(questions, pipeline, limit=-1)

@@ -11,10 +11,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
+from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from dagma.lib.llm import LLMError, LLMSettings, chat_model, check_backend, openai_server_command
-from dagma.lib.rag import Answer, RagPipeline, StoreRetriever
+from dagma.lib.rag import (
+    RAG_PROMPT,
+    Draft,
+    RagPipeline,
+    StoreRetriever,
+    format_context,
+    hit_to_document,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -122,19 +131,47 @@ def test_check_backend_names_a_model_the_server_lacks(settings: LLMSettings) -> 
 
 def test_stream_yields_tokens(pipeline: RagPipeline) -> None:
     chunks = list(pipeline.stream(QUESTION))
-    assert len(chunks) > 1 and all(isinstance(c, str) for c in chunks)
+    assert len(chunks) > 1 and all(chunks)  # no empty chunk is passed on
     assert "".join(chunks).strip()
+
+
+def test_the_server_binds_the_forced_tool_call_to_the_schema(settings: LLMSettings) -> None:
+    # langchain-openai names the tool in tool_choice; llama.cpp's chatml handler then samples
+    # the call's arguments under a grammar made from the Draft JSON schema
+    docs = [hit_to_document(h) for h in CORPUS]
+    prompt = RAG_PROMPT.invoke({"question": QUESTION, "context": format_context(docs)})
+    model = chat_model(replace(settings, max_tokens=200))  # room to close the JSON
+    structured = model.with_structured_output(Draft, method="function_calling", include_raw=True)
+    result = structured.invoke(prompt)
+    raw = result["raw"]
+    assert raw.content == "" and [c["name"] for c in raw.tool_calls] == ["Draft"]
+    args = raw.tool_calls[0]["args"]
+    jsonschema.validate(args, convert_to_openai_tool(Draft)["function"]["parameters"])
+    assert result["parsing_error"] is None and result["parsed"] == Draft(**args)
 
 
 def test_answer_through_structured_output(pipeline: RagPipeline) -> None:
     assert pipeline.structured_method == "function_calling"
     ans = pipeline.answer(QUESTION)
-    assert isinstance(ans, Answer) and ans.text.strip()
+    assert ans.parsed == "structured"  # a Draft, even if max_tokens cut the call short
+    assert ans.text.strip()
     assert [s.id for s in ans.sources] == ["d1", "d2", "d3"]
-    assert ans.parsed in {"structured", "text"}
-    assert 0 < ans.output_tokens <= 32  # reported by the server, within max_tokens
+    assert 0 < ans.output_tokens <= 32  # one call, reported by the server, within max_tokens
     assert 0 < ans.generation_s <= ans.latency_s
-    assert 0.0 <= ans.confidence <= 1.0
+    # the retrieval heuristic, lowered to the model's own confidence when it gave one
+    cited = [s.score for s in ans.sources if s.cited]
+    heuristic = max(cited) if cited else max(s.score for s in ans.sources) / 2
+    model = 1.0 if ans.model_confidence is None else ans.model_confidence
+    assert ans.confidence == pytest.approx(min(heuristic, model))
+
+
+def test_a_call_cut_short_by_max_tokens_is_still_structured(settings: LLMSettings) -> None:
+    # 16 tokens stop the call inside its JSON, after the answer began: langchain-openai reports
+    # an invalid tool call, which is read as a draft instead of asking again for plain text
+    short = chat_model(replace(settings, max_tokens=16))
+    ans = RagPipeline(StoreRetriever(search=search, k=3), short).answer(QUESTION)
+    assert (ans.parsed, ans.output_tokens) == ("structured", 16)  # one call, cut at the limit
+    assert ans.text.strip()
 
 
 def test_closed_port_fails_clearly(settings: LLMSettings) -> None:

@@ -196,12 +196,14 @@ def test_format_context_caps_passages() -> None:
 
 def test_answer(first: Answer) -> None:
     ans = first
-    assert isinstance(ans, Answer)
     assert ans.question == QUESTION and ans.text.strip()
     assert ans.sources and {s.id for s in ans.sources} <= set(CORPUS)
     assert ans.sources[0].id == "c5"  # retrieval order is kept
     assert [s.score for s in ans.sources] == sorted((s.score for s in ans.sources), reverse=True)
-    assert 0.0 <= ans.confidence <= 1.0
+    # the retrieval heuristic: the best score among cited passages, else half the best score
+    cited = [s.score for s in ans.sources if s.cited]
+    best = max(cited) if cited else max(s.score for s in ans.sources) / 2
+    assert ans.confidence == pytest.approx(best)
     assert ans.parsed == "text" and ans.model_confidence is None
     assert ans.output_tokens == MAX_TOKENS  # SmolLM2 rambles up to the limit
     assert 0 < ans.generation_s <= ans.latency_s
@@ -211,7 +213,7 @@ def test_answer(first: Answer) -> None:
 
 def test_stream_matches_answer(pipeline: RagPipeline, first: Answer) -> None:
     chunks = list(pipeline.stream(QUESTION))
-    assert len(chunks) >= 2 and all(isinstance(c, str) for c in chunks)
+    assert len(chunks) >= 2 and all(chunks)  # no empty chunk is passed on
     assert "".join(chunks) == first.text
     docs = pipeline.retrieve(QUESTION)
     assert "".join(pipeline.stream(QUESTION, docs=docs)) == "".join(chunks)
@@ -366,6 +368,25 @@ def test_parse_structured_result() -> None:
     plain = parse_structured_result({"raw": AIMessage(content="Just text"), "parsed": None})
     assert (plain.text, plain.parsed, plain.output_tokens) == ("Just text", "text", None)
     assert parse_structured_result(Draft(answer="no raw")).text == "no raw"
+
+
+@pytest.mark.parametrize(
+    ("args", "text", "parsed"),
+    [
+        ('{ "answer": "NameError [1]", "citations": [1', "NameError [1]", "structured"),
+        ('{ "answer": "Deleting an unbound na', "Deleting an unbound na", "structured"),
+        ('{ "answer":', "", "text"),  # nothing usable: answer() asks again for plain text
+    ],
+)
+def test_parse_structured_result_reads_a_call_cut_by_the_token_limit(
+    args: str, text: str, parsed: str
+) -> None:
+    # what langchain-openai makes of llama.cpp's schema-bound tool call stopped by max_tokens
+    call = {"name": "Draft", "args": args, "id": "1", "error": None, "type": "invalid_tool_call"}
+    raw = AIMessage(content="", invalid_tool_calls=[call])  # type: ignore[list-item]
+    out = parse_structured_result({"raw": raw, "parsed": None, "parsing_error": None})
+    assert (out.text, out.parsed, out.raw_text) == (text, parsed, args)
+    assert out.citations == ([1] if "citations" in args else [])
 
 
 def test_assemble_answer_with_draft_fields() -> None:

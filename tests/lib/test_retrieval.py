@@ -10,7 +10,7 @@ import pytest
 from langchain_core.language_models import FakeListChatModel
 
 from dagma.lib.embeddings import Embedder, get_embedder
-from dagma.lib.rag import RagPipeline, StoreRetriever
+from dagma.lib.rag import StoreRetriever
 from dagma.lib.retrieval import make_pipeline, make_search
 from dagma.lib.vectors import EmbeddedStore, point_id
 
@@ -63,7 +63,7 @@ def test_pipeline_filter_restricts_sources(store: Any, embedder: Embedder) -> No
     )
     docs = pipeline.retrieve(QUERY)
     assert [d.metadata["source"] for d in docs] == ["pydoc:break"]
-    assert isinstance(pipeline, RagPipeline) and pipeline.structured_method is None
+    assert pipeline.structured_method is None
 
 
 def test_mmr_returns_diverse_passages(store: Any, embedder: Embedder) -> None:

@@ -290,8 +290,10 @@ class AnswerOutputParser(BaseOutputParser[ModelOutput]):
 def parse_structured_result(result: Mapping[str, Any] | BaseModel) -> ModelOutput:
     """``with_structured_output(Draft, include_raw=True)`` result -> :class:`ModelOutput`.
 
-    When the model ignored the schema, the raw reply is parsed like plain text: its content, or
-    else the ``answer`` argument of its tool call.
+    A tool call whose arguments are not valid JSON, as when the token limit cut a schema-bound
+    call short, is read as a draft if its ``answer`` had begun (see :func:`parse_draft`). When
+    the model ignored the schema, the raw reply is parsed like plain text: its content, or else
+    the ``answer`` argument of its tool call.
     """
     if isinstance(result, BaseModel):  # without include_raw
         result = {"parsed": result}
@@ -299,8 +301,11 @@ def parse_structured_result(result: Mapping[str, Any] | BaseModel) -> ModelOutpu
     message = raw if isinstance(raw, AIMessage) else AIMessage(content="")
     content = str(message.text)
     args = message.tool_calls[0]["args"] if message.tool_calls else {}
-    raw_text = content or (json.dumps(args) if args else "")
+    cut = "" if content or args else _invalid_call_args(message)
+    raw_text = content or (json.dumps(args) if args else cut)
     draft = result.get("parsed")
+    if not isinstance(draft, Draft) and cut:
+        draft = parse_draft(cut)
     if isinstance(draft, Draft):
         out = _from_draft(draft, raw_text)
     else:
@@ -309,6 +314,12 @@ def parse_structured_result(result: Mapping[str, Any] | BaseModel) -> ModelOutpu
         out.raw_text = raw_text
     out.output_tokens = _output_tokens(message)
     return out
+
+
+def _invalid_call_args(message: AIMessage) -> str:
+    calls = message.invalid_tool_calls
+    args = calls[0].get("args") if calls else None
+    return args if isinstance(args, str) else ""
 
 
 def _output_tokens(message: Any) -> int | None:
