@@ -37,7 +37,7 @@ def test_mlflow_has_the_notebook_run_with_params_metrics_model_and_notebook(demo
     )
     found = next(r for r in runs if r.info.run_id == run.values["wine_model"]["mlflow_run_id"])
     assert found.data.params["seed"] == "42" and found.data.params["C"] == "1.0"
-    assert 0.8 <= found.data.metrics["accuracy"] <= 1.0
+    assert found.data.metrics["accuracy"] >= 0.8
     assert found.data.tags["dagma.dagster_run_id"] == run.run_id
     assert found.data.tags["dagma.uv_lock"] != "unknown"
     client = mlflow.MlflowClient(settings.tracking_uri)
@@ -75,7 +75,7 @@ def test_partitioned_notebook_sees_its_partition_key(demo):
     scores = run.values["wine_daily_scores"]
     latest = dg.DailyPartitionsDefinition(start_date="2026-09-01").get_last_partition_key()
     assert scores["partition"] == latest
-    assert 0 <= scores["accuracy"] <= 1 and scores["rows"] == 40
+    assert scores["accuracy"] >= 0.8 and scores["rows"] == 40
     mlflow.set_tracking_uri(settings.tracking_uri)
     tags = mlflow.get_run(scores["mlflow_run_id"]).data.tags
     assert tags["dagma.partition"] == latest
@@ -87,7 +87,9 @@ def test_the_day_so_far_scores_exactly_the_hour_the_demo_ingested(demo):
     hour, day = run.values["wine_arrivals"], run.values["wine_arrival_scores"]
     assert len(hour) > 0 and len(day) == len(hour)
     assert list(day["source_file"]) == list(hour["source_file"])
-    assert set(day["predicted"]) <= {0, 1, 2}
+    labelled = day.dropna(subset=["target"])  # the sample arrivals come labelled
+    assert len(labelled) == len(day)
+    assert (labelled["predicted"] == labelled["target"]).mean() >= 0.8  # the model, not noise
 
 
 def test_executed_notebooks_are_kept_as_ipynb_and_html(demo):

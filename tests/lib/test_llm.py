@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import importlib.util
 import socket
 import sys
 from pathlib import Path
@@ -81,9 +80,10 @@ def test_unknown_backend() -> None:
         ("ollama", "langchain_ollama", "langchain-ollama"),
     ],
 )
-def test_optional_backend_needs_package(backend: str, module: str, package: str) -> None:
-    if importlib.util.find_spec(module) is not None:
-        pytest.skip(f"{package} is installed")
+def test_optional_backend_needs_package(
+    backend: str, module: str, package: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed: import fails
     with pytest.raises(LLMError, match=rf"DAGMA_LLM={backend} needs the '{package}' package"):
         chat_model(LLMSettings(backend=backend, model="m"))
 

@@ -302,7 +302,7 @@ def test_mlflow_run_is_on_the_server_with_artifacts_over_http(lab, monkeypatch):
         filter_string=f"tags.`dagma.dagster_run_id` = '{lab.runs['demo']}'",
     )
     run = next(r for r in runs if r.data.tags.get("dagma.notebook") == "wine_model")
-    assert 0.8 <= run.data.metrics["accuracy"] <= 1.0
+    assert run.data.metrics["accuracy"] >= 0.8
     listed = {a.path for a in client.list_artifacts(run.info.run_id, "notebook")}
     assert "notebook/wine_model.ipynb" in listed
     # The server serves artifacts itself (--serve-artifacts): a plain HTTP GET.
@@ -746,7 +746,7 @@ def test_the_daemon_ingests_a_landed_file_and_scores_its_day_with_no_click(lab):
     with open(stored, "rb") as fh:
         frame = pickle.load(fh)  # nosec B301 # this lab's own IO manager wrote it
     assert len(frame) == 12 and set(frame["source_file"]) == {sample.name}
-    assert set(frame["predicted"]) <= {0, 1, 2}
+    assert (frame["predicted"] == frame["target"]).mean() >= 0.8  # labelled samples, scored
 
 
 def test_killed_postgres_is_reported_and_up_restores_it_with_its_data(lab):
