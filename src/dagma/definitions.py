@@ -5,7 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from dagma.dagster_fixes import sleep_while_waiting_for_a_pool
+from dagma.dagster_fixes import dagstermill_scratch_in_the_lab, sleep_while_waiting_for_a_pool
 from dagma.notebooks.assets import check_upstreams, with_lab_extras
 from dagma.notebooks.spec import NotebookError
 from dagma.settings import get_settings
@@ -37,6 +37,7 @@ def _team_definitions(folder: Path) -> list[dg.Definitions]:
 
 
 sleep_while_waiting_for_a_pool()  # every process that loads the lab: CLI, run workers, servers
+dagstermill_scratch_in_the_lab()
 
 
 @dg.definitions

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from dagma.dagster_fixes import remove_dagstermill_scratch
 from dagma.lib import retention
 from dagma.settings import Settings
 
@@ -54,4 +55,12 @@ def collect(settings: Settings, instance: Any, keep: int, dry_run: bool = False)
     report.deleted = [f"{f.run_id}/{f.notebook}" for f in doomed]
     if not dry_run:
         report.bytes_freed = retention.remove(doomed, settings.runs_dir)
+        scratch = settings.scratch_dir / "dagstermill"
+        ended = [p.name for p in scratch.glob("*") if not _live(instance, p.name)]
+        remove_dagstermill_scratch(settings.scratch_dir, ended)
     return report
+
+
+def _live(instance: Any, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    return run is not None and not run.is_finished

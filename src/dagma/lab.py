@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from dagma import reaping
+from dagma.dagster_fixes import remove_dagstermill_scratch
 from dagma.reaping import free_slots_of_finished_runs, held_slots, reap_dead_runs
 from dagma.settings import Settings, get_settings
 
@@ -269,6 +270,7 @@ def materialize(
         engine = engine_of(graph.get(dg.AssetKey.from_user_string(name)).assets_def)
         if engine is not None:
             total.engines[name] = engine
+    remove_dagstermill_scratch(settings.scratch_dir, filter(None, total.run_ids))
     return total
 
 

@@ -114,6 +114,11 @@ class Settings(BaseSettings):
         return (self.dagster_home or self.home / "dagster").expanduser().resolve()
 
     @property
+    def scratch_dir(self) -> Path:
+        """Temporary files of runs (dagstermill's inputs), removed when their run ends."""
+        return self.home / "tmp"
+
+    @property
     def mlflow_dir(self) -> Path:
         return self.home / "mlflow"
 

@@ -5,6 +5,7 @@ import pickle  # nosec B403 # reads what this test's own run stored
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,6 +159,12 @@ def test_a_hand_written_dagstermill_asset_materializes_through_dagma_run(lab: Pa
     node = load_definitions(get_settings()).resolve_asset_graph().get(dg.AssetKey("wine_report"))
     assert {"jupyter", "dagstermill"} <= node.kinds
     assert node.code_version and node.automation_condition is not None
+
+    # dagstermill's inputs for the kernel went to the lab's scratch folder, not to a folder of
+    # the machine's temp shared by every user, and are gone once the run ended.
+    assert not (Path(tempfile.gettempdir()) / "dagstermill" / run.run_id).exists()
+    scratch = get_settings().scratch_dir / "dagstermill"
+    assert scratch.is_dir() and not (scratch / run.run_id).exists()
 
 
 def test_a_hand_written_dagstermill_asset_materializes_through_the_dagster_cli(lab: Path):

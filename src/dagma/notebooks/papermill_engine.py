@@ -84,8 +84,8 @@ class LabClient(PapermillNotebookClient):
 
     def _time_left(self, cell: Any) -> float:
         """A cell's timeout: its own, or less when the notebook's time runs out sooner."""
-        assert self._deadline is not None
-        left = max(self._deadline - time.monotonic(), 0.01)  # 0 would mean "no timeout"
+        deadline = self._deadline or time.monotonic()
+        left = max(deadline - time.monotonic(), 0.01)  # 0 would mean "no timeout"
         return min(self.timeout, left) if self.timeout else left
 
     async def _async_handle_timeout(self, timeout: int, cell: Any = None) -> Any:
