@@ -116,6 +116,9 @@ def test_notebooks_lists_and_renders_the_executed_notebooks(demo):
     assert [b.label for b in app.button].count("Viewing") == 1
     assert len(app.get("download_button")) == 2
     assert app.get("iframe")
+    # Each materialization has its MLflow run, created before the kernel: the page links it.
+    links = " ".join(c.value for c in app.caption if "[Dagster run](" in c.value)
+    assert re.search(r"\[MLflow run\]\(http://[^)]+/#/experiments/\d+/runs/[0-9a-f]{32}\)", links)
     before = app.subheader[0].value
     next(b for b in app.button if b.label == "View").click().run()
     assert not app.exception

@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from dagma.lib.atomic import write_atomic
 from dagma.nb import CONTEXT_VAR, NotebookContext
 from dagma.notebooks import parameterize
 from dagma.notebooks.spec import NotebookSpec, read_notebook
@@ -311,6 +312,9 @@ def execute(
     except Exception:
         if failure is None:
             raise
+    else:  # the run folder names its MLflow run, for the app's link
+        context.mlflow_run_id = execution.mlflow_run_id
+        write_atomic(context_path, json.dumps(asdict(context), default=str, indent=1))
     if failure is not None:
         execution.error = _failure_summary(failure)
         _finish_mlflow_run(execution, target, failed=True)
