@@ -17,14 +17,11 @@ from typing import Any
 
 import nbformat
 import papermill
-from dagstermill.engine import DagstermillEngine as _DagstermillEngine
 from dagstermill.engine import DagstermillNotebookClient
 from papermill.engines import papermill_engines
-from papermill.log import logger
-from papermill.utils import merge_kwargs, remove_args
 
 from dagma.notebooks import parameterize
-from dagma.notebooks.papermill_engine import LabClient, Limits
+from dagma.notebooks.papermill_engine import LabClient, LabEngine, Limits
 
 ENGINE = "dagma-dagstermill"
 # The limits of the step running in this thread; dagstermill calls papermill without them.
@@ -35,41 +32,10 @@ class _Client(DagstermillNotebookClient, LabClient):
     """dagstermill's cell loop and teardown, with the lab's limits and kernel tag."""
 
 
-class _BoundedEngine(_DagstermillEngine):
-    @classmethod
-    def execute_managed_notebook(
-        cls,
-        nb_man: Any,
-        kernel_name: str,
-        log_output: bool = False,
-        stdout_file: Any = None,
-        stderr_file: Any = None,
-        start_timeout: int = 120,
-        execution_timeout: int | None = None,
-        max_output_bytes: int = 0,
-        kernel_env: dict[str, str] | None = None,
-        max_runtime: float = 0.0,
-        **kwargs: Any,
-    ) -> Any:
-        kwargs = remove_args(["timeout", "startup_timeout", "input_path"], **kwargs)
-        final = merge_kwargs(
-            kwargs,
-            timeout=execution_timeout,
-            startup_timeout=start_timeout,
-            kernel_name=kernel_name,
-            log=logger,
-            log_output=log_output,
-            stdout_file=stdout_file,
-            stderr_file=stderr_file,
-        )
-        client = _Client(
-            nb_man,
-            max_output_bytes=max_output_bytes,
-            kernel_env=kernel_env or {},
-            max_runtime=max_runtime,
-            **final,
-        )
-        return client.execute()
+class _BoundedEngine(LabEngine):
+    """The lab's engine, running dagstermill's client."""
+
+    client_class = _Client
 
 
 papermill_engines.register(ENGINE, _BoundedEngine)

@@ -131,7 +131,9 @@ class LabClient(PapermillNotebookClient):
 
 
 class LabEngine(NBClientEngine):
-    """papermill's nbclient engine, with `max_output_bytes` and `kernel_env` for its client."""
+    """papermill's nbclient engine, with the lab's limits and kernel tag for its client."""
+
+    client_class: type[LabClient] = LabClient
 
     @classmethod
     def execute_managed_notebook(
@@ -159,7 +161,7 @@ class LabEngine(NBClientEngine):
             stdout_file=stdout_file,
             stderr_file=stderr_file,
         )
-        client = LabClient(
+        client = cls.client_class(
             nb_man,
             max_output_bytes=max_output_bytes,
             kernel_env=kernel_env or {},
