@@ -24,6 +24,23 @@ CONTEXT_VAR = "dagma_context"
 CONTEXT_ENV = "DAGMA_CONTEXT"
 
 
+# The materialization metadata entry that carries a small dict value, so a summary of a run
+# reads it from the event log instead of loading the value.
+VALUE_METADATA = "value"
+_PREVIEW_BYTES = 64_000
+
+
+def value_preview(value: Any) -> dict[str, Any] | None:
+    """`value` itself when it is a dict that JSON can carry in a few kilobytes, else None."""
+    if not isinstance(value, dict):
+        return None
+    try:
+        text = json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError):
+        return None
+    return value if len(text) <= _PREVIEW_BYTES else None
+
+
 class NotebookContextError(RuntimeError):
     """The notebook asked for something its context cannot give."""
 

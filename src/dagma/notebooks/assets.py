@@ -7,6 +7,7 @@ from typing import Any
 import dagster as dg
 
 from dagma.defs.core.resources import MLflowResource, QdrantResource, service_retry_policy
+from dagma.nb import VALUE_METADATA, value_preview
 from dagma.notebooks.runner import (
     KernelError,
     NotebookFailed,
@@ -229,6 +230,9 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
                 raise event  # yielded with dagstermill.yield_event, as dagstermill does
         for name in spec.asset_names:
             meta = {**common, **run.output_metadata.get(name, {})}
+            preview = value_preview(run.outputs[name])
+            if preview is not None:
+                meta[VALUE_METADATA] = dg.MetadataValue.json(preview)
             yield dg.Output(run.outputs[name], output_name=name, metadata=meta)
         yield from events
 
