@@ -132,7 +132,7 @@ from pathlib import Path
 import dagster as dg
 
 from dagma.defs.core.resources import MLflowResource, QdrantResource
-from dagma.notebooks.assets import notebook_asset
+from dagma.defs.core.notebook_assets import notebook_asset
 from dagma.notebooks.spec import parse_notebook
 from dagma.settings import get_settings
 

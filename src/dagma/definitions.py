@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 
 from dagma.dagster_fixes import dagstermill_scratch_in_the_lab, sleep_while_waiting_for_a_pool
-from dagma.notebooks.assets import check_upstreams, with_lab_extras
+from dagma.defs.core.notebook_assets import check_upstreams, with_lab_extras
 from dagma.notebooks.spec import NotebookError
 from dagma.settings import get_settings
 

@@ -5,7 +5,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from dagma.notebooks.assets import partitions_def
+from dagma.defs.core.notebook_assets import partitions_def
 from dagma.notebooks.spec import NotebookError, code_version, discover, parse_notebook
 from dagma.settings import PROJECT_ROOT
 

@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from dagma.notebooks.assets import notebook_assets
+from dagma.defs.core.notebook_assets import notebook_assets
 from dagma.settings import get_settings
 
 
