@@ -252,8 +252,7 @@ def _notebook_params(
             )
         raw.setdefault(notebook, {})[name] = value
     return {
-        nb: {k: v for k, v in specs[nb].validate_params(values).items() if k in values}
-        for nb, values in raw.items()
+        nb: specs[nb].coerce(values) for nb, values in raw.items()
     }
 
 

@@ -130,3 +130,63 @@ def test_cli_parameters_are_coerced_to_declared_types_and_checked(lab: Path):
     assert "parameter 'top' = 'many'" in str(wrong.exception)
     unknown = runner.invoke(app, ["run", "wine_summary", "-p", "wine_summary.tpo=1"])
     assert "unknown parameter 'tpo'" in str(unknown.exception)
+
+
+TYPED = """rate: float = 1
+n: int = 3
+flag: bool = False
+label: str = "x"
+mode: Literal["fast", "slow"] = "fast"
+share: Annotated[float, Field(ge=0, le=1)] = 0.5
+ids: list[int] = [1]
+opts: dict = {}"""
+
+
+def test_the_launchpad_schema_has_the_declared_types_and_cli_strings_take_them(lab: Path):
+    from typer.testing import CliRunner
+
+    from dagma.cli import app
+
+    body = "from dagma import nb\nnb.context().output({'rate': rate, 'ids': ids, 'mode': mode})"
+    path = write_nb(lab / "ftest.ipynb", params=TYPED, body=body)
+    nb = nbformat.read(path, as_version=4)
+    nb.cells[1].source = "from typing import Annotated, Literal\n\nfrom pydantic import Field"
+    nbformat.write(nb, path)
+    op = load_definitions(get_settings()).resolve_assets_def("ftest").op
+    fields = op.config_schema.as_field().config_type.fields
+    kinds = {
+        name: field.config_type.given_name or field.config_type.key
+        for name, field in fields.items()
+    }
+    assert kinds["rate"] == "Float" and kinds["n"] == "Int" and kinds["flag"] == "Bool"
+    assert kinds["label"] == "String" and kinds["share"] == "Float"  # the range: checked once
+    mode = fields["mode"].config_type
+    assert [v.config_value for v in mode.enum_values] == ["fast", "slow"]
+    assert fields["ids"].config_type.inner_type.key == "Int"
+    assert fields["rate"].description == "float parameter of ftest.ipynb"
+    assert fields["share"].description.startswith("Annotated[float, Field(ge=0, le=1)]")
+
+    runner = CliRunner()
+    done = runner.invoke(
+        app, ["run", "ftest", "-p", "rate=0.5", "-p", "mode=slow", "-p", "ids=[2, 3]"]
+    )
+    assert done.exit_code == 0, done.output
+    event = dg.DagsterInstance.get().get_latest_materialization_event(dg.AssetKey("ftest"))
+    assert event.asset_materialization.metadata["value"].value == {
+        "rate": 0.5,
+        "ids": [2, 3],
+        "mode": "slow",
+    }
+    for pair, declared in (("mode=medium", "Literal"), ("share=2", "Annotated"), ("n=0.5", "int")):
+        wrong = runner.invoke(app, ["run", "ftest", "-p", pair])
+        assert isinstance(wrong.exception, NotebookError), wrong.output
+        name = pair.split("=")[0]
+        assert f"ftest.ipynb: parameter '{name}'" in str(wrong.exception)
+        assert f"(declared {declared}" in str(wrong.exception)
+
+    # The launchpad path: Dagster's config takes a float in range; the model checks the range.
+    out_of_range = materialize(
+        get_settings(), selection=["ftest"], params={"ftest": {"share": 2.0}}, console=QUIET
+    )
+    assert not out_of_range.success
+    assert "parameter 'share' = 2.0" in str(out_of_range.error)

@@ -17,6 +17,7 @@ run time by the upstream values, as dagstermill does.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import json
 import re
@@ -118,6 +119,19 @@ class NotebookSpec:
             __config__=ConfigDict(extra="forbid", validate_default=True),
             **fields,
         )
+
+    def coerce(self, strings: dict[str, str]) -> dict[str, Any]:
+        """Command-line strings as the declared types, e.g. `-p rate=0.5` or `-p ids=[1,2]`.
+
+        Only the given names are returned; the rest keep the notebook's defaults.
+        """
+        values: dict[str, Any] = {}
+        for name, text in strings.items():
+            values[name] = text
+            if text.lstrip()[:1] in ("[", "{"):  # a list or dict, written as JSON
+                with contextlib.suppress(ValueError):
+                    values[name] = json.loads(text)
+        return {k: v for k, v in self.validate_params(values).items() if k in strings}
 
     def validate_params(self, values: dict[str, Any] | None = None) -> dict[str, Any]:
         """Defaults overlaid with `values`, coerced to the declared types; clear errors otherwise."""

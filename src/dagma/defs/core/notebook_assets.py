@@ -2,7 +2,8 @@
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import dagster as dg
 
@@ -28,16 +29,38 @@ NOTEBOOK_TAG, ENGINE_TAG, DAGSTERMILL_PATH_TAG = "dagma/notebook", "dagma/engine
 MAX_RUNTIME_TAG = "dagma/max_runtime"
 
 
-def _config_schema(spec: NotebookSpec) -> dict[str, dg.Field]:
-    """The notebook's parameters as run config, so the launchpad shows them with defaults.
+def config_type(annotation: Any, name: str) -> Any:
+    """The Dagster config type closest to a declared parameter type.
 
-    Each field has the declared type (a `float` declared with the default 1 takes 0.5); what
-    Dagster's config cannot express (lists, Literal, constrained fields) is `Any` here and is
-    checked by the notebook's pydantic model before a kernel starts.
+    Dagster's config keeps int, float, str, bool, string Literals (an Enum), lists, string-keyed
+    dicts and Optional. What it cannot say (a range, a Literal of numbers) becomes its base type
+    or `Any`; the notebook's pydantic model checks that once, before a kernel starts.
     """
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return config_type(args[0], name)
+    if annotation in _CONFIG_TYPES:
+        return _CONFIG_TYPES[annotation]
+    if origin is Literal and args and all(isinstance(a, str) for a in args):
+        return dg.Enum(name, [dg.EnumValue(a) for a in args])
+    if annotation is list or origin is list:
+        return dg.Array(config_type(args[0], name) if args else dg.Any)
+    if annotation is dict or (origin is dict and (not args or args[0] is not str)):
+        return dg.Permissive()
+    if origin is dict:
+        return dg.Map(str, config_type(args[1], name))
+    if origin in (Union, UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return dg.Noneable(config_type(rest[0], name) if len(rest) == 1 else dg.Any)
+    return dg.Any
+
+
+def config_schema(spec: NotebookSpec) -> dict[str, dg.Field]:
+    """The notebook's parameters as run config, typed as declared, so the launchpad shows them
+    with their types and defaults."""
     return {
         name: dg.Field(
-            _CONFIG_TYPES.get(p.annotation, dg.Any),
+            config_type(p.annotation, f"{spec.name}__{name}"),
             default_value=p.default,
             is_required=False,
             description=f"{p.type_name} parameter of {spec.path.name}",
@@ -130,7 +153,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         name=spec.name,
         outs=outs,
         ins=_ins(spec, partitions),
-        config_schema=_config_schema(spec),
+        config_schema=config_schema(spec),
         partitions_def=partitions,
         op_tags={
             NOTEBOOK_TAG: str(spec.path),
