@@ -403,21 +403,18 @@ FILTERS = [
 @pytest.mark.parametrize(
     "payloads", [chunk_payloads(400), mixed_payloads(400)], ids=["chunks", "mixed"]
 )
-def test_payload_columns_give_the_same_hits_as_payloads_in_the_shard(
-    tmp_path, monkeypatch, payloads
-):
-    from dagma.lib import vectors
-
+def test_payload_columns_give_the_same_hits_as_payloads_in_the_shard(tmp_path, payloads):
     ids, vectors_, _ = corpus(n=len(payloads))
     columns = EmbeddedStore(tmp_path / "columns")
     columns.publish("docs", ids, vectors_, payloads, batch_size=128)
     header = json.loads((tmp_path / "columns" / "docs" / "v0001" / "payload.json").read_text())
     assert {c["key"] for c in header["columns"]} >= {"a", "b"} & set(payloads[0])
     assert header["columns"] and header["ids"] == sorted(ids)  # rows in qdrant's id order
-    with monkeypatch.context() as m:  # every payload field in the shard, filtered by qdrant
-        m.setattr(vectors, "_split_payloads", lambda p: ({}, list(p)))
-        shard_only = EmbeddedStore(tmp_path / "shard")
-        shard_only.publish("docs", ids, vectors_, payloads, batch_size=128)
+    # Every payload field in the shard, filtered by qdrant.
+    shard_only = EmbeddedStore(tmp_path / "shard", payload_columns=False)
+    shard_only.publish("docs", ids, vectors_, payloads, batch_size=128)
+    header = json.loads((tmp_path / "shard" / "docs" / "v0001" / "payload.json").read_text())
+    assert header["columns"] == [] and header["rest_in_shard"]
 
     rng = np.random.default_rng(3)
     for filter in FILTERS:
@@ -436,10 +433,10 @@ def legacy_version(root: Path, ids, vectors_, payloads) -> None:
     """A version as published before row numbers: UUID points with payloads, no payload.json."""
     import qdrant_edge as qe
 
-    from dagma.lib.vectors import _edge_config
+    from dagma.lib.vectors.embedded import edge_config
 
     folder = root / "docs" / "v0001"
-    shard = qe.EdgeShard.create(str(folder), _edge_config(DIM))
+    shard = qe.EdgeShard.create(str(folder), edge_config(DIM))
     points = [qe.Point(i, v.tolist(), p) for i, v, p in zip(ids, vectors_, payloads, strict=True)]
     shard.update(qe.UpdateOperation.upsert_points(points))
     shard.optimize()
