@@ -71,37 +71,38 @@ def corpus_texts() -> list[str]:
 
 
 def test_the_fast_path_gives_model2vecs_vectors_bit_for_bit():
-    from dagma.lib.embeddings import _normalize
+    from dagma.lib.embeddings import normalize
 
     emb = get_embedder("model2vec")
-    assert emb._pooler is not None  # the shipped model takes the fast path
+    assert emb.pooler is not None  # the shipped model takes the fast path
     texts = corpus_texts() + AWKWARD
-    expected = _normalize(emb._model.encode(texts))
+    expected = normalize(emb.model.encode(texts))
     assert np.array_equal(emb.embed(texts).view(np.uint32), expected.view(np.uint32))
 
 
-def test_a_texts_vector_does_not_depend_on_its_batch_or_the_cache(monkeypatch):
-    from dagma.lib import embeddings
+def test_a_texts_vector_does_not_depend_on_its_batch_or_the_cache():
+    from dagma.lib.embeddings import MeanPooler, normalize
 
     texts = corpus_texts()[:40] + AWKWARD
-    together = Model2VecEmbedder().embed(texts)
-    monkeypatch.setattr(embeddings, "_MAX_WORDS", 50)  # the cache starts over again and again
-    monkeypatch.setattr(embeddings, "_BLOCK", 7)
-    fresh = Model2VecEmbedder()
-    one_by_one = np.concatenate([fresh.embed([t]) for t in reversed(texts)])[::-1]
+    embedder = Model2VecEmbedder()
+    together = embedder.embed(texts)
+    fresh = MeanPooler(embedder.model, block=7, max_words=50)  # the cache starts over often
+    one_by_one = np.concatenate([normalize(fresh.encode([t])) for t in reversed(texts)])[::-1]
     assert np.array_equal(together.view(np.uint32), one_by_one.view(np.uint32))
-    assert len(fresh._pooler._words) < len({w for t in texts for w in t.split()})
+    assert fresh.cached_words < len({w for t in texts for w in t.split()})
+    blocks = normalize(fresh.encode(texts))  # pooled 7 texts at a time
+    assert np.array_equal(together.view(np.uint32), blocks.view(np.uint32))
 
 
 def test_models_the_fast_path_does_not_reproduce_use_model2vec():
     from types import SimpleNamespace
 
-    from dagma.lib.embeddings import _MeanPooler
+    from dagma.lib.embeddings import MeanPooler
 
-    model = get_embedder("model2vec")._model
-    assert _MeanPooler.fits(model)
+    model = get_embedder("model2vec").model
+    assert MeanPooler.fits(model)
     shipped = {**vars(model), "normalize": model.normalize, "max_length": model.max_length}
-    assert _MeanPooler.fits(SimpleNamespace(**shipped))
+    assert MeanPooler.fits(SimpleNamespace(**shipped))
     for change in (
         {"weights": np.ones(3)},
         {"token_mapping": np.arange(3)},
@@ -109,4 +110,4 @@ def test_models_the_fast_path_does_not_reproduce_use_model2vec():
         {"normalize": False},
         {"max_length": None},
     ):
-        assert not _MeanPooler.fits(SimpleNamespace(**{**shipped, **change})), change
+        assert not MeanPooler.fits(SimpleNamespace(**{**shipped, **change})), change

@@ -27,7 +27,8 @@ class Embedder(Protocol):
     def embed(self, texts: Sequence[str]) -> np.ndarray: ...
 
 
-def _normalize(vectors: np.ndarray) -> np.ndarray:
+def normalize(vectors: np.ndarray) -> np.ndarray:
+    """Each row scaled to unit length, as float32 (an all-zero row stays zero)."""
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors / np.where(norms == 0, 1, norms)
@@ -38,11 +39,9 @@ def _normalize(vectors: np.ndarray) -> np.ndarray:
 # that the normalizer instead deletes (control characters), so texts holding those use the regex.
 _WORD_SEP = re.compile(r"[ \t\n\r]+")
 _NOT_A_SEPARATOR = re.compile("[\x0b\x0c\x1c-\x1f\x85]")
-_BLOCK = 4096  # texts pooled at a time: bounds the temporary token arrays
-_MAX_WORDS = 2_000_000  # cached words before the cache starts over
 
 
-class _MeanPooler:
+class MeanPooler:
     """model2vec's `StaticModel.encode`, bit for bit, for a float16 mean-pooling model, faster.
 
     Two costs dominate `encode` on chunks of prose: the tokenizer, which normalizes every
@@ -51,10 +50,15 @@ class _MeanPooler:
     of its whitespace-separated words' ids: each distinct word goes through the real tokenizer once
     and is then looked up. Pooling adds the float32 copies of the token rows in the order numpy's
     float16 `mean` does (sequentially, in float32), so the result is the same to the bit.
+
+    `block` texts are pooled at a time (it bounds the temporary token arrays), and the word
+    cache starts over once it holds more than `max_words` words.
     """
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, *, block: int = 4096, max_words: int = 2_000_000) -> None:
         self._model = model
+        self.block = block
+        self.max_words = max_words
         self._tokenizer = model.tokenizer
         self._table = np.asarray(model.embedding, dtype=np.float32)  # float16 -> float32 is exact
         self._max_tokens = int(model.max_length)
@@ -83,6 +87,11 @@ class _MeanPooler:
             and (padding is None or padding.get("length") == 0)
         )
 
+    @property
+    def cached_words(self) -> int:
+        """How many distinct words the cache holds now."""
+        return len(self._words)
+
     def _reset(self) -> None:
         self._words: dict[str, int] = {}
         self._word_tokens: list[int] = []
@@ -95,7 +104,7 @@ class _MeanPooler:
             try:
                 index = np.fromiter(map(self._words.__getitem__, words), np.int64, len(words))
             except KeyError:
-                if len(self._words) > _MAX_WORDS:
+                if len(self._words) > self.max_words:
                     self._reset()
                 new = list(dict.fromkeys(w for w in words if w not in self._words))
                 encoded = self._tokenizer.encode_batch_fast(new, add_special_tokens=False)
@@ -166,8 +175,8 @@ class _MeanPooler:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         blocks = [
-            self._pool(*self._tokenize(texts[start : start + _BLOCK]))
-            for start in range(0, len(texts), _BLOCK)
+            self._pool(*self._tokenize(texts[start : start + self.block]))
+            for start in range(0, len(texts), self.block)
         ]
         return np.concatenate(blocks) if blocks else np.zeros((0, self._table.shape[1]), np.float16)
 
@@ -183,18 +192,19 @@ class Model2VecEmbedder:
                 f"No model2vec model in {model_dir}. Rebuild it with "
                 "`python scripts/distill_embedder.py` or set DAGMA_EMBEDDER_PATH."
             )
-        self._model = StaticModel.from_pretrained(str(model_dir))
-        self._pooler = _MeanPooler(self._model) if _MeanPooler.fits(self._model) else None
+        self.model = StaticModel.from_pretrained(str(model_dir))
+        # The fast path when it computes what model2vec does; None: `model.encode` is used.
+        self.pooler = MeanPooler(self.model) if MeanPooler.fits(self.model) else None
         self.name = f"model2vec:{model_dir.name}"
-        self.dim = int(self._model.dim)
+        self.dim = int(self.model.dim)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Unit vectors, one per text; a text's vector does not depend on the others."""
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if self._pooler is not None:
-            return _normalize(self._pooler.encode(list(texts)))
-        return _normalize(self._model.encode(list(texts)))
+        if self.pooler is not None:
+            return normalize(self.pooler.encode(list(texts)))
+        return normalize(self.model.encode(list(texts)))
 
 
 class SentenceTransformerEmbedder:
@@ -213,7 +223,7 @@ class SentenceTransformerEmbedder:
         self.dim = int(self._model.get_sentence_embedding_dimension() or 384)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return _normalize(self._model.encode(list(texts), show_progress_bar=False))
+        return normalize(self._model.encode(list(texts), show_progress_bar=False))
 
 
 class FastEmbedEmbedder:
@@ -231,7 +241,7 @@ class FastEmbedEmbedder:
         self.dim = len(next(iter(self._model.embed(["probe"]))))
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        return _normalize(np.stack(list(self._model.embed(list(texts)))))
+        return normalize(np.stack(list(self._model.embed(list(texts)))))
 
 
 @lru_cache(maxsize=4)
