@@ -17,6 +17,7 @@ from langchain_core.messages import AIMessage
 from langchain_core.runnables import RunnableLambda
 from pydantic import Field
 
+from dagma.lib.citations import citation_numbers
 from dagma.lib.llm import LLMError, LLMSettings, chat_model
 from dagma.lib.rag import (
     NO_CONTEXT_ANSWER,
@@ -27,7 +28,6 @@ from dagma.lib.rag import (
     StoreRetriever,
     assemble_answer,
     build_rag_chain,
-    cited_numbers,
     format_context,
     parse_draft,
     parse_structured_result,
@@ -157,10 +157,10 @@ def test_validate_question_ok_and_custom_limit() -> None:
         validate_question(None)  # type: ignore[arg-type]
 
 
-def test_cited_numbers() -> None:
-    assert cited_numbers("see [2] and [1, 3], again [2]; [9] [0] [x]", 3) == [2, 1, 3]
-    assert cited_numbers("no citations", 3) == []
-    assert cited_numbers("[1]", 0) == []
+def test_citation_numbers_within_the_passages() -> None:
+    assert citation_numbers("see [2] and [1, 3], again [2]; [9] [0] [x]", 3) == [2, 1, 3]
+    assert citation_numbers("no citations", 3) == []
+    assert citation_numbers("[1]", 0) == []
 
 
 def _doc(i: str, score: float, text: str = "t") -> Document:
@@ -299,6 +299,13 @@ def test_context_overflow_is_a_clear_error(pipeline: RagPipeline) -> None:
             0.9,
         ),
         ('```json\n{"answer": "fenced", "citations": ["2", "x"]}\n```', "fenced", [2], None),
+        # Markers as the text writes them, read by the same parser; other items are dropped.
+        (
+            '{"answer": "marked", "citations": ["[3]", "[1, 2]", true, 2.5, "-1"]}',
+            "marked",
+            [3, 1, 2],
+            None,
+        ),
         ('```\n{"answer": "bare fence"}\n```', "bare fence", [], None),
         (
             'Sure! Here it is: {"answer": "embedded", "confidence": 3.4} Hope it helps.',

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dagma.lib.citations import citation_numbers, citation_valid, strip_citations
+
 __all__ = [
     "STOPWORDS",
     "AnsweringPipeline",
@@ -201,7 +203,6 @@ def _mean(values: Iterable[float]) -> float:
     return sum(vals) / len(vals) if vals else 0.0
 
 
-_CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _WORD = re.compile(r"[a-z0-9_]+(?:'[a-z]+)?")
 _STOPWORDS = """a about above after again against all am an and any are as at be because been before
     being below between both but by can can't cannot could did do does doing don't down during
@@ -213,21 +214,6 @@ _STOPWORDS = """a about above after again against all am an and any are as at be
     why will with would you your yours yourself yourselves also may might must shall use used
     using s t"""
 STOPWORDS = frozenset(_STOPWORDS.split())
-
-
-def citation_numbers(text: str) -> list[int]:
-    """Every distinct number cited as ``[n]`` or ``[n, m]`` in ``text``, in order, in range or not."""
-    out: list[int] = []
-    for m in _CITATION.finditer(text):
-        for part in m.group(1).split(","):
-            if (n := int(part)) not in out:
-                out.append(n)
-    return out
-
-
-def citation_valid(numbers: Collection[int], n_passages: int) -> bool:
-    """An answer's citations are valid when there is at least one and all are in 1..n_passages."""
-    return bool(numbers) and all(1 <= n <= n_passages for n in numbers)
 
 
 def citation_precision(answers: Iterable[tuple[Sequence[str], Collection[str]]]) -> float:
@@ -245,7 +231,7 @@ def citation_precision(answers: Iterable[tuple[Sequence[str], Collection[str]]])
 
 def content_tokens(text: str) -> list[str]:
     """Lowercased words of ``text`` without ``[n]`` citation markers and English stopwords."""
-    text = _CITATION.sub(" ", text.lower().replace("\u2019", "'"))
+    text = strip_citations(text.lower().replace("\u2019", "'"))
     return [w for w in _WORD.findall(text) if w not in STOPWORDS]
 
 

@@ -5,38 +5,39 @@
 Ollama) for a :class:`Draft` and falls back to the raw text. The local SmolLM2-135M answers in
 plain text: forced into JSON it fills the schema with wrong answers and invalid citations. Its
 text is still read as a draft if it happens to be JSON, else citations like ``[2]`` are parsed.
+What an answer is and how a reply is read live in :mod:`dagma.lib.answers` (re-exported here);
+this module is the retriever, the prompt, the chains and the pipeline.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.exceptions import ContextOverflowError
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage
-from langchain_core.output_parsers import BaseOutputParser, StrOutputParser
-from langchain_core.outputs import Generation
+from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import Runnable, RunnableLambda, RunnableParallel, RunnablePassthrough
-from langchain_core.utils.json import parse_json_markdown
 from langchain_core.vectorstores.utils import maximal_marginal_relevance
-from pydantic import (
-    BaseModel,
-    Field,
-    SkipValidation,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, SkipValidation, model_validator
 
+from dagma.lib.answers import (
+    Answer,
+    AnswerOutputParser,
+    Draft,
+    ModelOutput,
+    Source,
+    assemble_answer,
+    parse_draft,
+    parse_structured_result,
+    truncate,
+)
 from dagma.lib.embeddings import Embedder
 from dagma.lib.llm import backend_errors, count_output_tokens, model_lock, structured_output_method
 
@@ -55,7 +56,6 @@ __all__ = [
     "build_answer_chain",
     "build_draft_chain",
     "build_rag_chain",
-    "cited_numbers",
     "format_context",
     "hit_to_document",
     "parse_draft",
@@ -67,7 +67,6 @@ MAX_QUESTION_CHARS = 1000
 # 4 passages x 600 chars (~700 tokens) + a 1000-char question + 200 new tokens fit n_ctx=2048.
 MAX_PASSAGES = 4
 CONTEXT_CHARS = 600
-SNIPPET_CHARS = 200
 NO_CONTEXT_ANSWER = "I don't know: no relevant passages were found."
 
 # SmolLM2-135M stays closer to the passages when they sit in the user turn, not the system one.
@@ -79,8 +78,6 @@ SYSTEM_PROMPT = (
 RAG_PROMPT = ChatPromptTemplate.from_messages(
     [("system", SYSTEM_PROMPT), ("human", "Context:\n{context}\n\nQuestion: {question}")]
 )
-
-_CITATION = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 
 
 class Hit(Protocol):
@@ -143,190 +140,6 @@ def hit_to_document(hit: Hit) -> Document:
     )
 
 
-class Source(BaseModel):
-    """A retrieved passage; ``rank`` is its [n] label in the prompt."""
-
-    id: str
-    source: str
-    score: float
-    snippet: str
-    rank: int = Field(ge=1)
-    title: str | None = None
-    cited: bool = False
-
-
-class Answer(BaseModel):
-    """A generated answer with its retrieved sources in retrieval order.
-
-    ``parsed`` says how the model output was read: ``structured`` (a :class:`Draft`, through
-    structured output or JSON in the text) or ``text``. ``latency_s`` is the wall time of
-    :meth:`RagPipeline.answer` (retrieval included), ``generation_s`` the time in the model and
-    ``output_tokens`` the tokens it generated (0 when the backend does not say).
-    ``confidence`` is the retrieval heuristic of :func:`assemble_answer`, lowered to
-    ``model_confidence`` when the model reports a lower one (structured output only).
-    """
-
-    question: str
-    text: str
-    sources: list[Source]
-    confidence: float = Field(ge=0.0, le=1.0)
-    model_confidence: float | None = Field(default=None, ge=0.0, le=1.0)
-    parsed: Literal["structured", "text"] = "text"
-    latency_s: float = Field(default=0.0, ge=0.0)
-    generation_s: float = Field(default=0.0, ge=0.0)
-    output_tokens: int = Field(default=0, ge=0)
-
-    @property
-    def cited_sources(self) -> list[Source]:
-        """Sources the answer cites, or all sources when it cites none."""
-        return [s for s in self.sources if s.cited] or list(self.sources)
-
-    @property
-    def tokens_per_s(self) -> float | None:
-        """Generation speed, when both the tokens and the time are known."""
-        if self.output_tokens and self.generation_s > 0:
-            return self.output_tokens / self.generation_s
-        return None
-
-
-class Draft(BaseModel):
-    """The answer a model fills in through structured output.
-
-    Lenient on purpose: bad citations are dropped and a confidence that is not a number in
-    [0, 1] is clipped or dropped, so only a missing answer makes a draft invalid.
-    """
-
-    answer: str = Field(description="The answer in one or two sentences, citing passages as [1].")
-    citations: list[int] = Field(
-        default_factory=list, description="Numbers of the passages the answer uses."
-    )
-    confidence: float | None = Field(
-        default=None, description="How sure you are, from 0 (a guess) to 1 (certain)."
-    )
-
-    @field_validator("citations", mode="before")
-    @classmethod
-    def _int_citations(cls, value: Any) -> list[int]:
-        items = value if isinstance(value, list) else [value]
-        return [int(x) for x in items if str(x).strip().lstrip("[").rstrip("]").isdigit()]
-
-    @field_validator("confidence", mode="before")
-    @classmethod
-    def _unit_confidence(cls, value: Any) -> float | None:
-        try:
-            return min(1.0, max(0.0, float(value)))
-        except (TypeError, ValueError):
-            return None
-
-
-class ModelOutput(BaseModel):
-    """One model reply, parsed: the answer text, its draft fields, and the raw text."""
-
-    text: str
-    parsed: Literal["structured", "text"]
-    citations: list[int] = Field(default_factory=list)
-    confidence: float | None = None
-    raw_text: str = ""
-    output_tokens: int | None = None
-
-
-def parse_draft(text: str) -> Draft | None:
-    """A :class:`Draft` from JSON with an ``answer`` (or ``text``) key, else ``None``.
-
-    The JSON may be the whole text, fenced in ```` ```json ````, embedded in prose, or cut short
-    by the token limit.
-    """
-    start, end = text.find("{"), text.rfind("}")
-    candidates = [text] if start < 0 else [text, text[start : end + 1], text[start:]]
-    for candidate in candidates:
-        try:
-            obj = parse_json_markdown(candidate)
-        except ValueError:
-            continue
-        if not isinstance(obj, dict):
-            continue
-        if "answer" not in obj and "text" in obj:
-            obj = {**obj, "answer": obj["text"]}
-        try:
-            return Draft.model_validate(obj)
-        except ValidationError:
-            continue
-    return None
-
-
-def _from_draft(draft: Draft, raw_text: str) -> ModelOutput:
-    return ModelOutput(
-        text=draft.answer,
-        parsed="structured",
-        citations=draft.citations,
-        confidence=draft.confidence,
-        raw_text=raw_text,
-    )
-
-
-class AnswerOutputParser(BaseOutputParser[ModelOutput]):
-    """Model reply -> :class:`ModelOutput`: a JSON :class:`Draft` if there is one, else the text.
-
-    Keeps the reply's ``usage_metadata`` output token count when the backend reports one.
-    """
-
-    def parse(self, text: str) -> ModelOutput:
-        draft = parse_draft(text)
-        if draft is None:
-            return ModelOutput(text=text, parsed="text", raw_text=text)
-        return _from_draft(draft, text)
-
-    def parse_result(self, result: list[Generation], *, partial: bool = False) -> ModelOutput:
-        out = self.parse(result[0].text)
-        message = getattr(result[0], "message", None)
-        out.output_tokens = _output_tokens(message)
-        return out
-
-    @property
-    def _type(self) -> str:
-        return "dagma_answer"
-
-
-def parse_structured_result(result: Mapping[str, Any] | BaseModel) -> ModelOutput:
-    """``with_structured_output(Draft, include_raw=True)`` result -> :class:`ModelOutput`.
-
-    A tool call whose arguments are not valid JSON, as when the token limit cut a schema-bound
-    call short, is read as a draft if its ``answer`` had begun (see :func:`parse_draft`). When
-    the model ignored the schema, the raw reply is parsed like plain text: its content, or else
-    the ``answer`` argument of its tool call.
-    """
-    if isinstance(result, BaseModel):  # without include_raw
-        result = {"parsed": result}
-    raw = result.get("raw")
-    message = raw if isinstance(raw, AIMessage) else AIMessage(content="")
-    content = str(message.text)
-    args = message.tool_calls[0]["args"] if message.tool_calls else {}
-    cut = "" if content or args else _invalid_call_args(message)
-    raw_text = content or (json.dumps(args) if args else cut)
-    draft = result.get("parsed")
-    if not isinstance(draft, Draft) and cut:
-        draft = parse_draft(cut)
-    if isinstance(draft, Draft):
-        out = _from_draft(draft, raw_text)
-    else:
-        answer = args.get("answer")
-        out = AnswerOutputParser().parse(content or (answer if isinstance(answer, str) else ""))
-        out.raw_text = raw_text
-    out.output_tokens = _output_tokens(message)
-    return out
-
-
-def _invalid_call_args(message: AIMessage) -> str:
-    calls = message.invalid_tool_calls
-    args = calls[0].get("args") if calls else None
-    return args if isinstance(args, str) else ""
-
-
-def _output_tokens(message: Any) -> int | None:
-    usage = getattr(message, "usage_metadata", None)
-    return int(usage["output_tokens"]) if usage else None
-
-
 def validate_question(question: str, max_chars: int = MAX_QUESTION_CHARS) -> str:
     """Return the stripped question or raise ``ValueError`` saying what is wrong."""
     if not isinstance(question, str):
@@ -341,83 +154,13 @@ def validate_question(question: str, max_chars: int = MAX_QUESTION_CHARS) -> str
     return q
 
 
-def _collapse(text: str) -> str:
-    return " ".join(text.split())
-
-
-def _truncate(text: str, limit: int) -> str:
-    text = _collapse(text)
-    if len(text) <= limit:
-        return text
-    cut = text[:limit].rsplit(" ", 1)[0] or text[:limit]
-    return cut + "…"
-
-
 def format_context(
     docs: Sequence[Document], max_chars: int = CONTEXT_CHARS, max_passages: int = MAX_PASSAGES
 ) -> str:
     """Numbered passages ``[n] (source) text``: the first ``max_passages``, each capped."""
     return "\n\n".join(
-        f"[{i}] ({d.metadata.get('source', '?')}) {_truncate(d.page_content, max_chars)}"
+        f"[{i}] ({d.metadata.get('source', '?')}) {truncate(d.page_content, max_chars)}"
         for i, d in enumerate(docs[:max_passages], start=1)
-    )
-
-
-def cited_numbers(text: str, n_docs: int) -> list[int]:
-    """Distinct passage numbers cited as ``[n]`` or ``[n, m]``, in order, within 1..n_docs."""
-    out: list[int] = []
-    for m in _CITATION.finditer(text):
-        for part in m.group(1).split(","):
-            n = int(part)
-            if 1 <= n <= n_docs and n not in out:
-                out.append(n)
-    return out
-
-
-def assemble_answer(
-    question: str,
-    docs: Sequence[Document],
-    text: str,
-    *,
-    citations: Sequence[int] = (),
-    model_confidence: float | None = None,
-) -> Answer:
-    """Build an :class:`Answer` from retrieved docs, the answer text and the draft's fields.
-
-    Cited passages: ``[n]`` in the text plus ``citations``, within 1..len(docs).
-    Confidence heuristic: the best retrieval score among cited passages (or among all
-    passages if none is cited), clipped to [0, 1]; halved when nothing is cited; 0 without docs.
-    A model's own ``model_confidence`` can only lower it (the minimum of the two is kept); both
-    are reported.
-    """
-    cited = set(cited_numbers(text, len(docs))) | {c for c in citations if 1 <= c <= len(docs)}
-    sources = [
-        Source(
-            id=str(d.metadata.get("id", "")),
-            source=str(d.metadata.get("source", "")),
-            score=float(d.metadata.get("score", 0.0)),
-            snippet=_truncate(d.page_content, SNIPPET_CHARS),
-            rank=i,
-            title=d.metadata.get("title"),
-            cited=i in cited,
-        )
-        for i, d in enumerate(docs, start=1)
-    ]
-    if not sources:
-        confidence = 0.0
-    else:
-        pool = [s for s in sources if s.cited] or sources
-        confidence = min(1.0, max(0.0, max(s.score for s in pool)))
-        if not cited:
-            confidence *= 0.5
-    if model_confidence is not None:
-        confidence = min(confidence, model_confidence)
-    return Answer(
-        question=question,
-        text=text,
-        sources=sources,
-        confidence=confidence,
-        model_confidence=model_confidence,
     )
 
 
