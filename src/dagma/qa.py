@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from dagma.lib.vectors import VectorStoreError, open_store
+from dagma.lib.vectors import VectorStoreError
 from dagma.settings import Settings
 
 if TYPE_CHECKING:
@@ -26,9 +26,8 @@ def open_pipeline(
     from dagma.lib.embeddings import get_embedder
     from dagma.lib.retrieval import make_pipeline, make_search
 
-    api_key = settings.qdrant_api_key.get_secret_value() if settings.qdrant_api_key else None
     collection = settings.dagma_collection
-    with open_store(url=settings.qdrant_url, api_key=api_key, root=settings.qdrant_path) as store:
+    with settings.open_vector_store() as store:
         if store.current_version(collection) is None:
             raise VectorStoreError(
                 f"the collection {collection!r} does not exist yet in {settings.vector_location}; "

@@ -5,9 +5,13 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from dagma.lib.vectors import VectorStore
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 POOLS_YAML = "concurrency:\n  pools:\n    default_limit: 1\n"
@@ -114,6 +118,11 @@ class Settings(BaseSettings):
         return (self.dagster_home or self.home / "dagster").expanduser().resolve()
 
     @property
+    def storage_dir(self) -> Path:
+        """The lab's IO manager's folder: one pickle per asset (a folder of them if partitioned)."""
+        return self.dagster_dir / "storage"
+
+    @property
     def scratch_dir(self) -> Path:
         """Temporary files of runs (dagstermill's inputs), removed when their run ends."""
         return self.home / "tmp"
@@ -159,6 +168,26 @@ class Settings(BaseSettings):
     @property
     def vector_location(self) -> str:
         return self.qdrant_url or str(self.qdrant_path)
+
+    def qdrant_key(self, *, read_only: bool = False) -> str | None:
+        """The Qdrant API key; `read_only` prefers the read-only key, for readers such as the app."""
+        key = (self.qdrant_read_only_api_key if read_only else None) or self.qdrant_api_key
+        return key.get_secret_value() if key else None
+
+    def open_vector_store(self, *, read_only: bool = False, keep: int = 3) -> VectorStore:
+        """The lab's vector store: the server at QDRANT_URL when set, else the embedded one.
+
+        `read_only` uses the server's read-only key when one is set (see `qdrant_key`); `keep`
+        is how many versions a publish keeps.
+        """
+        from dagma.lib.vectors import open_store
+
+        return open_store(
+            url=self.qdrant_url,
+            api_key=self.qdrant_key(read_only=read_only),
+            root=self.qdrant_path,
+            keep=keep,
+        )
 
     def ensure_dirs(self) -> None:
         for path in (

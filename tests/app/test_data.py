@@ -133,11 +133,12 @@ def test_the_app_reads_qdrant_with_the_read_only_key_when_there_is_one(
 
     monkeypatch.delenv("QDRANT_READ_ONLY_API_KEY", raising=False)
     monkeypatch.delenv("QDRANT_API_KEY", raising=False)
-    assert data.reader_api_key(Settings()) is None
+    assert Settings().qdrant_key(read_only=True) is None
     monkeypatch.setenv("QDRANT_API_KEY", "writer")  # pragma: allowlist secret
-    assert data.reader_api_key(Settings()) == "writer"
+    assert Settings().qdrant_key(read_only=True) == "writer"
     monkeypatch.setenv("QDRANT_READ_ONLY_API_KEY", "reader")  # pragma: allowlist secret
-    assert data.reader_api_key(Settings()) == "reader"
+    assert Settings().qdrant_key(read_only=True) == "reader"
+    assert Settings().qdrant_key() == "writer"  # writers keep the writers' key
 
 
 def test_the_app_uses_only_the_champion_version(tmp_path: Path):

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import subprocess
 import sys
@@ -312,13 +313,13 @@ def test_an_unreachable_server_fails_fast_naming_qdrant_url(tmp_path):
     assert time.monotonic() - start < 5
 
 
-def test_a_refused_api_key_names_qdrant_api_key(tmp_path):
-    # No Qdrant server runs offline here; this endpoint answers as Qdrant does to a wrong
-    # `api-key` header (401 with a JSON status), which is all the client sees.
+@contextlib.contextmanager
+def refusing_server(seen: list[str | None]):
+    """The URL of an endpoint that answers as Qdrant does to a wrong `api-key` header (401
+    with a JSON status), which is all the client sees; `seen` gets each key it was sent.
+    No Qdrant server runs offline here."""
     import http.server
     import threading
-
-    seen: list[str | None] = []
 
     class Refuse(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
@@ -337,14 +338,42 @@ def test_a_refused_api_key_names_qdrant_api_key(tmp_path):
 
     with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse) as server:
         threading.Thread(target=server.serve_forever, daemon=True).start()
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        with pytest.raises(
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+
+
+def test_a_refused_api_key_names_qdrant_api_key(tmp_path):
+    seen: list[str | None] = []
+    with (
+        refusing_server(seen) as url,
+        pytest.raises(
             VectorStoreError, match=r"rejected the API key \(HTTP 401\)\. Fix: set QDRANT_API_KEY"
-        ):
-            open_store(url=url, api_key="wrong", root=tmp_path)  # pragma: allowlist secret
-        server.shutdown()
+        ),
+    ):
+        open_store(url=url, api_key="wrong", root=tmp_path)  # pragma: allowlist secret
     assert seen and seen[0] == "wrong"
     assert not any(tmp_path.iterdir())  # nothing embedded was created instead
+
+
+def test_settings_open_the_store_they_name_with_the_key_for_the_job(tmp_path, monkeypatch):
+    from dagma.settings import Settings
+
+    monkeypatch.delenv("QDRANT_URL", raising=False)
+    monkeypatch.setenv("DAGMA_QDRANT_PATH", str(tmp_path / "vectors"))
+    monkeypatch.setenv("QDRANT_API_KEY", "writer")  # pragma: allowlist secret
+    monkeypatch.setenv("QDRANT_READ_ONLY_API_KEY", "reader")  # pragma: allowlist secret
+    with Settings().open_vector_store(keep=2) as store:
+        assert isinstance(store, EmbeddedStore) and store.keep == 2
+        assert store.root == (tmp_path / "vectors").resolve()
+    seen: list[str | None] = []
+    with refusing_server(seen) as url:
+        monkeypatch.setenv("QDRANT_URL", url)
+        for read_only in (False, True):
+            with pytest.raises(VectorStoreError, match="rejected the API key"):
+                Settings().open_vector_store(read_only=read_only)
+    assert seen[0] == "writer" and seen[-1] == "reader"
 
 
 def test_open_store_without_url_is_embedded(tmp_path):

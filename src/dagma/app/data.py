@@ -484,21 +484,14 @@ class SearchHit:
     payload: dict[str, Any]
 
 
-def reader_api_key(settings: Settings) -> str | None:
-    """The app only reads: the server's read-only key when one is set, else the writers' key."""
-    key = settings.qdrant_read_only_api_key or settings.qdrant_api_key
-    return key.get_secret_value() if key else None
-
-
-def open_vectors(url: str | None, api_key: str | None, root: Path) -> Any:
-    """The vector store; the embedded one is only read, never created."""
-    from dagma.lib.vectors import open_store
-
+def open_vectors(settings: Settings) -> Any:
+    """The vector store, with the server's read-only key when one is set (the app only reads);
+    the embedded one is only read, never created."""
     try:
-        return open_store(url=url, api_key=api_key, root=root)
+        return settings.open_vector_store(read_only=True)
     except Exception as exc:
-        if url:
-            raise _qdrant_down(url, exc) from exc
+        if settings.qdrant_url:
+            raise _qdrant_down(settings.qdrant_url, exc) from exc
         raise
 
 

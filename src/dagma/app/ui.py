@@ -33,7 +33,7 @@ def _mlflow(tracking_uri: str) -> Any:
 
 @st.cache_resource(show_spinner=False)
 def _store(url: str | None, root: str) -> Any:
-    return data.open_vectors(url, data.reader_api_key(get_settings()), Path(root))
+    return data.open_vectors(get_settings())  # (url, root), from the same settings, key the cache
 
 
 @st.cache_resource(show_spinner="Loading the embedder…")
