@@ -185,6 +185,7 @@ def worker_bridge(work: Path) -> None:
     t0 = time.perf_counter()
     import papermill
 
+    from dagma.nb import RunTarget
     from dagma.notebooks import runner
     from dagma.notebooks.spec import parse_notebook
 
@@ -214,7 +215,7 @@ def worker_bridge(work: Path) -> None:
     t1 = time.perf_counter()
     spec = parse_notebook(work / "nb" / f"{ASSET}.ipynb")
     phases["parse spec"] = time.perf_counter() - t1
-    target = runner.RunTarget(
+    target = RunTarget(
         tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
         experiment="bench",
         artifact_root=str(work / "artifacts"),
@@ -224,7 +225,7 @@ def worker_bridge(work: Path) -> None:
         run_id="bench",
     )
     t2 = time.perf_counter()
-    run = runner.execute(spec, run_dir=work / "run", target=target, params=PARAMS)
+    run = runner.execute(spec, runs_dir=work / "runs", target=target, params=PARAMS)
     total = time.perf_counter() - t2
     inner = sum(
         v
@@ -233,7 +234,7 @@ def worker_bridge(work: Path) -> None:
     )
     phases["rest of execute()"] = total - inner
     phases["execute() total"] = total
-    assert run.outputs[ASSET]["accuracy"] > 0.9, run.outputs
+    assert run.outputs[ASSET].load()["accuracy"] > 0.9, run.outputs
     print(json.dumps(phases))
 
 

@@ -21,6 +21,7 @@ from dagma import lab
 from dagma.defs.core import sensors as core_sensors
 from dagma.defs.data.arrivals import ARRIVAL_HOURS, inbox_arrivals, wine_arrivals
 from dagma.defs.models import schedules
+from dagma.lab import planning
 from dagma.lib import arrivals
 from dagma.settings import PROJECT_ROOT, Settings, get_settings
 
@@ -341,14 +342,14 @@ def test_a_day_runs_after_its_hours_although_its_key_sorts_first(home: Settings)
     hour = ([dg.AssetKey("wine_arrivals")], "2026-11-30-01:00")
     plain = ([dg.AssetKey("wine_table"), dg.AssetKey("wine_model")], None)
     # "2026-11-30" sorts before "2026-11-30-01:00": ordered by key, the day would run first
-    ordered = lab._upstream_first(graph, [plain, day, hour])
+    ordered = planning.upstream_first(graph, [plain, day, hour])
     assert ordered.index(hour) < ordered.index(day) and ordered.index(plain) < ordered.index(day)
 
 
 def test_by_hand_a_partitioned_upstream_is_its_stored_partitions(tmp_path: Path):
     import pickle
 
-    from dagma.nb import NotebookContext
+    from dagma.nb import NotebookContext, RunTarget
 
     folder = tmp_path / "storage" / "wine_arrivals"
     folder.mkdir(parents=True)
@@ -357,15 +358,17 @@ def test_by_hand_a_partitioned_upstream_is_its_stored_partitions(tmp_path: Path)
     ctx = NotebookContext(
         notebook="wine_arrival_scores",
         asset_names=["wine_arrival_scores"],
+        target=RunTarget(
+            tracking_uri="",
+            experiment="dagma",
+            artifact_root=None,
+            qdrant_url=None,
+            qdrant_path="",
+            collection="c",
+            partition_key="2026-11-30",
+        ),
         upstream_paths={"wine_arrivals": str(folder)},
         outputs_dir=None,
-        tracking_uri="",
-        experiment="dagma",
-        artifact_root=None,
-        qdrant_url=None,
-        qdrant_path="",
-        collection="c",
-        partition_key="2026-11-30",
     )
     assert ctx.upstream("wine_arrivals") == {
         "2026-11-30-00:00": "2026-11-30-00:00",
@@ -394,12 +397,12 @@ def test_ingestion_without_an_hour_says_to_pick_one(home: Settings):
 def test_a_stale_run_batches_only_the_partitions_of_what_is_stale(home: Settings):
     graph = lab.load_definitions(home).resolve_asset_graph()
     everything = sorted(graph.get_all_asset_keys())
-    latest = lab._latest_partitions(graph, everything)
+    latest = planning.latest_partitions(graph, everything)
     model = dg.AssetKey("wine_model")
     # Only the model is stale: no run for the partitioned assets' (empty) batches.
-    assert lab._groups(graph, [model], latest) == [([model], None)]
+    assert planning.groups(graph, [model], latest) == [([model], None)]
     arrivals_key = dg.AssetKey("wine_arrivals")
-    groups = lab._groups(graph, [model, arrivals_key], latest)
+    groups = planning.groups(graph, [model, arrivals_key], latest)
     assert groups == [([model], None), ([arrivals_key], latest[arrivals_key])]
 
 
@@ -407,10 +410,10 @@ def test_a_stale_run_includes_what_reads_the_stale_assets(home: Settings):
     graph = lab.load_definitions(home).resolve_asset_graph()
     everything = sorted(graph.get_all_asset_keys())
     hour = dg.AssetKey("wine_arrivals")
-    chosen = {k.to_user_string() for k in lab._and_downstream(graph, everything, [hour])}
+    chosen = {k.to_user_string() for k in planning.and_downstream(graph, everything, [hour])}
     assert chosen == {"wine_arrivals", "wine_arrival_scores"}  # a new hour re-scores the day
     model = {
         k.to_user_string()
-        for k in lab._and_downstream(graph, everything, [dg.AssetKey("wine_model")])
+        for k in planning.and_downstream(graph, everything, [dg.AssetKey("wine_model")])
     }
     assert model == {"wine_model", "wine_daily_scores", "wine_arrival_scores", "lab_scorecard"}

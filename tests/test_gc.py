@@ -12,19 +12,20 @@ from typer.testing import CliRunner
 from dagma.cli import app
 from dagma.lab import load_definitions, materialize
 from dagma.lib import retention
+from dagma.lib.run_folder import RunFolder
 from dagma.settings import get_settings
 from tests.conftest import QUIET
 from tests.notebooks.test_spec import write_nb
 
 
-def folders(tmp_path: Path, spec: list[tuple[str, str, float]]) -> list[retention.RunFolder]:
+def folders(tmp_path: Path, spec: list[tuple[str, str, float]]) -> list[RunFolder]:
     made = []
     for run_id, notebook, mtime in spec:
         path = tmp_path / run_id / notebook
         path.mkdir(parents=True)
         (path / f"{notebook}.ipynb").write_text("{}")
         os.utime(path, (mtime, mtime))
-        made.append(retention.RunFolder(run_id, notebook, path, mtime))
+        made.append(RunFolder.of(tmp_path, run_id, notebook))
     return made
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from dagma.errors import DagmaError
+from dagma.lib.run_folder import RunFolder
 from dagma.settings import Settings
 
 FORMAT = 1
@@ -33,8 +35,10 @@ MANIFEST = "manifest.json"
 PARTS = ("dagster", "mlflow", "qdrant", "runs", "reports")
 
 
-class BackupError(RuntimeError):
+class BackupError(DagmaError, RuntimeError):
     """A backup or restore that cannot proceed; the message names the thing and the fix."""
+
+    exit_code = 2
 
 
 @dataclass
@@ -73,7 +77,9 @@ def _copy_sqlite(src: Path, dst: Path) -> None:
         source.backup(copy)
 
 
-def _copy_tree(src: Path, dst: Path) -> None:
+def copy_tree(src: Path, dst: Path) -> None:
+    """`src` copied into `dst` as a backup holds it: SQLite databases through the online backup,
+    without their -wal/-shm/-journal files and without writer locks."""
     for path in sorted(src.rglob("*")):
         target = dst / path.relative_to(src)
         if path.is_dir():
@@ -135,7 +141,7 @@ def backup(settings: Settings, archive: Path | None = None) -> Report:
         staging.mkdir()
         for part in ("dagster", "mlflow", "runs", "reports"):
             if (home / part).is_dir():
-                _copy_tree(home / part, staging / part)
+                copy_tree(home / part, staging / part)
         collections = copy_collections(EmbeddedStore(settings.qdrant_path), staging / "qdrant")
         manifest = {
             "format": FORMAT,
@@ -163,7 +169,7 @@ def copy_collections(store: Any, target: Path) -> list[str]:
     for info in store.collections():
         with _held(store, info.collection) as folder:
             current = (folder / "CURRENT").read_text().strip()
-            _copy_tree(folder / current, target / info.collection / current)
+            copy_tree(folder / current, target / info.collection / current)
             shutil.copy2(folder / "CURRENT", target / info.collection / "CURRENT")
         collections.append(info.collection)
     return collections
@@ -312,6 +318,8 @@ def restore(settings: Settings, archive: Path) -> Report:
         for database in staging.rglob("*.db"):
             if _is_sqlite(database):
                 rehome_sqlite(database, manifest["home"], str(home))
+        for folder in RunFolder.every(staging / "runs"):
+            folder.rehome(manifest["home"], str(home))
         if home.exists():
             home.rmdir()
         shutil.move(str(staging), home)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle  # nosec B403 # only pickles our own kernel or IO manager wrote
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dagma.errors import DagmaError
+from dagma.lib.run_folder import RunFolder, read_pickle, write_pickle
 
 CONTEXT_VAR = "dagma_context"
 # The same path, for code that has no notebook namespace to read it from.
@@ -41,18 +43,14 @@ def value_preview(value: Any) -> dict[str, Any] | None:
     return value if len(text) <= _PREVIEW_BYTES else None
 
 
-class NotebookContextError(RuntimeError):
+class NotebookContextError(DagmaError, RuntimeError):
     """The notebook asked for something its context cannot give."""
 
 
 @dataclass
-class NotebookContext:
-    """What a running notebook knows about its asset, its run and the lab's services."""
+class RunTarget:
+    """Where a run's notebook reads and writes: the lab's services and the run's identifiers."""
 
-    notebook: str
-    asset_names: list[str]
-    upstream_paths: dict[str, str]
-    outputs_dir: Path | None
     tracking_uri: str
     experiment: str
     artifact_root: str | None
@@ -62,10 +60,57 @@ class NotebookContext:
     run_id: str | None = None
     partition_key: str | None = None
     partition_range: list[str] | None = None
-    code_version: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class NotebookContext:
+    """What a running notebook knows about its asset, its run and the lab's services.
+
+    In a run it is the run folder's `context.json`: the target, the upstream values' files in
+    the lab's storage (one file, or one per partition), and the MLflow run's id once known.
+    """
+
+    notebook: str
+    asset_names: list[str]
+    target: RunTarget
+    upstream_paths: dict[str, str | dict[str, str]]
+    outputs_dir: Path | None
+    code_version: str | None = None
     mlflow_run_id: str | None = None
-    mlflow_run_file: str | None = None
+    context_file: Path | None = None
+
+    tracking_uri = property(lambda self: self.target.tracking_uri)
+    experiment = property(lambda self: self.target.experiment)
+    artifact_root = property(lambda self: self.target.artifact_root)
+    qdrant_url = property(lambda self: self.target.qdrant_url)
+    qdrant_path = property(lambda self: self.target.qdrant_path)
+    collection = property(lambda self: self.target.collection)
+    run_id = property(lambda self: self.target.run_id)
+    partition_range = property(lambda self: self.target.partition_range)
+    tags = property(lambda self: self.target.tags)
+
+    @property
+    def partition_key(self) -> str | None:
+        return self.target.partition_key
+
+    @partition_key.setter
+    def partition_key(self, value: str | None) -> None:
+        self.target.partition_key = value
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("context_file")
+        data["outputs_dir"] = str(self.outputs_dir) if self.outputs_dir else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], context_file: Path | None = None) -> NotebookContext:
+        data = dict(data)
+        data["target"] = RunTarget(**data["target"])
+        data["outputs_dir"] = Path(data["outputs_dir"]) if data.get("outputs_dir") else None
+        data.pop("mlflow_error", None)
+        return cls(**data, context_file=context_file)
 
     @property
     def interactive(self) -> bool:
@@ -80,21 +125,23 @@ class NotebookContext:
                 f"{self.notebook}: {name!r} is not in this notebook's `upstream` list "
                 f"({', '.join(self.upstream_paths) or 'empty'}). Add it to the parameters cell."
             )
+        if isinstance(path, dict):  # the partitions a run maps to this one, e.g. a day's hours
+            return {key: read_pickle(Path(p)) for key, p in path.items()}
         if Path(path).is_dir():
             # By hand, a partitioned upstream is its folder of partitions: read those that
             # match this notebook's partition (e.g. a day's hours), or all of them.
             prefix = self.partition_key or ""
             return {
-                p.name: _load(p)
+                p.name: read_pickle(p)
                 for p in sorted(Path(path).iterdir())
-                if p.is_file() and p.name.startswith(prefix)
+                if p.is_file() and p.name.startswith(prefix) and not p.name.startswith(".")
             }
         if not Path(path).is_file():
             raise NotebookContextError(
                 f"{self.notebook}: upstream {name!r} has not been materialized yet ({path}). "
                 f"Run `dagma run {name}` first."
             )
-        return _load(Path(path))
+        return read_pickle(Path(path))
 
     def output(self, value: Any, *, name: str | None = None, metadata: dict | None = None) -> None:
         """Hand `value` to Dagster as the asset `name` (default: this notebook's asset)."""
@@ -106,10 +153,14 @@ class NotebookContext:
             )
         if self.outputs_dir is None:
             return
-        with open(self.outputs_dir / f"{name}.pkl", "wb") as fh:
-            pickle.dump(value, fh)
-        if metadata:
-            (self.outputs_dir / f"{name}.meta.json").write_text(json.dumps(metadata, default=str))
+        # The one pickle of this value: the lab's IO manager moves this file into its storage.
+        write_pickle(self.outputs_dir / f"{name}.pkl", value)
+        meta = dict(metadata or {})
+        preview = value_preview(value)
+        if preview is not None:
+            meta[VALUE_METADATA] = preview
+        if meta:
+            (self.outputs_dir / f"{name}.meta.json").write_text(json.dumps(meta, default=str))
 
     def lineage(self) -> dict[str, str]:
         """Tags that tie an MLflow run to this notebook, its Dagster run and the code."""
@@ -160,23 +211,23 @@ class NotebookContext:
             yield run
 
     def wait_for_run_id(self, timeout: float = 120.0) -> str | None:
-        """The run the bridge creates while the kernel starts: wait for its id file."""
-        if not self.mlflow_run_file:
+        """The run the bridge creates while the kernel starts: its id lands in the context."""
+        if self.context_file is None:
             return None
-        path = Path(self.mlflow_run_file)
         deadline = time.monotonic() + timeout
-        while not path.is_file():
+        while True:
+            data = RunFolder(self.context_file.parent).read_context()
+            if data.get("mlflow_error"):
+                raise NotebookContextError(f"{self.notebook}: {data['mlflow_error']}")
+            if data.get("mlflow_run_id"):
+                self.mlflow_run_id = str(data["mlflow_run_id"])
+                return self.mlflow_run_id
             if time.monotonic() > deadline:
                 raise NotebookContextError(
                     f"{self.notebook}: the MLflow run was not created within {timeout:.0f} s; "
                     f"check MLFLOW_TRACKING_URI={self.tracking_uri}"
                 )
             time.sleep(0.05)
-        created = json.loads(path.read_text())
-        if "error" in created:
-            raise NotebookContextError(f"{self.notebook}: {created['error']}")
-        self.mlflow_run_id = str(created["run_id"])
-        return self.mlflow_run_id
 
     def load_model(self, uri: str) -> Any:
         """A model logged to this lab's MLflow, e.g. an upstream's `model_uri`."""
@@ -195,11 +246,6 @@ class NotebookContext:
         )
 
 
-def _load(path: Path) -> Any:
-    with open(path, "rb") as fh:
-        return pickle.load(fh)  # nosec B301 # written by our own IO manager or runner
-
-
 def _user_ns() -> dict[str, Any]:
     try:
         from IPython import get_ipython
@@ -213,18 +259,19 @@ def _interactive(notebook: str, upstream: list[str]) -> NotebookContext:
     from dagma.settings import get_settings
 
     s = get_settings()
-    storage = s.dagster_dir / "storage"
     return NotebookContext(
         notebook=notebook,
         asset_names=[notebook],
-        upstream_paths={name: str(storage / name) for name in upstream},
+        target=RunTarget(
+            tracking_uri=s.tracking_uri,
+            experiment=s.dagma_experiment,
+            artifact_root=str(s.artifact_root),
+            qdrant_url=s.qdrant_url,
+            qdrant_path=str(s.qdrant_path),
+            collection=s.dagma_collection,
+        ),
+        upstream_paths={name: str(s.storage_dir / name) for name in upstream},
         outputs_dir=None,
-        tracking_uri=s.tracking_uri,
-        experiment=s.dagma_experiment,
-        artifact_root=str(s.artifact_root),
-        qdrant_url=s.qdrant_url,
-        qdrant_path=str(s.qdrant_path),
-        collection=s.dagma_collection,
     )
 
 
@@ -244,7 +291,6 @@ def context(name: str | None = None) -> NotebookContext:
         os.environ.setdefault("MLFLOW_TRACKING_URI", ctx.tracking_uri)
         return ctx
     data = json.loads(Path(path).read_text())
-    data["outputs_dir"] = Path(data["outputs_dir"])
-    ctx = NotebookContext(**data)
+    ctx = NotebookContext.from_json(data, context_file=Path(path))
     os.environ["MLFLOW_TRACKING_URI"] = ctx.tracking_uri
     return ctx

@@ -141,13 +141,12 @@ def _latest(key: str) -> dg.EventLogEntry:
 def test_a_hand_written_dagstermill_asset_materializes_through_dagma_run(lab: Path):
     run = materialize(get_settings(), selection=["wine_report"], console=QUIET)
     assert run.success, run.error
-    executed = nbformat.reads(run.values["wine_report"].decode(), as_version=4)
-    assert "rows 178" in str(executed.cells[-2].outputs)  # the table came from wine_table
-
     metadata = _latest("wine_report").asset_materialization.metadata
     assert isinstance(metadata["executed_notebook"], dg.NotebookMetadataValue)
     kept = Path(metadata["executed_notebook"].value)
     assert kept.parent.parent.name == run.run_id and kept.is_file()
+    executed = nbformat.read(kept, as_version=4)
+    assert "rows 178" in str(executed.cells[-2].outputs)  # the table came from wine_table
     assert Path(metadata["html"].value).read_text().startswith("<!DOCTYPE html>")
     logged = mlflow.MlflowClient(get_settings().tracking_uri).get_run(
         metadata["mlflow_run_id"].text

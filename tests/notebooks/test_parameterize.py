@@ -75,6 +75,6 @@ def test_the_bridge_still_runs_after_dagstermill_replaced_papermills_translator(
         body="from dagma import nb\nnb.context().output(n * 2)",
     )
     run = execute(
-        parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path), params={"n": 4}
+        parse_notebook(path), runs_dir=tmp_path / "runs", target=target(tmp_path), params={"n": 4}
     )
-    assert run.outputs == {"after": 8}
+    assert run.outputs["after"].load() == 8

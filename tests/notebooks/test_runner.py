@@ -8,13 +8,8 @@ import nbformat
 import pytest
 
 from dagma.notebooks.papermill_engine import Limits
-from dagma.notebooks.runner import (
-    KernelError,
-    NotebookFailed,
-    PapermillEngine,
-    RunTarget,
-    execute,
-)
+from dagma.nb import RunTarget
+from dagma.notebooks.runner import KernelError, NotebookFailed, PapermillEngine, execute
 from dagma.notebooks.spec import NotebookError, parse_notebook
 from tests.notebooks.test_spec import write_nb
 
@@ -46,12 +41,12 @@ def test_upstream_values_and_coerced_params_reach_the_kernel(tmp_path: Path):
     )
     run = execute(
         parse_notebook(path),
-        run_dir=tmp_path / "run",
+        runs_dir=tmp_path / "runs",
         target=target(tmp_path),
         params={"factor": "3"},
         inputs={"numbers": [1, 2, 3]},
     )
-    assert run.outputs == {"doubled": [3, 6, 9]}
+    assert run.outputs["doubled"].load() == [3, 6, 9]
     assert run.output_metadata["doubled"] == {"partition": "2026-11-29"}
     assert run.params == {"factor": 3}
     assert run.ipynb.is_file() and run.html is not None
@@ -64,7 +59,7 @@ def test_every_materialization_gets_one_finished_mlflow_run_with_its_notebook(tm
         params="n: int = 1",
         body="from dagma import nb\nnb.context().output(n)",
     )
-    run = execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
+    run = execute(parse_notebook(path), runs_dir=tmp_path / "runs", target=target(tmp_path))
     client = mlflow.MlflowClient(target(tmp_path).tracking_uri)
     logged = client.get_run(run.mlflow_run_id)
     assert logged.info.status == "FINISHED"
@@ -77,7 +72,7 @@ def test_every_materialization_gets_one_finished_mlflow_run_with_its_notebook(tm
 def test_a_failing_cell_keeps_ipynb_and_html_and_names_the_error(tmp_path: Path):
     path = write_nb(tmp_path / "broken.ipynb", params="n: int = 1", body="raise ValueError('boom')")
     with pytest.raises(NotebookFailed) as info:
-        execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
+        execute(parse_notebook(path), runs_dir=tmp_path / "runs", target=target(tmp_path))
     message = str(info.value)
     assert "broken.ipynb failed: ValueError: boom" in message
     assert "raise ValueError('boom')" in message
@@ -90,14 +85,14 @@ def test_a_declared_output_never_handed_over_is_an_error(tmp_path: Path):
     params = 'asset = {"outputs": ["silent"]}\nn: int = 1'
     path = write_nb(tmp_path / "silent.ipynb", params=params, body="n + 1")
     with pytest.raises(NotebookFailed, match=r"never handed over its declared output 'silent'"):
-        execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
+        execute(parse_notebook(path), runs_dir=tmp_path / "runs", target=target(tmp_path))
 
 
 def test_a_notebook_that_hands_no_value_is_its_executed_copy(tmp_path: Path):
     path = write_nb(
         tmp_path / "report.ipynb", params="upstream = []\nn: int = 1", body="print('rows', n + 1)"
     )
-    run = execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
+    run = execute(parse_notebook(path), runs_dir=tmp_path / "runs", target=target(tmp_path))
     value = run.outputs["report"]
     assert value["executed_notebook"] == str(run.ipynb)
     assert "rows 2" in Path(value["executed_notebook"]).read_text()
@@ -109,7 +104,7 @@ def test_bad_parameters_fail_before_any_kernel_starts(tmp_path: Path):
     with pytest.raises(NotebookError, match=r"typed\.ipynb: parameter 'n' = 'many'"):
         execute(
             parse_notebook(path),
-            run_dir=tmp_path / "run",
+            runs_dir=tmp_path / "runs",
             target=target(tmp_path),
             params={"n": "many"},
         )
@@ -125,8 +120,8 @@ def test_one_notebook_can_output_several_assets(tmp_path: Path):
             "ctx.output('m', name='model')\nctx.output({'acc': 1.0}, name='metrics')"
         ),
     )
-    run = execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
-    assert run.outputs == {"model": "m", "metrics": {"acc": 1.0}}
+    run = execute(parse_notebook(path), runs_dir=tmp_path / "runs", target=target(tmp_path))
+    assert {k: v.load() for k, v in run.outputs.items()} == {"model": "m", "metrics": {"acc": 1.0}}
 
 
 def test_a_mismatched_kernel_is_a_clear_error_with_the_fix(
@@ -141,7 +136,7 @@ def test_a_mismatched_kernel_is_a_clear_error_with_the_fix(
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     path = write_nb(tmp_path / "k.ipynb", params="n: int = 1", body="n")
     with pytest.raises(KernelError, match=r"runs '/usr/bin/false'.*jupyter kernelspec remove"):
-        execute(parse_notebook(path), run_dir=tmp_path / "run", target=target(tmp_path))
+        execute(parse_notebook(path), runs_dir=tmp_path / "runs", target=target(tmp_path))
 
 
 def test_a_non_python_notebook_is_refused_at_load(tmp_path: Path):
@@ -166,7 +161,7 @@ def test_a_hung_cell_times_out_keeps_its_copies_and_fails_its_mlflow_run(tmp_pat
     with pytest.raises(NotebookFailed) as info:
         execute(
             spec,
-            run_dir=tmp_path / "run",
+            runs_dir=tmp_path / "runs",
             target=target(tmp_path),
             engine=PapermillEngine(Limits(cell_timeout=spec.timeout)),
         )
@@ -195,7 +190,7 @@ def test_a_notebook_past_its_max_runtime_fails_though_each_cell_is_in_time(tmp_p
     with pytest.raises(NotebookFailed) as info:
         execute(
             spec,
-            run_dir=tmp_path / "run",
+            runs_dir=tmp_path / "runs",
             target=target(tmp_path),
             engine=PapermillEngine(Limits(cell_timeout=spec.timeout, max_runtime=spec.max_runtime)),
         )
@@ -231,7 +226,7 @@ def test_a_flooding_cell_is_cut_in_the_kept_copy_with_a_marker(tmp_path: Path):
     )
     spec = parse_notebook(path)
     engine = PapermillEngine(Limits(max_output=spec.max_output))
-    run = execute(spec, run_dir=tmp_path / "run", target=target(tmp_path), engine=engine)
+    run = execute(spec, runs_dir=tmp_path / "runs", target=target(tmp_path), engine=engine)
     executed = nbformat.read(run.ipynb, as_version=4)
     flood = executed.cells[-1]
     text = "".join(str(o.get("text", "")) for o in flood.outputs)

@@ -7,30 +7,16 @@ its run may still be going, or when it is among the newest `keep` of its noteboo
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
+
+from dagma.lib.run_folder import RunFolder
 
 TRASH_PREFIX = ".trash-"
 
 
-@dataclass(frozen=True)
-class RunFolder:
-    run_id: str
-    notebook: str
-    path: Path
-    mtime: float
-
-
 def run_folders(runs_dir: Path) -> list[RunFolder]:
     """Every `<run id>/<notebook>/` folder under `runs_dir`."""
-    found = []
-    for run in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
-        if not run.is_dir() or run.name.startswith("."):
-            continue
-        for notebook in sorted(run.iterdir()):
-            if notebook.is_dir():
-                found.append(RunFolder(run.name, notebook.name, notebook, notebook.stat().st_mtime))
-    return found
+    return RunFolder.every(runs_dir)
 
 
 def to_delete(folders: list[RunFolder], protected: set[str], keep: int) -> list[RunFolder]:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-import pickle  # nosec B403 # only pickles our own kernel or IO manager wrote
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from dagma.lib.atomic import write_atomic
-from dagma.nb import CONTEXT_VAR, NotebookContext
+from dagma.errors import DagmaError
+from dagma.lib.run_folder import PickleFile, RunFolder, pickle_paths, write_pickle
+from dagma.nb import CONTEXT_VAR, NotebookContext, RunTarget
 from dagma.notebooks import parameterize
 from dagma.notebooks.spec import NotebookSpec, read_notebook
 
@@ -25,7 +25,7 @@ KERNEL = (
 )
 
 
-class NotebookFailed(RuntimeError):
+class NotebookFailed(DagmaError, RuntimeError):
     """A cell raised. The executed copy and its HTML are kept; the message says where."""
 
     def __init__(self, message: str, execution: Execution) -> None:
@@ -46,22 +46,6 @@ class Execution:
     mlflow_experiment_id: str | None = None
     seconds: float = 0.0
     error: str | None = None
-
-
-@dataclass
-class RunTarget:
-    """Where a run's notebook reads and writes: services and identifiers."""
-
-    tracking_uri: str
-    experiment: str
-    artifact_root: str | None
-    qdrant_url: str | None
-    qdrant_path: str
-    collection: str
-    run_id: str | None = None
-    partition_key: str | None = None
-    partition_range: list[str] | None = None
-    tags: dict[str, str] = field(default_factory=dict)
 
 
 class Engine(Protocol):
@@ -111,7 +95,7 @@ def notebook_value(execution: Execution) -> dict[str, str | None]:
     }
 
 
-class KernelError(RuntimeError):
+class KernelError(DagmaError, RuntimeError):
     """The project's kernel cannot be used; the message says how to fix it."""
 
 
@@ -203,25 +187,24 @@ def _start_mlflow_run(context: NotebookContext) -> tuple[str, str]:
 
 
 class _MlflowRunStarter(threading.Thread):
-    """Creates the materialization's MLflow run in the background and publishes its id."""
+    """Creates the materialization's MLflow run in the background and records its id in the
+    run folder's context, where the kernel (`ctx.start_run()`) and the app find it."""
 
-    def __init__(self, context: NotebookContext) -> None:
+    def __init__(self, context: NotebookContext, folder: RunFolder) -> None:
         super().__init__(name=f"mlflow-run-{context.notebook}", daemon=True)
-        self.context = context
+        self.context, self.folder = context, folder
         self.ids: tuple[str, str] | None = None
         self.error: Exception | None = None
 
     def run(self) -> None:
-        path = Path(str(self.context.mlflow_run_file))
+        recorded = self.context.to_json()
         try:
             self.ids = _start_mlflow_run(self.context)
-            published = {"run_id": self.ids[0], "experiment_id": self.ids[1]}
+            recorded["mlflow_run_id"] = self.ids[0]
         except Exception as exc:
             self.error = exc
-            published = {"error": str(exc)}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(published))
-        tmp.replace(path)
+            recorded["mlflow_error"] = str(exc)
+        self.folder.write_context(recorded)
 
     def result(self) -> tuple[str, str]:
         """The (run id, experiment id), or the creation error raised here."""
@@ -242,62 +225,64 @@ def _finish_mlflow_run(execution: Execution, target: RunTarget, failed: bool) ->
     )
 
 
+def _upstream_files(
+    spec: NotebookSpec, folder: RunFolder, inputs: dict[str, Any]
+) -> dict[str, str | dict[str, str]]:
+    """Each upstream value's file: the lab's storage file the IO manager named, or, for a value
+    that came in memory (another IO manager), a pickle in the run folder."""
+    found: dict[str, str | dict[str, str]] = {}
+    for name in spec.upstream:
+        value = inputs.get(name)
+        files = pickle_paths(value)
+        if files is None:
+            path = folder.inputs / f"{name}.pkl"
+            write_pickle(path, value)
+            files = str(path)
+        found[name] = files
+    return found
+
+
 def execute(
     spec: NotebookSpec,
     *,
-    run_dir: Path,
+    runs_dir: Path,
     target: RunTarget,
     params: dict[str, Any] | None = None,
     inputs: dict[str, Any] | None = None,
     engine: Engine | None = None,
 ) -> Execution:
-    """Run `spec` in a fresh kernel of this environment and collect what it outputs."""
+    """Run `spec` in a fresh kernel of this environment and collect what it hands over.
+
+    Each output is a `PickleFile`: the file the kernel wrote, for the IO manager to move into
+    its storage, so no value is unpickled here.
+    """
     engine = engine or PapermillEngine()
     values = spec.validate_params(params)
     check_kernel()
     started = time.perf_counter()
-    inputs_dir, outputs_dir = run_dir / "inputs", run_dir / "outputs"
-    for folder in (inputs_dir, outputs_dir):
-        folder.mkdir(parents=True, exist_ok=True)
-    upstream_paths = {}
-    for name in spec.upstream if engine.passes_inputs else ():
-        path = inputs_dir / f"{name}.pkl"
-        with open(path, "wb") as fh:
-            pickle.dump((inputs or {})[name], fh)
-        upstream_paths[name] = str(path)
+    folder = RunFolder.of(runs_dir, target.run_id or "adhoc", spec.name).create()
     context = NotebookContext(
         notebook=spec.name,
         asset_names=list(spec.asset_names),
-        upstream_paths=upstream_paths,
-        outputs_dir=outputs_dir,
-        tracking_uri=target.tracking_uri,
-        experiment=target.experiment,
-        artifact_root=target.artifact_root,
-        qdrant_url=target.qdrant_url,
-        qdrant_path=target.qdrant_path,
-        collection=target.collection,
-        run_id=target.run_id,
-        partition_key=target.partition_key,
-        partition_range=target.partition_range,
+        target=target,
+        upstream_paths=_upstream_files(spec, folder, inputs or {}) if engine.passes_inputs else {},
+        outputs_dir=folder.outputs,
         code_version=spec.code_version,
-        tags=target.tags,
     )
-    execution = Execution(spec=spec, params=values, run_dir=run_dir, ipynb=run_dir / spec.path.name)
-    # MLflow's import and run creation overlap the kernel's start; the kernel reads the run id
-    # from mlflow_run_file only when it calls ctx.start_run().
-    context.mlflow_run_file = str(run_dir / "mlflow_run.json")
-    mlflow_run = _MlflowRunStarter(context)
+    execution = Execution(spec=spec, params=values, run_dir=folder.path, ipynb=folder.ipynb)
+    folder.write_context(context.to_json())
+    # MLflow's import and run creation overlap the kernel's start; the kernel waits for the
+    # run's id in the context only when it calls ctx.start_run().
+    mlflow_run = _MlflowRunStarter(context, folder)
     mlflow_run.start()
     warm = threading.Thread(target=warm_html_exporter, name="warm-nbconvert", daemon=True)
     warm.start()
-    context_path = run_dir / "context.json"
-    context_path.write_text(json.dumps(asdict(context), default=str, indent=1))
 
     failure: Exception | None = None
     try:
         engine.run(
             read_notebook(spec.path),
-            {**values, CONTEXT_VAR: str(context_path)},
+            {**values, CONTEXT_VAR: str(folder.context_file)},
             execution.ipynb,
             spec.path.parent,
         )
@@ -312,9 +297,6 @@ def execute(
     except Exception:
         if failure is None:
             raise
-    else:  # the run folder names its MLflow run, for the app's link
-        context.mlflow_run_id = execution.mlflow_run_id
-        write_atomic(context_path, json.dumps(asdict(context), default=str, indent=1))
     if failure is not None:
         execution.error = _failure_summary(failure)
         _finish_mlflow_run(execution, target, failed=True)
@@ -325,7 +307,7 @@ def execute(
         ) from failure
 
     for name in spec.asset_names:
-        path = outputs_dir / f"{name}.pkl"
+        path = folder.output_file(name)
         if not path.is_file() and not spec.outputs:
             execution.outputs[name] = notebook_value(execution)
             execution.output_metadata[name] = {}
@@ -341,9 +323,8 @@ def execute(
                 f"Executed copy: {execution.ipynb}",
                 execution,
             )
-        with open(path, "rb") as fh:
-            execution.outputs[name] = pickle.load(fh)  # nosec B301 # our own kernel wrote it
-        meta = outputs_dir / f"{name}.meta.json"
+        execution.outputs[name] = PickleFile(str(path))
+        meta = folder.output_metadata_file(name)
         execution.output_metadata[name] = json.loads(meta.read_text()) if meta.is_file() else {}
     _finish_mlflow_run(execution, target, failed=False)
     return execution

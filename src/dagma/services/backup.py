@@ -28,14 +28,15 @@ from dagma.backup import (
     FORMAT,
     BackupError,
     Report,
-    _copy_tree,
     archive_path,
     check_target,
     copy_collections,
+    copy_tree,
     rehome_text,
     unpack_verified,
     write_archive,
 )
+from dagma.lib.run_folder import RunFolder
 from dagma.services import postgres
 from dagma.services.config import LOOPBACK, ServicesConfig
 from dagma.services.procs import MARKER, ServiceError, marked_pids, terminate
@@ -173,7 +174,7 @@ def backup(config: ServicesConfig, archive: Path | None = None) -> Report:
                 ) from exc
         for part in FILES:
             if (config.home / part).is_dir():
-                _copy_tree(config.home / part, staging / part)
+                copy_tree(config.home / part, staging / part)
         collections = copy_collections(EmbeddedStore(config.home / "qdrant"), staging / "qdrant")
         manifest = {
             "format": FORMAT,
@@ -316,6 +317,8 @@ def _build(
             progress(f"postgres: restored {db}")
         moved = rehome_databases(config, password, manifest["home"], str(home))
         progress(f"postgres: moved {moved} path(s) from {manifest['home']} to {home}")
+        for folder in RunFolder.every(building / "runs"):
+            folder.rehome(manifest["home"], str(home))
         _reset_mlflow_admin(config)
         restored = counts(config, password)
     finally:

@@ -8,14 +8,9 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import dagster as dg
 
 from dagma.defs.core.resources import MLflowResource, QdrantResource, service_retry_policy
-from dagma.nb import VALUE_METADATA, value_preview
-from dagma.notebooks.runner import (
-    KernelError,
-    NotebookFailed,
-    PapermillEngine,
-    RunTarget,
-    execute,
-)
+from dagma.lib.run_folder import PickleFile
+from dagma.nb import VALUE_METADATA, RunTarget, value_preview
+from dagma.notebooks.runner import KernelError, NotebookFailed, PapermillEngine, execute
 from dagma.notebooks.spec import NotebookError, NotebookSpec
 from dagma.settings import get_settings
 
@@ -181,7 +176,6 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
             params["partition_key"] = partition or ""
         if "partition_range" in spec.params:
             params["partition_range"] = window or ([partition, partition] if partition else [])
-        run_dir = settings.runs_dir / context.run_id / spec.name
         target = RunTarget(
             tracking_uri=mlflow.tracking_uri,
             experiment=mlflow.experiment,
@@ -208,7 +202,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
 
             engine = DagstermillEngine(
                 context.get_step_execution_context(),
-                inputs,
+                {k: _loaded(v) for k, v in inputs.items()},
                 spec.name,
                 keep_defaults=spec.keeps_defaults,
                 limits=limits,
@@ -218,7 +212,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         try:
             run = execute(
                 spec,
-                run_dir=run_dir,
+                runs_dir=settings.runs_dir,
                 target=target,
                 params=params,
                 inputs=inputs,
@@ -253,13 +247,24 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
                 raise event  # yielded with dagstermill.yield_event, as dagstermill does
         for name in spec.asset_names:
             meta = {**common, **run.output_metadata.get(name, {})}
-            preview = value_preview(run.outputs[name])
-            if preview is not None:
+            value = run.outputs[name]  # the kernel's file, or the executed copy's paths
+            preview = meta.get(VALUE_METADATA) if isinstance(value, PickleFile) else None
+            preview = preview or value_preview(value)
+            if isinstance(preview, dict):  # a small dict's JSON copy, for summaries
                 meta[VALUE_METADATA] = dg.MetadataValue.json(preview)
             yield dg.Output(run.outputs[name], output_name=name, metadata=meta)
         yield from events
 
     return _notebook
+
+
+def _loaded(value: Any) -> Any:
+    """An upstream value in memory, for dagstermill, which passes values itself."""
+    if isinstance(value, PickleFile):
+        return value.load()
+    if isinstance(value, dict) and value and all(isinstance(v, PickleFile) for v in value.values()):
+        return {k: v.load() for k, v in value.items()}
+    return value
 
 
 def _max_runtime_tag(spec: NotebookSpec) -> dict[str, str]:
@@ -279,6 +284,11 @@ def notebook_assets(folder: Path) -> list[dg.AssetsDefinition]:
     from dagma.notebooks.spec import discover
 
     return [notebook_asset(spec) for spec in discover(folder)]
+
+
+def reads_files(op: dg.OpDefinition) -> bool:
+    """Whether the op is a notebook step on the bridge, whose kernel reads upstream files."""
+    return op.tags.get(ENGINE_TAG) == "papermill"
 
 
 def needs_reconstructable_job(assets_def: dg.AssetsDefinition) -> bool:

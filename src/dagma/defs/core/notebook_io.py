@@ -21,6 +21,7 @@ with warnings.catch_warnings():
 
 from dagma.lib import tracking
 from dagma.lib.atomic import write_atomic
+from dagma.lib.run_folder import RunFolder
 
 
 class _LabNotebooks(LocalOutputNotebookIOManager):
@@ -36,7 +37,8 @@ class _LabNotebooks(LocalOutputNotebookIOManager):
         name = (
             "__".join(context.get_asset_identifier()) if context.has_asset_key else context.step_key
         )
-        kept = Path(self.settings.runs_dir) / context.run_id / name / f"{name}.ipynb"
+        folder = RunFolder.of(Path(self.settings.runs_dir), context.run_id, name)
+        kept = folder.ipynb
         write_atomic(kept, obj)
         html = render_html(kept)
         metadata: dict[str, Any] = {
@@ -50,6 +52,14 @@ class _LabNotebooks(LocalOutputNotebookIOManager):
             metadata.update(self._log_to_mlflow(context, name, kept, html))
         except Exception as exc:  # the notebook is kept either way; say why MLflow has no run
             context.log.warning(f"{name}: no MLflow run for the executed notebook ({exc}).")
+        partition = context.partition_key if context.has_partition_key else None
+        folder.write_context(  # what the app reads of a run folder, as the bridge records it
+            {
+                "notebook": name,
+                "target": {"run_id": context.run_id, "partition_key": partition},
+                "mlflow_run_id": metadata.get("mlflow_run_id"),
+            }
+        )
         if context.has_asset_key:
             context.add_output_metadata(metadata)
         else:

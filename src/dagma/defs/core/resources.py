@@ -8,6 +8,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from dagma.defs.core.notebook_io import LabOutputNotebookIOManager
+from dagma.defs.core.storage import LabIOManager
 from dagma.lib import tracking
 from dagma.settings import get_settings
 
@@ -114,10 +115,10 @@ def resources() -> dg.Definitions:
                 collection=s.dagma_collection,
             ),
             "llm": LLMResource(backend=os.environ.get("DAGMA_LLM", "local")),
-            "io_manager": dg.FilesystemIOManager(base_dir=str(s.dagster_dir / "storage")),
+            "io_manager": LabIOManager(base_dir=str(s.storage_dir)),
             # dagstermill's default key for executed notebooks: hand-written assets need it.
             "output_notebook_io_manager": LabOutputNotebookIOManager(
-                base_dir=str(s.dagster_dir / "storage"),
+                base_dir=str(s.storage_dir),
                 runs_dir=str(s.runs_dir),
                 tracking_uri=s.tracking_uri,
                 experiment=s.dagma_experiment,
