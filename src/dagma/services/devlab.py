@@ -26,8 +26,9 @@ from dagma.services.procs import (
     port_in_use,
     spawn,
     terminate,
+    venv_bin,
 )
-from dagma.services.supervisor import _venv_bin, tail
+from dagma.services.supervisor import tail
 from dagma.settings import PROJECT_ROOT, Settings
 
 LOOPBACK = "127.0.0.1"
@@ -60,7 +61,7 @@ def plan(settings: Settings, ports: Mapping[str, int], jupyter: bool = True) -> 
         LabProcess(
             "dagster",
             [
-                _venv_bin("dagster"),
+                venv_bin("dagster"),
                 "dev",
                 "-m",
                 "dagma.definitions",
@@ -83,7 +84,7 @@ def plan(settings: Settings, ports: Mapping[str, int], jupyter: bool = True) -> 
             LabProcess(
                 "mlflow",
                 [
-                    _venv_bin("mlflow"),
+                    venv_bin("mlflow"),
                     "ui",
                     "--host",
                     LOOPBACK,
@@ -129,7 +130,7 @@ def plan(settings: Settings, ports: Mapping[str, int], jupyter: bool = True) -> 
         LabProcess(
             "app",
             [
-                _venv_bin("streamlit"),
+                venv_bin("streamlit"),
                 "run",
                 str(PROJECT_ROOT / "src/dagma/app/streamlit_app.py"),
                 "--server.address",

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from dagma.services.procs import (
     record_alive,
     spawn,
     terminate,
+    venv_bin,
 )
 
 Progress = Callable[[str], None]
@@ -51,12 +51,6 @@ class ServiceStatus:
     detail: str
     url: str | None
     log: str
-
-
-def _venv_bin(name: str) -> str:
-    """A console script of the running interpreter's environment (the project's venv)."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else (shutil.which(name) or name)
 
 
 class Topology:
@@ -133,7 +127,7 @@ class Topology:
             Service(
                 name="mlflow",
                 argv=[
-                    _venv_bin("mlflow"),
+                    venv_bin("mlflow"),
                     "server",
                     "--host",
                     LOOPBACK,
@@ -158,7 +152,7 @@ class Topology:
             Service(
                 name="code-server",
                 argv=[
-                    _venv_bin("dagster"),
+                    venv_bin("dagster"),
                     "api",
                     "grpc",
                     "-m",
@@ -179,7 +173,7 @@ class Topology:
             Service(
                 name="webserver",
                 argv=[
-                    _venv_bin("dagster-webserver"),
+                    venv_bin("dagster-webserver"),
                     "-w",
                     workspace,
                     "-h",
@@ -195,10 +189,10 @@ class Topology:
             ),
             Service(
                 name="daemon",
-                argv=[_venv_bin("dagster-daemon"), "run", "-w", workspace],
+                argv=[venv_bin("dagster-daemon"), "run", "-w", workspace],
                 port=None,
                 check=lambda: health.command_ok(
-                    [_venv_bin("dagster-daemon"), "liveness-check"], env=env
+                    [venv_bin("dagster-daemon"), "liveness-check"], env=env
                 ),
                 env=env,
                 wave=2,
@@ -209,7 +203,7 @@ class Topology:
         port = self.config.dagma_grpc_port
         if not port_in_use(port):
             return False, f"nothing on port {port}"
-        argv = [_venv_bin("dagster"), "api", "grpc-health-check", "-h", LOOPBACK, "-p", str(port)]
+        argv = [venv_bin("dagster"), "api", "grpc-health-check", "-h", LOOPBACK, "-p", str(port)]
         return health.command_ok(argv, env=env)
 
     # --- up -------------------------------------------------------------------------------
