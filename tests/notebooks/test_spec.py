@@ -135,3 +135,9 @@ def test_a_time_partitioned_notebook_may_include_the_current_period(tmp_path: Pa
     days = partitions_def(spec)
     assert days is not None
     assert days.get_last_partition_key() == datetime.now(UTC).strftime("%Y-%m-%d")
+
+
+def test_a_name_with_a_trailing_newline_is_refused(tmp_path: Path):
+    path = write_nb(tmp_path / "nb.ipynb", 'asset = {"pool": "writer\\n", "outputs": ["a"]}')
+    with pytest.raises(NotebookError, match=r"`asset\['pool'\]` must be a snake_case pool name"):
+        parse_notebook(path)

@@ -25,6 +25,7 @@ from pathlib import Path
 import nbformat
 
 from dagma.notebooks.spec import (
+    ASSET_NAME,
     DAGSTERMILL_RESULT,
     METADATA_KEY,
     RESERVED,
@@ -34,7 +35,6 @@ from dagma.notebooks.spec import (
 )
 
 TAG = "parameters"
-_ASSET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # What a kept parameter's annotation may name and still run in the kernel without an import.
 _BUILTIN_TYPES = {"int", "float", "str", "bool", "list", "dict", "None"}
 # The dagstermill context's attributes the default engine's `ctx` has too.
@@ -202,7 +202,7 @@ def _read(source: Path) -> nbformat.NotebookNode:
 
 def _check_name(source: Path) -> str:
     name = source.stem
-    if not _ASSET_NAME.match(name):
+    if not ASSET_NAME.fullmatch(name) or name.startswith("_"):
         why = "would be a draft (a leading '_')" if name.startswith("_") else "is not snake_case"
         better = suggest_name(name.lstrip("_"))
         raise NotebookError(

@@ -7,18 +7,18 @@ from pathlib import Path
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-from dagma.notebooks.spec import _NAME, NotebookError, parse_notebook
+from dagma.notebooks.spec import ASSET_NAME, NotebookError, parse_notebook
 
 
 def scaffold(name: str, folder: Path, upstream: list[str], group: str | None = None) -> Path:
     """Write `folder/name.ipynb` with imports, a parameters cell and the nb.context glue."""
-    if not _NAME.match(name):
+    if not ASSET_NAME.fullmatch(name):
         raise NotebookError(f"{name!r} is not a snake_case asset name, e.g. 'wine_features'.")
     path = folder / f"{name}.ipynb"
     if path.exists():
         raise NotebookError(f"{path} already exists; pick another name or edit that notebook.")
     for up in upstream:
-        if not _NAME.match(up):
+        if not ASSET_NAME.fullmatch(up):
             raise NotebookError(f"upstream {up!r} is not a snake_case asset name.")
     options = {"group": group} if group else {}
     reads = "\n".join(f'{up} = ctx.upstream("{up}")' for up in upstream)

@@ -28,6 +28,8 @@ from typing import Annotated, Any, Literal
 import nbformat
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from dagma.errors import DagmaError
+
 RESERVED = ("upstream", "asset")
 ASSET_OPTIONS = {
     "group",
@@ -46,7 +48,8 @@ ASSET_OPTIONS = {
 # The default bridge first. "dagstermill" runs the notebook through dagstermill's own execution.
 ENGINES = ("papermill", "dagstermill")
 PARTITION_KINDS = ("daily", "hourly", "weekly", "monthly", "static")
-_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+# A snake_case asset, pool or variable name (fullmatch: `$` would let a trailing newline in).
+ASSET_NAME = re.compile(r"[a-z_][a-z0-9_]*")
 # Names an annotation may use; evaluated with no builtins, so nothing else is reachable.
 _TYPE_NAMES: dict[str, Any] = {
     "int": int,
@@ -62,8 +65,10 @@ _TYPE_NAMES: dict[str, Any] = {
 }
 
 
-class NotebookError(ValueError):
+class NotebookError(DagmaError, ValueError):
     """A notebook cannot be used as an asset; the message names the file and the fix."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -328,7 +333,7 @@ def _adopted(declared: Any, path: Path) -> tuple[dict[str, Any], dict[str, str]]
         )
     ins = declared.get("ins", {})
     good = isinstance(ins, dict) and all(
-        isinstance(k, str) and k.isidentifier() and isinstance(v, str) and _NAME.match(v)
+        isinstance(k, str) and k.isidentifier() and isinstance(v, str) and ASSET_NAME.fullmatch(v)
         for k, v in ins.items()
     )
     if not good:
@@ -354,7 +359,7 @@ def parse_notebook(path: Path) -> NotebookSpec:
     else:
         reserved, params = _parse_parameters(_parameters_cell(nb, path), path)
     name = path.stem
-    if not _NAME.match(name):
+    if not ASSET_NAME.fullmatch(name):
         raise NotebookError(
             f"{path}: the file name must be a snake_case asset name like 'wine_model.ipynb'."
         )
@@ -367,7 +372,7 @@ def parse_notebook(path: Path) -> NotebookSpec:
         )
     outputs = _string_list(options.get("outputs", []), path, "asset['outputs']")
     for out in outputs:
-        if not _NAME.match(out):
+        if not ASSET_NAME.fullmatch(out):
             raise NotebookError(f"{path}: output {out!r} must be a snake_case asset name.")
     engine = options.get("engine", ENGINES[0])
     if engine not in ENGINES:
@@ -397,7 +402,7 @@ def parse_notebook(path: Path) -> NotebookSpec:
         "the most bytes of output kept per cell, a positive whole number like 1000000",
     )
     pool = options.get("pool")
-    if pool is not None and not (isinstance(pool, str) and _NAME.match(pool)):
+    if pool is not None and not (isinstance(pool, str) and ASSET_NAME.fullmatch(pool)):
         raise NotebookError(
             f"{path}: `asset['pool']` must be a snake_case pool name like 'dagma_vectors', "
             f"got {pool!r}."
