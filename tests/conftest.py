@@ -2,6 +2,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from rich.console import Console
@@ -48,6 +49,23 @@ def lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return folder
+
+
+def stored_value(settings: Settings, name: str) -> Any:
+    """What the IO manager stored at asset `name`'s latest materialization.
+
+    A run's `values` holds only the small dicts its materializations recorded as metadata.
+    """
+    import dagster as dg
+
+    from dagma.lab import load_definitions
+
+    definitions = load_definitions(settings)  # exports DAGSTER_HOME for the instance
+    instance = dg.DagsterInstance.get()
+    event = instance.get_latest_materialization_event(dg.AssetKey(name))
+    assert event is not None and event.dagster_event is not None, f"{name} was never materialized"
+    partition = event.dagster_event.partition
+    return definitions.load_asset_value(name, instance=instance, partition_key=partition)
 
 
 def require(present: bool, what: str) -> None:

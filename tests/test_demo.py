@@ -15,7 +15,7 @@ from dagma.cli import app
 from dagma.lab import materialize
 from dagma.lib.vectors import open_store
 from dagma.settings import Settings
-from tests.conftest import QUIET
+from tests.conftest import QUIET, stored_value
 from tests.test_definitions import DEMO_ASSETS
 
 pytestmark = pytest.mark.integration
@@ -85,8 +85,9 @@ def test_partitioned_notebook_sees_its_partition_key(demo):
 
 def test_the_day_so_far_scores_exactly_the_hour_the_demo_ingested(demo):
     """The daily notebook runs after its hourly upstream (their keys sort the other way)."""
-    _, run = demo
-    hour, day = run.values["wine_arrivals"], run.values["wine_arrival_scores"]
+    settings, _ = demo
+    hour = stored_value(settings, "wine_arrivals")
+    day = stored_value(settings, "wine_arrival_scores")
     assert len(hour) > 0 and len(day) == len(hour)
     assert list(day["source_file"]) == list(hour["source_file"])
     labelled = day.dropna(subset=["target"])  # the sample arrivals come labelled
@@ -134,8 +135,8 @@ def test_rag_eval_logs_retrieval_measures_and_answers_with_sources(demo):
 
 
 def test_scorecard_chart_is_written(demo):
-    _, run = demo
-    chart = Path(run.values["lab_scorecard"])
+    settings, _ = demo
+    chart = Path(stored_value(settings, "lab_scorecard"))
     assert chart.read_bytes().startswith(b"\x89PNG")
 
 

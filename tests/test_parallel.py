@@ -6,13 +6,9 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from dagma.lab import (
-    _can_overlap,
-    _no_logging_reconfiguration,
-    load_definitions,
-    materialize,
-    resolve_processes,
-)
+from dagma.lab import LabError, load_definitions, materialize, resolve_processes
+from dagma.lab.patches import no_logging_reconfiguration
+from dagma.lab.planning import can_overlap
 from dagma.settings import PROJECT_ROOT, get_settings
 from tests.conftest import QUIET
 from tests.notebooks.test_spec import write_nb
@@ -112,9 +108,9 @@ def test_processes_come_from_the_argument_then_the_environment(monkeypatch: pyte
     monkeypatch.setenv("DAGMA_PROCESSES", "2")
     assert resolve_processes() == 2
     monkeypatch.setenv("DAGMA_PROCESSES", "two")
-    with pytest.raises(SystemExit, match="DAGMA_PROCESSES='two'"):
+    with pytest.raises(LabError, match="DAGMA_PROCESSES='two'"):
         resolve_processes()
-    with pytest.raises(SystemExit, match="at least 1"):
+    with pytest.raises(LabError, match="at least 1"):
         resolve_processes(0)
 
 
@@ -124,11 +120,11 @@ def test_only_runs_with_independent_assets_use_step_processes():
     def keys(*names: str) -> list[dg.AssetKey]:
         return [dg.AssetKey(n) for n in names]
 
-    assert _can_overlap(graph, keys("wine_table", "doc_corpus"))
-    assert _can_overlap(graph, keys("wine_model", "doc_vectors", "rag_eval"))
-    assert not _can_overlap(graph, keys("wine_table", "wine_model"))
-    assert not _can_overlap(graph, keys("doc_corpus", "doc_vectors", "rag_eval"))
-    assert not _can_overlap(graph, keys("rag_eval"))
+    assert can_overlap(graph, keys("wine_table", "doc_corpus"))
+    assert can_overlap(graph, keys("wine_model", "doc_vectors", "rag_eval"))
+    assert not can_overlap(graph, keys("wine_table", "wine_model"))
+    assert not can_overlap(graph, keys("doc_corpus", "doc_vectors", "rag_eval"))
+    assert not can_overlap(graph, keys("rag_eval"))
 
 
 def test_runs_never_reconfigure_logging_unless_dagster_yaml_asks(
@@ -140,7 +136,7 @@ def test_runs_never_reconfigure_logging_unless_dagster_yaml_asks(
     real = logging.config.dictConfig
     calls: list[dict] = []
     monkeypatch.setattr(logging.config, "dictConfig", lambda conf: calls.append(conf) or real(conf))
-    _no_logging_reconfiguration()
+    no_logging_reconfiguration()
     home = tmp_path / "dagster"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")

@@ -1,4 +1,8 @@
-"""The `dagma` command: run the lab and see its state."""
+"""The `dagma` command: run the lab and see its state.
+
+Errors Dagma raises on purpose are printed and turned into exit codes in one place:
+`dagma.cli_errors.DagmaCommands`, the class of every command group here.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dagma.cli_errors import DagmaCommands, InputError
 from dagma.services.cli import app as services_app
 from dagma.settings import get_settings
 
-app = typer.Typer(help="Dagma: a reproducible ML lab of notebook assets.", no_args_is_help=True)
+app = typer.Typer(
+    cls=DagmaCommands, help="Dagma: a reproducible ML lab of notebook assets.", no_args_is_help=True
+)
 notebook_app = typer.Typer(help="Author production notebooks.", no_args_is_help=True)
 llm_app = typer.Typer(help="The chat model behind the RAG chain.", no_args_is_help=True)
 app.add_typer(notebook_app, name="notebook")
@@ -76,7 +83,6 @@ def notebook_adopt(
     from unittest import mock
 
     from dagma.notebooks import adopt
-    from dagma.notebooks.spec import NotebookError
 
     if to not in (None, "native"):
         raise typer.BadParameter(
@@ -94,18 +100,14 @@ def notebook_adopt(
         return [key.to_user_string() for key in graph.get_all_asset_keys()]
 
     say: dict[str, Any] = {"markup": False, "highlight": False, "soft_wrap": True}
-    try:
-        plan = adopt.plan(
-            path,
-            settings.notebooks_dir,
-            lab_assets,
-            ins=adopt.parse_ins(ins, path) if ins else None,
-            group=group,
-            native=to == "native",
-        )
-    except NotebookError as exc:
-        console.print(f"error: {exc}", style="red", **say)
-        raise typer.Exit(2) from None
+    plan = adopt.plan(
+        path,
+        settings.notebooks_dir,
+        lab_assets,
+        ins=adopt.parse_ins(ins, path) if ins else None,
+        group=group,
+        native=to == "native",
+    )
     for line in plan.diff.splitlines():
         style = "bold" if line[:3] in ("+++", "---") else {"+": "green", "-": "red"}.get(line[:1])
         console.print(line, style=style, **say)
@@ -251,9 +253,7 @@ def _notebook_params(
                 f"(notebooks: {', '.join(sorted(specs))})."
             )
         raw.setdefault(notebook, {})[name] = value
-    return {
-        nb: specs[nb].coerce(values) for nb, values in raw.items()
-    }
+    return {nb: specs[nb].coerce(values) for nb, values in raw.items()}
 
 
 @app.command()
@@ -267,7 +267,7 @@ def status(
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
         return
-    _print_status(report)
+    lab.print_status(report, console)
 
 
 @app.command()
@@ -278,14 +278,9 @@ def backup(
     ] = None,
 ) -> None:
     """Copy the embedded lab (Dagster runs, MLflow runs and models, vectors) into one archive."""
-    from dagma.backup import BackupError
     from dagma.backup import backup as run_backup
 
-    try:
-        report = run_backup(get_settings(), archive)
-    except BackupError as exc:
-        console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    report = run_backup(get_settings(), archive)
     console.print(
         report.summary("dagma restore"),
         markup=False,
@@ -299,15 +294,10 @@ def restore(
     archive: Annotated[Path, typer.Argument(help="A .tar.gz written by `dagma backup`.")],
 ) -> None:
     """Restore a backup into an empty DAGMA_HOME, checking every file first."""
-    from dagma.backup import BackupError
     from dagma.backup import restore as run_restore
 
     settings = get_settings()
-    try:
-        report = run_restore(settings, archive)
-    except BackupError as exc:
-        console.print(f"error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    report = run_restore(settings, archive)
     console.print(
         f"Restored {report.files} files into {settings.home} in {report.seconds:.1f} s. "
         "Check it with: dagma status",
@@ -346,8 +336,7 @@ def ask(
 ) -> None:
     """Answer a question from the document collection: streams the answer, then its sources."""
     from dagma.lib import rag
-    from dagma.lib.llm import LLMError, LLMSettings, chat_model, check_backend
-    from dagma.lib.vectors import VectorStoreError
+    from dagma.lib.llm import LLMSettings, chat_model, check_backend
     from dagma.qa import open_pipeline
 
     try:
@@ -367,9 +356,8 @@ def ask(
                 console.print(chunk, end="", markup=False, highlight=False, soft_wrap=True)
             console.print()
             answer = rag.assemble_answer(question, docs, "".join(chunks))
-    except (ValueError, LLMError, VectorStoreError) as exc:
-        console.print(f"error: {exc}", style="red", markup=False, highlight=False)
-        raise typer.Exit(2) from None
+    except ValueError as exc:  # an empty question, or one the model's context cannot hold
+        raise InputError(str(exc)) from exc
     _print_sources(answer)
 
 
@@ -394,15 +382,11 @@ def llm_serve(
     import os
     import subprocess  # nosec B404 # argv below is built by openai_server_command, no shell
 
-    from dagma.lib.llm import LLMError, LLMSettings, openai_server_command
+    from dagma.lib.llm import LLMSettings, openai_server_command
 
-    try:
-        argv = openai_server_command(
-            LLMSettings.from_env(backend="local"), host, port, model_alias=alias
-        )
-    except LLMError as exc:
-        console.print(f"error: {exc}", style="red", markup=False, highlight=False)
-        raise typer.Exit(2) from None
+    argv = openai_server_command(
+        LLMSettings.from_env(backend="local"), host, port, model_alias=alias
+    )
     console.print(
         f"Serving {alias} on http://{host}:{port}/v1. Use it with:\n"
         f"  DAGMA_LLM=openai OPENAI_BASE_URL=http://{host}:{port}/v1 DAGMA_LLM_MODEL={alias}",
@@ -425,13 +409,11 @@ def lab_command(
 ) -> None:
     """dagster dev, the MLflow UI, JupyterLab and the app together; Ctrl-C stops them all."""
     from dagma.services import devlab
-    from dagma.services.procs import ServiceError
 
     settings = get_settings()
     ports = {"dagster": dagster_port, "mlflow": mlflow_port, "jupyter": jupyter_port}
     plan = devlab.plan(settings, {**ports, "app": app_port}, jupyter=jupyter)
     lab = devlab.Lab(settings, plan)
-    code = 0
     try:
         lab.start(progress=lambda line: console.print(f"  {line}", markup=False))
         table = Table(title="Dagma lab (Ctrl-C stops everything)", title_justify="left")
@@ -443,72 +425,17 @@ def lab_command(
         for name, why in plan.skipped.items():
             console.print(f"  {name} not started: {why}", markup=False)
         lab.wait()
-    except ServiceError as exc:
-        console.print(f"error: {exc}", style="red", markup=False, highlight=False)
-        code = 1
     except KeyboardInterrupt:
         pass
     finally:
         console.print("Stopping the lab...")
         lab.stop()
         console.print("Stopped.")
-    raise typer.Exit(code)
-
-
-def _print_status(report: dict[str, Any]) -> None:
-    assets = Table(title="Assets", title_justify="left")
-    for col in ("asset", "group", "engine", "last materialized", "run", "stale"):
-        assets.add_column(col)
-    for row in report["assets"]:
-        assets.add_row(
-            row["key"],
-            row["group"] or "",
-            row["engine"] or "",
-            row["last_materialized"] or "never",
-            (row["run_id"] or "")[:8],
-            "yes" if row["stale"] else "no",
-        )
-    console.print(assets)
-    held = [(p, h) for p in report.get("pools", []) for h in p["held_by"]]
-    if held:
-        pools = Table(title="Pool slots held now", title_justify="left")
-        for col in ("pool", "limit", "run", "step"):
-            pools.add_column(col)
-        for pool, holder in held:
-            pools.add_row(pool["pool"], str(pool["limit"]), holder["run_id"][:8], holder["step"])
-        console.print(pools)
-    runs = Table(title="Latest MLflow runs", title_justify="left")
-    for col in ("run", "name", "status", "metrics"):
-        runs.add_column(col)
-    for row in report["mlflow"]["runs"]:
-        metrics = ", ".join(f"{k}={v:.3g}" for k, v in sorted(row["metrics"].items())[:4])
-        runs.add_row(row["run_id"][:8], row["name"], row["status"], metrics)
-    console.print(runs)
-    vectors = Table(
-        title=f"Vector store ({report['vectors']['kind']}: {report['vectors']['location']})",
-        title_justify="left",
-    )
-    for col in ("collection", "version", "points", "dim"):
-        vectors.add_column(col)
-    for row in report["vectors"]["collections"]:
-        vectors.add_row(row["collection"], str(row["version"]), str(row["points"]), str(row["dim"]))
-    console.print(vectors)
-    for problem in report.get("problems", []):
-        console.print(f"[yellow]! {problem}[/yellow]")
-    console.print(
-        f"Dagster UI: {report['links']['dagster']}   MLflow UI: {report['links']['mlflow']}"
-    )
 
 
 def main() -> None:
-    """Console entry point: known input errors print their message, not a traceback."""
-    from dagma.notebooks.spec import NotebookError
-
-    try:
-        app()
-    except NotebookError as exc:
-        console.print(f"Notebook error: {exc}", style="red", markup=False, highlight=False)
-        raise SystemExit(2) from None
+    """Console entry point; errors Dagma raises on purpose print as `dagma.cli_errors` says."""
+    app()
 
 
 if __name__ == "__main__":

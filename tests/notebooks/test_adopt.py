@@ -13,7 +13,7 @@ from dagma.lab import load_definitions, materialize
 from dagma.notebooks import adopt
 from dagma.notebooks.spec import METADATA_KEY, NotebookError, parse_notebook
 from dagma.settings import get_settings
-from tests.conftest import QUIET
+from tests.conftest import QUIET, stored_value
 
 pytestmark = pytest.mark.integration
 
@@ -67,7 +67,7 @@ def test_adopted_as_it_is_it_runs_through_dagstermill(lab: Path, tmp_path: Path)
 
     run = materialize(get_settings(), selection=["wine_table", "wine_rows"], console=QUIET)
     assert run.success, run.error
-    assert run.values["wine_rows"] == 178
+    assert stored_value(get_settings(), "wine_rows") == 178
 
 
 def test_to_native_rewrites_it_for_the_default_engine_and_it_runs(lab: Path, tmp_path: Path):

@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dagma.cli import app
-from dagma.notebooks.spec import NotebookError, parse_notebook
+from dagma.notebooks.spec import parse_notebook
 
 
 def test_notebook_new_scaffolds_a_valid_asset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -29,12 +29,13 @@ def test_notebook_new_scaffolds_a_valid_asset(tmp_path: Path, monkeypatch: pytes
 def test_notebook_new_refuses_bad_names(tmp_path, monkeypatch, args, message):
     monkeypatch.setenv("DAGMA_NOTEBOOKS_DIR", str(tmp_path))
     result = CliRunner().invoke(app, ["notebook", "new", *args])
-    assert isinstance(result.exception, NotebookError)
-    assert message in str(result.exception)
+    assert result.exit_code == 2, result.output  # a NotebookError, printed as `error: ...`
+    assert result.output.startswith("error: ") and message in result.output
+    assert not list(tmp_path.iterdir())
 
 
 def test_notebook_new_never_overwrites(tmp_path, monkeypatch):
     monkeypatch.setenv("DAGMA_NOTEBOOKS_DIR", str(tmp_path))
     assert CliRunner().invoke(app, ["notebook", "new", "once"]).exit_code == 0
     result = CliRunner().invoke(app, ["notebook", "new", "once"])
-    assert "already exists" in str(result.exception)
+    assert result.exit_code == 2 and "already exists" in result.output

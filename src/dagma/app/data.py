@@ -1,5 +1,7 @@
 """Read-only access to the lab's state for the app: Dagster, MLflow, the vectors, notebooks.
 
+Over 450 lines because it is the app's whole data layer: one short section per store it reads.
+
 Nothing here writes. MLflow's and Dagster's SQLite clients create and migrate a missing
 database, so every store is checked first; one that does not exist yet raises `NotReady`,
 whose message says what to run. No UI code lives here.
@@ -19,6 +21,7 @@ from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
+from dagma.errors import DagmaError
 from dagma.lib.models import REGISTERED_MODEL
 from dagma.lib.tracking import CHAMPION
 from dagma.settings import Settings
@@ -29,11 +32,11 @@ RUN_DEMO = "Run `make demo`"
 SNIPPET_CHARS = 240
 
 
-class NotReady(LookupError):
+class NotReady(DagmaError, LookupError):
     """The data does not exist yet; the message says what to run."""
 
 
-class Unavailable(RuntimeError):
+class Unavailable(DagmaError, RuntimeError):
     """A configured service does not answer; the message says how to start or skip it."""
 
 
@@ -197,33 +200,26 @@ def load_definitions() -> Any:
 
 def assets_from_instance(instance: Any, definitions: Any, dagster_dir: Path) -> AssetsView:
     """Assets, last materializations and staleness read from the embedded instance."""
-    from dagster._core.asset_graph_view.asset_graph_view import AssetGraphView, TemporalContext
-    from dagster._core.definitions.data_version import CachingStaleStatusResolver
-    from dagster._time import get_current_datetime
+    from dagma import dagster_state
 
     require_instance(dagster_dir)
     graph = definitions.resolve_asset_graph()
-    view = AssetGraphView(
-        temporal_context=TemporalContext(effective_dt=get_current_datetime(), last_event_id=None),
-        instance=instance,
-        asset_graph=graph,
-    )
-    resolver = CachingStaleStatusResolver(instance, graph, loading_context=view)
+    keys = sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string())
+    latest = dagster_state.latest_partitions(graph, keys)
+    stale = dagster_state.staleness(instance, graph, keys, latest, causes=True)
+    events = dagster_state.last_materializations(instance, keys)
     assets = []
-    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
-        partitions_def = graph.get(key).partitions_def
-        partition = partitions_def.get_last_partition_key() if partitions_def else None
-        event = instance.get_latest_materialization_event(key)
-        stale = resolver.get_status(key, partition)
-        status, why = _state(event is not None, stale.name, partition)
-        causes = resolver.get_stale_root_causes(key, partition) if status == "stale" else []
+    for key in keys:
+        event, partition = events[key], latest.get(key)
+        status, why = _state(event is not None, stale[key].status, partition)
+        causes = stale[key].causes if status == "stale" else ()
         dagster_event = event.dagster_event if event else None
         assets.append(
             AssetState(
                 key=key.to_user_string(),
                 group=graph.get(key).group_name,
                 status=status,
-                cause=causes[0].reason if causes else why,
+                cause=causes[0] if causes else why,
                 last_materialized=_time(event.timestamp if event else None),
                 partition=dagster_event.partition if dagster_event else None,
                 run_id=event.run_id if event else None,

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dagma.errors import DagmaError
+
 if TYPE_CHECKING:
     import pandas as pd
 
@@ -22,7 +24,7 @@ SUFFIX = ".csv"
 MAX_ROWS = 100_000
 
 
-class ArrivalError(ValueError):
+class ArrivalError(DagmaError, ValueError):
     """An inbox file cannot be ingested; the message names the file and the fix."""
 
 

@@ -12,11 +12,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from dagma.errors import DagmaError
+
 DEFAULT_MODEL_DIR = Path(__file__).with_name("embedder_model")
 EMBEDDERS = ("model2vec", "minilm", "fastembed")
 
 
-class EmbedderError(RuntimeError):
+class EmbedderError(DagmaError, RuntimeError):
     """An embedder cannot be built; the message says which setting to change."""
 
 

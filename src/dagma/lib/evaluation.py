@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from dagma.errors import DagmaError
 from dagma.lib.citations import citation_numbers, citation_valid, strip_citations
 
 __all__ = [
@@ -45,7 +46,7 @@ __all__ = [
 ]
 
 
-class QuestionFileError(ValueError):
+class QuestionFileError(DagmaError, ValueError):
     """A questions file is missing or has a malformed line."""
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 from urllib.parse import urlsplit
 
+from dagma.errors import DagmaError
+
 if TYPE_CHECKING:
     from langchain_core.language_models import BaseChatModel
 
@@ -52,8 +54,10 @@ PLACEHOLDER_API_KEY = "not-needed"
 LOCAL_MODEL_LOCK = threading.Lock()
 
 
-class LLMError(RuntimeError):
+class LLMError(DagmaError, RuntimeError):
     """The chat model cannot be configured, loaded or reached; the message names the setting."""
+
+    exit_code = 2
 
 
 def smollm2_gguf_path() -> Path:

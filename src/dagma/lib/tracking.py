@@ -13,13 +13,15 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dagma.errors import DagmaError
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
-class TrackingError(RuntimeError):
+class TrackingError(DagmaError, RuntimeError):
     """MLflow cannot be reached or used; the message names MLFLOW_TRACKING_URI and the fix."""
 
 

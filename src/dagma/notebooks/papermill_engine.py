@@ -23,11 +23,13 @@ from papermill.log import logger
 from papermill.utils import merge_kwargs, remove_args
 from traitlets import Dict, Float, Integer
 
+from dagma.errors import DagmaError
+
 ENGINE = "dagma"
 RUN_ENV = "DAGMA_KERNEL_RUN_ID"
 
 
-class NotebookTimeoutError(CellTimeoutError):
+class NotebookTimeoutError(DagmaError, CellTimeoutError):
     """The whole notebook ran past its `max_runtime`."""
 
 

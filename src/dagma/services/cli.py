@@ -13,7 +13,17 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dagma.cli_errors import DagmaCommands
+
+
+class ServicesCommands(DagmaCommands):
+    """`dagma services` exits 1 on every error, as on an unhealthy service."""
+
+    exit_code = 1
+
+
 app = typer.Typer(
+    cls=ServicesCommands,
     help="Services mode: Postgres, an MLflow server and Dagster's webserver, daemon and code "
     "server as local processes (no Docker).",
     no_args_is_help=True,
@@ -28,21 +38,11 @@ def _topology() -> Any:
     return Topology(get_config())
 
 
-def _fail(exc: Exception) -> typer.Exit:
-    console.print(f"[red]error:[/red] {exc}")
-    return typer.Exit(1)
-
-
 @app.command()
 def up() -> None:
     """Start what is not running and wait until every service is healthy."""
-    from dagma.services.procs import ServiceError
-
     topology = _topology()
-    try:
-        statuses = topology.up(progress=lambda line: console.print(f"  {line}"))
-    except ServiceError as exc:
-        raise _fail(exc) from exc
+    statuses = topology.up(progress=lambda line: console.print(f"  {line}"))
     _print_table(statuses)
     c = topology.config
     console.print(
@@ -119,14 +119,10 @@ def backup(
     ] = None,
 ) -> None:
     """pg_dump every database, plus MLflow's artifacts, the vectors and executed notebooks."""
-    from dagma.backup import BackupError
     from dagma.services.backup import backup as run_backup
     from dagma.services.config import get_config
 
-    try:
-        report = run_backup(get_config(), archive)
-    except BackupError as exc:
-        raise _fail(exc) from None
+    report = run_backup(get_config(), archive)
     console.print(
         report.summary("dagma services restore"), markup=False, highlight=False, soft_wrap=True
     )
@@ -138,17 +134,13 @@ def restore(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Restore into an empty DAGMA_HOME: a new cluster, every database, the files; then stop."""
-    from dagma.backup import BackupError
     from dagma.services.backup import restore as run_restore
     from dagma.services.config import get_config
 
     config = get_config()
-    try:
-        report, restored = run_restore(
-            config, archive, progress=(lambda _: None) if as_json else console.print
-        )
-    except BackupError as exc:
-        raise _fail(exc) from None
+    report, restored = run_restore(
+        config, archive, progress=(lambda _: None) if as_json else console.print
+    )
     if as_json:
         print(json.dumps({"home": str(config.home), "counts": restored, "files": report.files}))
         return

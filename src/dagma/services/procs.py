@@ -14,12 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dagma.errors import DagmaError
 from dagma.lib import processes
 
 MARKER = "DAGMA_SERVICES_HOME"
 
 
-class ServiceError(RuntimeError):
+class ServiceError(DagmaError, RuntimeError):
     """A service cannot start or stop; the message names it and the fix."""
 
 

@@ -19,6 +19,7 @@ from dagma.lib.evaluation import (
 )
 from dagma.lib.llm import chat_model
 from dagma.lib.retrieval import make_pipeline, make_search
+from dagma.nb import VALUE_METADATA, value_preview
 from dagma.settings import PROJECT_ROOT
 
 QUESTIONS = PROJECT_ROOT / "evals" / "questions.jsonl"
@@ -170,9 +171,11 @@ def rag_eval(
         "sample": sample.model_dump(),
         "mlflow_run_id": run.info.run_id,
     }
+    preview = value_preview(value)  # what `dagma run` prints, read from the event log
     return dg.Output(
         value,
         metadata={
+            **({VALUE_METADATA: dg.MetadataValue.json(preview)} if preview is not None else {}),
             **metrics,
             **timing,
             "questions": report["n"],

@@ -14,6 +14,8 @@ from typing import Any, Self
 
 import numpy as np
 
+from dagma.errors import DagmaError
+
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _NAMESPACE = uuid.UUID("6f1c3a52-4d0e-5b8a-9c7e-2f4b8d1e0a93")
 _UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -40,8 +42,10 @@ class CollectionVersion:
 CollectionInfo = CollectionVersion
 
 
-class VectorStoreError(RuntimeError):
+class VectorStoreError(DagmaError, RuntimeError):
     """The store cannot do what was asked; the message names the thing and the fix."""
+
+    exit_code = 2
 
 
 def point_id(*parts: str) -> str:
