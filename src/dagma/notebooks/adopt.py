@@ -4,6 +4,9 @@ By default its code cells stay as they are: the declaration (engine, inputs, ass
 goes into the notebook's metadata, and the notebook keeps running through dagstermill. With
 `native=True` it is rewritten for the default engine instead: a literal parameters cell,
 `ctx.upstream` for each input and `ctx.output` for each `yield_result`.
+
+Longer than 450 lines because it is one job, reading and rewriting a dagstermill notebook's
+cells, and its steps (inputs, results, events, parameters) share one parsed notebook.
 """
 
 from __future__ import annotations
