@@ -151,6 +151,10 @@ def test_status_json_names_every_asset_and_collection(demo):
     [collection] = report["vectors"]["collections"]
     assert collection["points"] == run.values["doc_vectors"]["points"]
     assert any(r["name"] == "wine_model" for r in report["mlflow"]["runs"])
+    by_key = {a["key"]: a for a in report["assets"]}
+    html = Path(by_key["wine_model"]["executed_notebook"])  # the run folder of its last run
+    assert html.is_file() and html.parent.parent.name == by_key["wine_model"]["run_id"]
+    assert by_key["wine_table"]["executed_notebook"] is None  # a Python asset
 
 
 def test_a_fresh_home_offline_reproduces_metrics_point_ids_and_answer(demo, tmp_path: Path):

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from dagma import dagster_state
 from dagma.lab.definitions import load_definitions
+from dagma.lib.run_folder import RunFolder
 from dagma.reaping import free_slots_of_finished_runs, held_slots, reap_dead_runs
 from dagma.settings import Settings
 
@@ -52,6 +53,7 @@ def status(settings: Settings) -> dict[str, Any]:
                 ),
                 "run_id": event.run_id if event else None,
                 "stale": not stale[key].fresh,
+                "executed_notebook": _executed_copy(settings, event, graph.get(key).assets_def),
             }
         )
     report: dict[str, Any] = {
@@ -77,6 +79,17 @@ def status(settings: Settings) -> dict[str, Any]:
     except Exception as exc:
         problems.append(f"Vector store: {exc}")
     return report
+
+
+def _executed_copy(settings: Settings, event: Any, assets_def: Any) -> str | None:
+    """The HTML copy of the notebook that made the last materialization, if one ran it."""
+    if event is None or not assets_def.is_executable:
+        return None
+    for name in (assets_def.op.name, *("__".join(k.path) for k in assets_def.keys)):
+        folder = RunFolder.of(settings.runs_dir, event.run_id, name)
+        if folder.html.is_file():
+            return str(folder.html)
+    return None
 
 
 def print_status(report: dict[str, Any], console: Console) -> None:
