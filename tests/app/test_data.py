@@ -60,7 +60,9 @@ def test_metric_series_is_oldest_first_and_skips_runs_without_the_metric():
     ],
 )
 def test_local_tracking_stores_are_recognised(uri: str, path: Path | None):
-    assert data._local_store(uri) == path
+    from dagma.lib import tracking
+
+    assert tracking.local_store(uri) == path
 
 
 def test_a_missing_or_empty_store_is_not_ready_and_stays_missing(tmp_path: Path):
@@ -86,24 +88,25 @@ def test_a_missing_dagster_instance_is_not_ready(tmp_path: Path):
 
 
 def test_executed_notebooks_are_newest_first_with_their_context(tmp_path: Path):
-    import json
     import os
+
+    from dagma.lib.run_folder import RunFolder
+    from dagma.nb import NotebookContext, RunTarget
 
     for i, (run_id, asset, partition) in enumerate(
         [("run-a", "wine_model", None), ("run-b", "wine_daily_scores", "2026-01-02")]
     ):
-        folder = tmp_path / run_id / asset
-        folder.mkdir(parents=True)
-        (folder / f"{asset}.html").write_text("<html></html>")
-        (folder / f"{asset}.ipynb").write_text("{}")
-        (folder / "context.json").write_text(
-            json.dumps({"notebook": asset, "run_id": run_id, "partition_key": partition})
-        )
-        os.utime(folder / f"{asset}.html", (1_000_000 + i, 1_000_000 + i))
+        folder = RunFolder.of(tmp_path, run_id, asset).create()
+        folder.html.write_text("<html></html>")
+        folder.ipynb.write_text("{}")
+        target = RunTarget("", "dagma", None, None, "", "c", run_id, partition_key=partition)
+        context = NotebookContext(asset, [asset], target, {}, folder.outputs, mlflow_run_id="m1")
+        folder.write_context(context.to_json())  # as the runner writes it
+        os.utime(folder.html, (1_000_000 + i, 1_000_000 + i))
     books = data.executed_notebooks(tmp_path)
-    assert [(b.asset, b.run_id, b.partition) for b in books] == [
-        ("wine_daily_scores", "run-b", "2026-01-02"),
-        ("wine_model", "run-a", None),
+    assert [(b.asset, b.run_id, b.partition, b.mlflow_run_id) for b in books] == [
+        ("wine_daily_scores", "run-b", "2026-01-02", "m1"),
+        ("wine_model", "run-a", None, "m1"),
     ]
     assert books[0].ipynb is not None and "[2026-01-02]" in books[0].label
     with pytest.raises(data.NotReady, match="make demo"):

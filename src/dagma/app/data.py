@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlparse
 
 import pandas as pd
 
 from dagma.errors import DagmaError
+from dagma.lib import tracking
 from dagma.lib.models import REGISTERED_MODEL
 from dagma.lib.tracking import CHAMPION
 from dagma.settings import Settings
@@ -256,20 +256,9 @@ class ModelRef:
     created: datetime | None
 
 
-def _local_store(tracking_uri: str) -> Path | None:
-    parsed = urlparse(tracking_uri)
-    if parsed.scheme == "sqlite":
-        return Path(unquote(tracking_uri.removeprefix("sqlite:///")))
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    if parsed.scheme == "" and tracking_uri:
-        return Path(tracking_uri)
-    return None
-
-
 def require_tracking_store(tracking_uri: str) -> None:
     """Raise unless MLflow's store exists and answers; a client would create a missing one."""
-    local = _local_store(tracking_uri)
+    local = tracking.local_store(tracking_uri)
     if local is not None:
         if not local.exists() or (local.is_file() and local.stat().st_size == 0):
             raise NotReady(
@@ -597,24 +586,22 @@ class ExecutedNotebook:
 
 def executed_notebooks(runs_dir: Path) -> list[ExecutedNotebook]:
     """The executed notebooks' HTML under `runs_dir/<run>/<asset>/`, newest first."""
+    from dagma.lib.run_folder import RunFolder
+
     found = []
-    for html in runs_dir.glob("*/*/*.html") if runs_dir.is_dir() else []:
-        folder = html.parent
-        context: dict[str, Any] = {}
-        try:
-            context = json.loads((folder / "context.json").read_text())
-        except (OSError, ValueError):
-            context = {}
-        ipynb = html.with_suffix(".ipynb")
-        run_id = folder.parent.name
+    for folder in RunFolder.every(runs_dir):
+        if not folder.html.is_file():
+            continue
+        context = folder.read_context()
+        target = context.get("target") or {}
         found.append(
             ExecutedNotebook(
-                asset=str(context.get("notebook") or html.stem),
-                run_id=str(context.get("run_id") or run_id),
-                html=html,
-                ipynb=ipynb if ipynb.is_file() else None,
-                modified=datetime.fromtimestamp(html.stat().st_mtime).astimezone(),
-                partition=context.get("partition_key"),
+                asset=folder.notebook,
+                run_id=folder.run_id,
+                html=folder.html,
+                ipynb=folder.ipynb if folder.ipynb.is_file() else None,
+                modified=datetime.fromtimestamp(folder.html.stat().st_mtime).astimezone(),
+                partition=target.get("partition_key"),
                 mlflow_run_id=context.get("mlflow_run_id"),
             )
         )

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote, urlparse
 
 from dagma.errors import DagmaError
 
@@ -82,6 +83,18 @@ def check_server(tracking_uri: str, timeout: float = 5.0) -> None:
         "Start it (`dagma services up`), fix the URL, or unset MLFLOW_TRACKING_URI to use the "
         "embedded store."
     )
+
+
+def local_store(tracking_uri: str) -> Path | None:
+    """The file or folder of a local MLflow store (sqlite, file or a bare path); None for a server."""
+    parsed = urlparse(tracking_uri)
+    if parsed.scheme == "sqlite":
+        return Path(unquote(tracking_uri.removeprefix("sqlite:///")))
+    if parsed.scheme == "file":
+        return Path(unquote(parsed.path))
+    if parsed.scheme == "" and tracking_uri:
+        return Path(tracking_uri)
+    return None
 
 
 def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path | None) -> str:
