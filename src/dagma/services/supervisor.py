@@ -1,7 +1,7 @@
 """The services-mode topology as local processes: what to start, in which order, and how to
 tell it is healthy. No Dagster import: Dagster runs only in the processes started here.
 
-One module on purpose: each service, its health check and its first-start setup read together."""
+Longer than 450 lines because each service, its health check and its first start read together."""
 
 from __future__ import annotations
 
