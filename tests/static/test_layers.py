@@ -143,6 +143,11 @@ def test_no_test_uses_a_private_name_of_dagma():
     assert not found, found
 
 
+def test_no_module_imports_another_modules_private_name():
+    found = {str(p.relative_to(SRC)): uses for p in _modules() if (uses := _private_uses(p))}
+    assert not found, found
+
+
 def test_the_private_name_check_sees_an_import_a_read_and_a_patch(tmp_path: Path):
     sample = tmp_path / "test_sample.py"
     sample.write_text(
