@@ -238,11 +238,11 @@ class NotebookContext:
     def vector_store(self) -> Any:
         """The lab's vector store: the Qdrant server when configured, else the embedded one."""
         from dagma.lib.vectors import open_store
+        from dagma.settings import get_settings
 
+        # The run's target says where; the key comes from the environment, as every secret does.
         return open_store(
-            url=self.qdrant_url,
-            api_key=os.environ.get("QDRANT_API_KEY"),
-            root=Path(self.qdrant_path),
+            url=self.qdrant_url, api_key=get_settings().qdrant_key(), root=Path(self.qdrant_path)
         )
 
 
