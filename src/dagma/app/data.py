@@ -1,6 +1,6 @@
 """Read-only access to the lab's state for the app: Dagster, MLflow, the vectors, notebooks.
 
-Over 450 lines because it is the app's whole data layer: one short section per store it reads.
+Longer than 450 lines because it is the app's whole data layer: one section per store it reads.
 
 Nothing here writes. MLflow's and Dagster's SQLite clients create and migrate a missing
 database, so every store is checked first; one that does not exist yet raises `NotReady`,
