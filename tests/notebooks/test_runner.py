@@ -7,8 +7,8 @@ import mlflow
 import nbformat
 import pytest
 
-from dagma.notebooks.papermill_engine import Limits
 from dagma.nb import RunTarget
+from dagma.notebooks.papermill_engine import Limits
 from dagma.notebooks.runner import KernelError, NotebookFailed, PapermillEngine, execute
 from dagma.notebooks.spec import NotebookError, parse_notebook
 from tests.notebooks.test_spec import write_nb
