@@ -15,12 +15,11 @@ import json
 import os
 import pickle  # nosec B403 # only pickles our own kernel or IO manager wrote
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dagma.lib.atomic import write_atomic
+from dagma.lib.atomic import atomic_file, write_atomic
 
 CONTEXT_FILE = "context.json"
 
@@ -114,15 +113,8 @@ class RunFolder:
 
 def write_pickle(path: Path, value: Any) -> None:
     """Pickle `value` to `path` whole: written beside it, then renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            pickle.dump(value, fh, pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as fh:
+        pickle.dump(value, fh, pickle.HIGHEST_PROTOCOL)
 
 
 def read_pickle(path: Path) -> Any:
@@ -149,13 +141,22 @@ class PickleFile:
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(self.path, target)
-        except OSError:
-            shutil.copyfile(self.path, f"{target}.tmp")
-            os.replace(f"{target}.tmp", target)
+        except OSError:  # another filesystem
+            with open(self.path, "rb") as src, atomic_file(target) as dst:
+                shutil.copyfileobj(src, dst)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # An IO manager other than the lab's pickles the value itself, not the path.
         return pickle.loads, (Path(self.path).read_bytes(),)
+
+
+def loaded(value: Any) -> Any:
+    """`value` with each `PickleFile` in it (alone, or one per partition) loaded."""
+    if isinstance(value, PickleFile):
+        return value.load()
+    if pickle_paths(value) is not None:
+        return {k: v.load() for k, v in value.items()}
+    return value
 
 
 def pickle_paths(value: Any) -> str | dict[str, str] | None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import dagster as dg
 
 from dagma.defs.core.resources import MLflowResource, QdrantResource, service_retry_policy
-from dagma.lib.run_folder import PickleFile
+from dagma.lib.run_folder import PickleFile, loaded
 from dagma.nb import VALUE_METADATA, RunTarget, value_preview
 from dagma.notebooks.runner import KernelError, NotebookFailed, PapermillEngine, execute
 from dagma.notebooks.spec import NotebookError, NotebookSpec
@@ -202,7 +202,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
 
             engine = DagstermillEngine(
                 context.get_step_execution_context(),
-                {k: _loaded(v) for k, v in inputs.items()},
+                {k: loaded(v) for k, v in inputs.items()},
                 spec.name,
                 keep_defaults=spec.keeps_defaults,
                 limits=limits,
@@ -256,15 +256,6 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         yield from events
 
     return _notebook
-
-
-def _loaded(value: Any) -> Any:
-    """An upstream value in memory, for dagstermill, which passes values itself."""
-    if isinstance(value, PickleFile):
-        return value.load()
-    if isinstance(value, dict) and value and all(isinstance(v, PickleFile) for v in value.values()):
-        return {k: v.load() for k, v in value.items()}
-    return value
 
 
 def _max_runtime_tag(spec: NotebookSpec) -> dict[str, str]:
