@@ -284,9 +284,11 @@ def main() -> None:
         default=12,
         help="partitions the papermill loop runs (0: skip); its rate is per partition",
     )
-    parser.add_argument("--write-docs", action="store_true")
+    _report.add_docs_flags(parser)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    _report.check_docs_flags(parser, args)
+    tree = _report.start(args.write_docs, args.allow_dirty)
     keys = partition_keys(args.partitions)
     load_start = os.getloadavg()
     results: list[Result] = []
@@ -302,13 +304,13 @@ def main() -> None:
         finally:
             lab.cli("down")
             shutil.rmtree(lab.home, ignore_errors=True)
-    machine = _report.machine(load_start, os.getloadavg(), ("dagster", "mlflow", "papermill"))
+    machine = _report.machine(load_start, os.getloadavg(), ("dagster", "mlflow", "papermill"), tree)
     text = report(results, papermill, keys, machine, args.papermill_partitions)
     print(text)
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=2))
     if args.write_docs:
-        _report.replace_section(text, MARK_START, MARK_END)
+        _report.write_section(text, MARK_START, MARK_END, tree, args.allow_dirty)
     bad = [r for r in results if r.failed or r.max_in_progress > r.limit]
     if bad:
         raise SystemExit(f"backfill broke its limits or failed: {bad}")

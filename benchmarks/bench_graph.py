@@ -339,10 +339,11 @@ def ratios(by_key: dict[str, Alternative]) -> dict[str, float]:
     return {f"{a}/{b}": round(m[a] / m[b], 4) for a, b in pairs if a in m and m.get(b)}
 
 
-def machine(load_start: tuple[float, ...], load_end: tuple[float, ...]) -> list[str]:
-    return _report.machine(
-        load_start, load_end, ("dagster", "papermill", "mlflow", "llama_cpp_python", "scikit-learn")
-    )
+def machine(
+    load_start: tuple[float, ...], load_end: tuple[float, ...], tree: _report.Tree
+) -> list[str]:
+    packages = ("dagster", "papermill", "mlflow", "llama_cpp_python", "scikit-learn")
+    return _report.machine(load_start, load_end, packages, tree)
 
 
 def target_rows(by_key: dict[str, Alternative]) -> list[str]:
@@ -478,7 +479,7 @@ def where_time_goes(by_key: dict[str, Alternative]) -> str:
     return textwrap.fill("".join(parts), width=100)
 
 
-def write_docs(body: str, trees: int) -> None:
+def write_docs(body: str, trees: int, tree: _report.Tree, allow_dirty: bool) -> None:
     intro = (
         "Command: `make bench`, or `uv run python benchmarks/bench_graph.py --write-docs` "
         "(`--repeat N`, default 3; `--quick` is the CI gate's smaller run). The cold demo is "
@@ -503,7 +504,7 @@ def write_docs(body: str, trees: int) -> None:
             MARK_END,
         ]
     )
-    _report.replace_section(section, MARK_START, MARK_END, DOCS)
+    _report.write_section(section, MARK_START, MARK_END, tree, allow_dirty, docs=DOCS)
 
 
 def main() -> None:
@@ -513,7 +514,7 @@ def main() -> None:
         "--quick", action="store_true", help="1 repeat, smaller fits, no 2-process demo"
     )
     parser.add_argument("--json", type=Path, help="write {ratio: value} here (lower is better)")
-    parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    _report.add_docs_flags(parser)
     parser.add_argument("--only", help="comma-separated alternative keys (for a quick check)")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("work", nargs="?", type=Path, help=argparse.SUPPRESS)
@@ -522,6 +523,8 @@ def main() -> None:
         WORKERS[args.worker](args.work)
         return
 
+    _report.check_docs_flags(parser, args, "only", "quick")
+    tree = _report.start(args.write_docs, args.allow_dirty)
     repeat = args.repeat or (1 if args.quick else 3)
     opts = Options(trees=TREES["quick" if args.quick else "full"])
     alts = alternatives()
@@ -546,12 +549,12 @@ def main() -> None:
             for alt in alts[shift:] + alts[:shift]:
                 run_once(alt, base, rep, opts)
     total = time.perf_counter() - started
-    body = report(alts, repeat, machine(load_start, os.getloadavg()), total)
+    body = report(alts, repeat, machine(load_start, os.getloadavg(), tree), total)
     print(body)
     if args.json:
         args.json.write_text(json.dumps(ratios({a.key: a for a in alts}), indent=2) + "\n")
-    if args.write_docs and not args.only and not args.quick:
-        write_docs(body, opts.trees)
+    if args.write_docs:
+        write_docs(body, opts.trees, tree, args.allow_dirty)
         print(f"\nUpdated {DOCS.relative_to(ROOT)}", file=sys.stderr)
     if any(a.failures for a in alts):
         sys.exit(1)

@@ -603,10 +603,11 @@ def spread(alt: Alternative) -> str:
     return f"{min(alt.times):.2f}-{max(alt.times):.2f}" if alt.times else "n/a"
 
 
-def machine(load_start: tuple[float, ...], load_end: tuple[float, ...]) -> list[str]:
-    return _report.machine(
-        load_start, load_end, ("dagster", "dagstermill", "papermill", "jupyter_client", "ipykernel")
-    )
+def machine(
+    load_start: tuple[float, ...], load_end: tuple[float, ...], tree: _report.Tree
+) -> list[str]:
+    packages = ("dagster", "dagstermill", "papermill", "jupyter_client", "ipykernel")
+    return _report.machine(load_start, load_end, packages, tree)
 
 
 SHORT = {
@@ -784,7 +785,7 @@ def where_time_goes(by_key: dict[str, Alternative]) -> str:
     return textwrap.fill(text, width=100)
 
 
-def write_docs(body: str) -> None:
+def write_docs(body: str, tree: _report.Tree, allow_dirty: bool) -> None:
     section = "\n".join(
         [
             MARK_START,
@@ -808,13 +809,13 @@ def write_docs(body: str) -> None:
             MARK_END,
         ]
     )
-    _report.replace_section(section, MARK_START, MARK_END, DOCS)
+    _report.write_section(section, MARK_START, MARK_END, tree, allow_dirty, docs=DOCS)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="runs per alternative (default 3)")
-    parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    _report.add_docs_flags(parser)
     parser.add_argument("--only", help="comma-separated alternative keys (for a quick check)")
     parser.add_argument("--json", type=Path, help="also write the ratios as JSON to this file")
     parser.add_argument(
@@ -829,6 +830,8 @@ def main() -> None:
         WORKERS[args.worker](args.work)
         return
 
+    _report.check_docs_flags(parser, args, "only")
+    tree = _report.start(args.write_docs, args.allow_dirty)
     alts = alternatives()
     if args.only:
         keep = set(args.only.split(","))
@@ -858,12 +861,12 @@ def main() -> None:
             for alt in alts[shift:] + alts[:shift]:
                 run_once(alt, base, rep)
     total = time.perf_counter() - started
-    body = report(alts, args.repeat, machine(load_start, os.getloadavg()), total)
+    body = report(alts, args.repeat, machine(load_start, os.getloadavg(), tree), total)
     print(body)
     if args.json:
         args.json.write_text(json.dumps(ratios({a.key: a for a in alts}), indent=2) + "\n")
-    if args.write_docs and not args.only:
-        write_docs(body)
+    if args.write_docs:
+        write_docs(body, tree, args.allow_dirty)
         print(f"\nUpdated {DOCS.relative_to(ROOT)}", file=sys.stderr)
     failed = [a.key for a in alts if a.failures]
     problems = [] if args.no_check else engine_check({a.key: a for a in alts})

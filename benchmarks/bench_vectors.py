@@ -482,11 +482,14 @@ def runs(job: Job) -> str:
     return f"{len(job.results)}/{len(job.results) + len(job.failures)}"
 
 
-def machine(load_start: tuple[float, ...], load_end: tuple[float, ...]) -> list[str]:
+def machine(
+    load_start: tuple[float, ...], load_end: tuple[float, ...], tree: _report.Tree
+) -> list[str]:
     return _report.machine(
         load_start,
         load_end,
         ("qdrant-edge-py", "qdrant-client", "model2vec", "tokenizers", "numpy"),
+        tree,
     )
 
 
@@ -704,7 +707,7 @@ def ratio_table(all_jobs: list[Job], sizes: Sizes) -> list[str]:
     return rows
 
 
-def write_docs(body: str, sizes: Sizes) -> None:
+def write_docs(body: str, sizes: Sizes, tree: _report.Tree, allow_dirty: bool) -> None:
     section = "\n".join(
         [
             MARK_START,
@@ -736,7 +739,7 @@ def write_docs(body: str, sizes: Sizes) -> None:
             MARK_END,
         ]
     )
-    _report.replace_section(section, MARK_START, MARK_END, DOCS)
+    _report.write_section(section, MARK_START, MARK_END, tree, allow_dirty, docs=DOCS)
 
 
 def main() -> None:
@@ -745,7 +748,7 @@ def main() -> None:
     parser.add_argument("--only", help="comma-separated keys: " + ",".join(LABELS))
     parser.add_argument("--quick", action="store_true", help="small sizes, 1 repeat (CI gate)")
     parser.add_argument("--json", type=Path, help="also write the ratios to this JSON file")
-    parser.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    _report.add_docs_flags(parser)
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("rest", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -755,6 +758,8 @@ def main() -> None:
         print(json.dumps(WORKERS[args.worker](work, size, sizes)))
         return
 
+    _report.check_docs_flags(parser, args, "only", "quick")
+    tree = _report.start(args.write_docs, args.allow_dirty)
     only = set(args.only.split(",")) if args.only else None
     if only and only - set(LABELS):
         parser.error(f"unknown keys {sorted(only - set(LABELS))}; use {', '.join(LABELS)}")
@@ -769,15 +774,15 @@ def main() -> None:
             for job in all_jobs[shift:] + all_jobs[:shift]:
                 run_once(job, Path(tmp), rep, args.quick)
     total = time.perf_counter() - started
-    body = report(all_jobs, sizes, repeat, machine(load_start, os.getloadavg()), total)
+    body = report(all_jobs, sizes, repeat, machine(load_start, os.getloadavg(), tree), total)
     print(body)
     found = ratios(all_jobs, sizes)
     if args.json:
         args.json.write_text(json.dumps(found, indent=2) + "\n")
     if args.quick or args.json:
         print(json.dumps(found))
-    if args.write_docs and not args.only and not args.quick:
-        write_docs(body, sizes)
+    if args.write_docs:
+        write_docs(body, sizes, tree, args.allow_dirty)
         print(f"\nUpdated {DOCS.relative_to(ROOT)}", file=sys.stderr)
     if any(j.failures for j in all_jobs):
         sys.exit(1)
