@@ -171,15 +171,22 @@ def demo(
     processes: Processes = None,
 ) -> None:
     """Materialize the whole demo graph on the embedded defaults and summarise it."""
+    settings = get_settings()
+    pool = _spare_kernels(settings, None)
     from dagma import lab
     from dagma.lib import arrivals
 
-    settings = get_settings()
     out = Console(stderr=True) if as_json else console
-    if not arrivals.landed(settings.inbox_dir):
-        path = arrivals.write_sample(settings.inbox_dir)
-        out.print(f"Dropped sample arrivals into the empty inbox: {path}")
-    result = lab.materialize(settings, selection=None, seed=seed, console=out, processes=processes)
+    try:
+        if not arrivals.landed(settings.inbox_dir):
+            path = arrivals.write_sample(settings.inbox_dir)
+            out.print(f"Dropped sample arrivals into the empty inbox: {path}")
+        result = lab.materialize(
+            settings, selection=None, seed=seed, console=out, processes=processes
+        )
+    finally:
+        if pool is not None:
+            pool.close()
     if as_json:
         typer.echo(json.dumps(lab.summary(result, settings), indent=2, default=str))
     else:
@@ -206,24 +213,42 @@ def run(
     processes: Processes = None,
 ) -> None:
     """Materialize some or all assets."""
-    from dagma import lab
-
     settings = get_settings()
     params = _notebook_params(param or [], assets or [], settings)
-    result = lab.materialize(
-        settings,
-        selection=assets,
-        stale_only=stale,
-        params=params,
-        console=console,
-        processes=processes,
-    )
+    # Spare kernels start now, while Dagster is imported and the definitions load.
+    pool = None if stale else _spare_kernels(settings, assets)
+    from dagma import lab
+
+    try:
+        result = lab.materialize(
+            settings,
+            selection=assets,
+            stale_only=stale,
+            params=params,
+            console=console,
+            processes=processes,
+        )
+    finally:
+        if pool is not None:
+            pool.close()
     if result.run_id is None:
         console.print("[green]Nothing is stale: every asset is up to date.[/green]")
         return
     lab.print_summary(result, settings, console)
     if not result.success:
         raise typer.Exit(1)
+
+
+def _spare_kernels(settings: Any, selection: list[str] | None) -> Any:
+    """A kernel pool for the notebooks this command will run (see `kernel_pool.for_notebooks`)."""
+    from dagma import reaping
+    from dagma.notebooks import kernel_pool
+
+    settings.ensure_dirs()
+    settings.export_env()  # before the kernels start: they run in the lab's environment
+    reaping.own_processes()
+    notebooks = kernel_pool.papermill_notebooks(settings.notebooks_dir, selection or None)
+    return kernel_pool.for_notebooks(settings.kernels_dir, notebooks, settings.notebooks_dir)
 
 
 def _notebook_params(

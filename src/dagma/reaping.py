@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Any
 
 from dagma.lib import processes
@@ -44,7 +45,7 @@ def reap_dead_runs(instance: Any, settings: Settings) -> list[str]:
             f"The process that ran it (pid {pid}) is gone: killed or crashed. Nothing it was "
             "writing became visible. Re-run with `dagma run --stale` or `dagma run ASSET`.",
         )
-        stop_processes_of(run.run_id, owner=int(pid))
+        stop_processes_of(run.run_id, owner=int(pid), kernels=settings.kernels_dir)
         reaped.append(run.run_id)
     if reaped:
         discard_dead_builds(settings)
@@ -56,16 +57,22 @@ def reap_dead_runs(instance: Any, settings: Settings) -> list[str]:
     return reaped
 
 
-def stop_processes_of(run_id: str, owner: int | None = None) -> list[int]:
+def stop_processes_of(
+    run_id: str, owner: int | None = None, kernels: Path | None = None
+) -> list[int]:
     """SIGKILL a dead run's processes, which would go on running (and writing) unwatched.
 
-    They are its kernels, tagged with the run, and, when the run's own process is known and
+    They are its kernels, tagged with the run or claimed from the pool in `kernels`, and, when the run's own process is known and
     dead, everything that process started. ipykernel exits with its parent only where orphans
     are reparented to PID 1; under a subreaper (a container's init, systemd) it keeps running.
     """
     from dagma.notebooks.papermill_engine import RUN_ENV
 
     pids = set(processes.tagged(RUN_ENV, run_id))
+    if kernels is not None:  # spare kernels it claimed: started untagged, before the run
+        from dagma.notebooks.kernel_pool import kernels_of_run
+
+        pids |= set(kernels_of_run(kernels, run_id))
     if owner is not None and not processes.alive(owner):
         pids |= set(processes.tagged(OWNER_ENV, str(owner)))
     pids -= _ancestors()

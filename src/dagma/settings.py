@@ -153,6 +153,11 @@ class Settings(BaseSettings):
         return self.home / "inbox"
 
     @property
+    def kernels_dir(self) -> Path:
+        """Spare Jupyter kernels, started ahead of the notebooks that will use them."""
+        return self.home / "kernels"
+
+    @property
     def runs_dir(self) -> Path:
         """Executed notebooks (.ipynb and .html) of every run."""
         return self.home / "runs"

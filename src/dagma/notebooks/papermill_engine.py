@@ -76,6 +76,11 @@ class LabClient(PapermillNotebookClient):
     # nbclient binds the sync form to its own coroutine at class creation: bind ours.
     start_new_kernel = run_sync(async_start_new_kernel)
 
+    def setup_kernel(self, **kwargs: Any) -> Any:
+        # A spare kernel from the pool (`km=`) runs this one notebook: shut it down after.
+        kwargs.setdefault("cleanup_kc", True)
+        return super().setup_kernel(**kwargs)
+
     def __init__(self, nb_man: Any, **kwargs: Any) -> None:
         super().__init__(nb_man, **kwargs)
         self._kept: dict[int, int] = {}

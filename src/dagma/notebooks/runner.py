@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,29 +63,47 @@ class PapermillEngine:
 
     passes_inputs = True
 
-    def __init__(self, limits: Limits | None = None) -> None:
+    def __init__(self, limits: Limits | None = None, pool: Path | None = None) -> None:
         from dagma.notebooks.papermill_engine import Limits
 
         self.limits = limits or Limits()
+        self.pool = pool  # a kernel pool's folder: the notebook starts on a spare kernel there
+        self.pooled = False  # whether the last run did
 
     def run(self, source: Any, values: dict[str, Any], output: Path, cwd: Path) -> None:
         import papermill
 
-        from dagma.notebooks import papermill_engine
+        from dagma.notebooks import kernel_pool, papermill_engine
 
         # papermill logs a warning per injected name not in the parameters cell; ours is expected.
         logging.getLogger("papermill").setLevel(logging.ERROR)
-        papermill.execute_notebook(
-            parameterize.for_papermill(source, values),
-            str(output),
-            kernel_name=KERNEL,
-            language="python",
-            cwd=str(cwd),
-            progress_bar=False,
-            log_output=False,
-            engine_name=papermill_engine.ENGINE,
-            **self.limits.papermill_kwargs(),
-        )
+        kwargs = self.limits.papermill_kwargs()
+        km = None
+        if self.pool is not None:
+            km = kernel_pool.take(
+                self.pool,
+                cwd=cwd,
+                env={**os.environ, **(kwargs.get("kernel_env") or {})},
+                modules=kernel_pool.first_cell_imports(source),
+                run_id=self.limits.run_id,
+            )
+        self.pooled = km is not None
+        try:
+            papermill.execute_notebook(
+                parameterize.for_papermill(source, values),
+                str(output),
+                kernel_name=KERNEL,
+                language="python",
+                cwd=str(cwd),
+                progress_bar=False,
+                log_output=False,
+                engine_name=papermill_engine.ENGINE,
+                km=km,
+                **kwargs,
+            )
+        finally:
+            if km is not None:
+                km.shutdown_kernel(now=True)  # one notebook per kernel, whatever happened
 
 
 def notebook_value(execution: Execution) -> dict[str, str | None]:

@@ -208,7 +208,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
                 limits=limits,
             )
         else:
-            engine = PapermillEngine(limits)
+            engine = PapermillEngine(limits, pool=settings.kernels_dir)
         try:
             run = execute(
                 spec,
@@ -236,6 +236,8 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
             "html": _file_metadata(run.html),
             "parameters": dg.MetadataValue.json(run.params),
             "seconds": round(run.seconds, 2),
+            # "spare": started ahead of time by the kernel pool; "new": started for this step
+            "kernel": "spare" if getattr(engine, "pooled", False) else "new",
             "dagster_ui": dg.MetadataValue.url(f"{settings.dagster_ui_url}/runs/{context.run_id}"),
         }
         if run.mlflow_run_id:

@@ -1,0 +1,474 @@
+"""Spare Jupyter kernels, started ahead of time and pre-warmed; each one runs one notebook.
+
+An owner (`KernelPool`: the CLI while it runs the graph, or the lab's code server) keeps up to
+`size` kernels ready, each pre-warmed with the imports of the notebooks' first code cells. A
+ticket per kernel lives in `<folder>/spare/`. A runner claims one by renaming its ticket into
+`claimed/` (atomic, so exactly one claimant wins), adopts the kernel by its connection file,
+gives it its own environment and working folder, and kills it after its one notebook. The
+owner replaces what was taken and kills the kernel of a claimant that died; a new owner first
+kills whatever a dead owner left behind. Kernels carry `POOL_ENV=<owner pid>`, so a reused pid
+is never mistaken for one of them.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jupyter_client import KernelManager
+
+from dagma.errors import DagmaError
+from dagma.lib import processes
+from dagma.lib.atomic import write_atomic
+
+SIZE_ENV = "DAGMA_KERNEL_POOL"  # spare kernels to keep; 0 turns the pool off
+POOL_ENV = "DAGMA_KERNEL_POOL_OWNER"  # in each pooled kernel's environment: its owner's pid
+DEFAULT_SIZE = 1
+MAX_SIZE = 8
+# What one warm kernel may take (a kernel with numpy, pandas, sklearn and mlflow is ~250 MiB),
+# and what the machine keeps free besides: the pool starts no kernel that would cut into it.
+KERNEL_MEMORY = 400 * 2**20
+RESERVE_MEMORY = 1024 * 2**20
+# Environment variables that take effect when a kernel's interpreter starts (the rest is
+# replaced when a run adopts it), and the lab's home: a kernel started under other values is
+# never handed out.
+_KEY_PREFIXES = ("PYTHON", "LD_")
+_KEY_NAMES = {"DAGMA_HOME"}
+_PER_RUN = {POOL_ENV, "DAGMA_OWNER_PID", "DAGMA_KERNEL_RUN_ID", "PYTEST_CURRENT_TEST"}
+
+
+class PoolError(DagmaError, ValueError):
+    """A bad pool setting; the message names it and the fix."""
+
+
+def pool_size(environ: dict[str, str] | None = None) -> int:
+    """Spare kernels to keep: $DAGMA_KERNEL_POOL, else 1; at most MAX_SIZE."""
+    raw = (environ if environ is not None else os.environ).get(SIZE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SIZE
+    if not raw.isdigit() or int(raw) > MAX_SIZE:
+        raise PoolError(
+            f"{SIZE_ENV}={raw!r}: write a whole number from 0 (no spare kernels) to {MAX_SIZE}."
+        )
+    return int(raw)
+
+
+def available_memory(meminfo: Path = Path("/proc/meminfo")) -> int | None:
+    """MemAvailable in bytes, or None where the kernel does not say."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def room_for_kernels(wanted: int, free: int | None) -> int:
+    """How many of `wanted` spare kernels fit beside the reserve (all of them if unknown)."""
+    if free is None:
+        return wanted
+    return max(0, min(wanted, (free - RESERVE_MEMORY) // KERNEL_MEMORY))
+
+
+def environment_key(environ: dict[str, str] | None = None) -> str:
+    """What a kernel's start fixed for good: its interpreter, its PYTHON*/LD_* variables, and
+    the lab it belongs to."""
+    env = environ if environ is not None else dict(os.environ)
+    fixed = sorted(
+        (k, v)
+        for k, v in env.items()
+        if (k.startswith(_KEY_PREFIXES) or k in _KEY_NAMES) and k not in _PER_RUN
+    )
+    return hashlib.sha256(repr((sys.executable, fixed)).encode()).hexdigest()[:16]
+
+
+def first_cell_imports(notebook: dict[str, Any]) -> list[str]:
+    """The modules imported at the top level of a notebook's first code cell."""
+    for cell in notebook.get("cells", []):
+        if cell.get("cell_type") != "code":
+            continue
+        source = cell.get("source", "")
+        try:
+            tree = ast.parse("".join(source) if isinstance(source, list) else source)
+        except SyntaxError:
+            return []
+        found: list[str] = []
+        for node in tree.body:
+            if isinstance(node, ast.Import):
+                found += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                # `from dagma import nb`: nb may be a module (a name that is not fails quietly)
+                found += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        return found
+    return []
+
+
+def imports_of(notebooks: list[Path]) -> list[str]:
+    """The first-cell imports of each notebook, in order, each once."""
+    modules: list[str] = []
+    for path in notebooks:
+        try:
+            notebook = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        modules += [m for m in first_cell_imports(notebook) if m not in modules]
+    return modules
+
+
+@dataclass
+class Ticket:
+    """One pooled kernel, as its file in the pool folder says."""
+
+    id: str
+    pid: int
+    owner: int
+    key: str
+    connection: dict[str, Any]
+    modules: list[str] = field(default_factory=list)
+    claimant: int | None = None
+    run_id: str | None = None
+
+    @classmethod
+    def read(cls, path: Path) -> Ticket | None:
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    def write(self, path: Path) -> None:
+        write_atomic(path, json.dumps(asdict(self)))
+
+
+def _is_pooled_kernel(pid: int, owner: int) -> bool:
+    """The pid is still the kernel that `owner` started, not a process that reused its pid."""
+    return pid in processes.tagged(POOL_ENV, str(owner)) if processes.alive(pid) else False
+
+
+def _kill(pid: int, owner: int) -> None:
+    if _is_pooled_kernel(pid, owner):
+        processes.kill([pid], wait=5.0)
+
+
+def _folders(folder: Path) -> tuple[Path, Path]:
+    spare, claimed = folder / "spare", folder / "claimed"
+    spare.mkdir(parents=True, exist_ok=True)
+    claimed.mkdir(parents=True, exist_ok=True)
+    return spare, claimed
+
+
+def sweep(folder: Path) -> list[int]:
+    """Kill what dead owners and dead claimants left: their kernels and tickets. The pids killed."""
+    spare, claimed = _folders(folder)
+    starting = folder / "starting"
+    killed = []
+    for path in [*spare.glob("*.json"), *claimed.glob("*.json"), *starting.glob("*.json")]:
+        ticket = Ticket.read(path)
+        if ticket is None:
+            path.unlink(missing_ok=True)
+            continue
+        holder = ticket.claimant if path.parent == claimed else ticket.owner
+        if holder is not None and processes.alive(holder):
+            continue
+        if _is_pooled_kernel(ticket.pid, ticket.owner):
+            processes.kill([ticket.pid], wait=5.0)
+            killed.append(ticket.pid)
+        path.unlink(missing_ok=True)
+        (folder / f"kernel-{ticket.id}.json").unlink(missing_ok=True)
+    return killed
+
+
+def kernels_of_run(folder: Path, run_id: str) -> list[int]:
+    """The pooled kernels claimed for a Dagster run (for reaping a dead run)."""
+    found = []
+    for path in (folder / "claimed").glob("*.json"):
+        ticket = Ticket.read(path)
+        if ticket is not None and ticket.run_id == run_id and processes.alive(ticket.pid):
+            found.append(ticket.pid)
+    return found
+
+
+class AdoptedKernelManager(KernelManager):
+    """A kernel that another process (or thread) started, known by its connection and pid.
+
+    It runs one notebook: shutting it down kills it, and it is never restarted.
+    """
+
+    def adopt(self, ticket: Ticket, path: Path) -> None:
+        self.load_connection_info(ticket.connection)
+        self._ticket, self._ticket_path = ticket, path
+
+    @property
+    def has_kernel(self) -> bool:
+        return processes.alive(self._ticket.pid)
+
+    def is_alive(self) -> bool:
+        return processes.alive(self._ticket.pid)
+
+    def interrupt_kernel(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._ticket.pid, signal.SIGINT)
+
+    def shutdown_kernel(self, now: bool = False, restart: bool = False) -> None:
+        discard(self._ticket, self._ticket_path)
+
+    def cleanup_resources(self, restart: bool = False) -> None:
+        pass
+
+    def restart_kernel(self, now: bool = False, newports: bool = False, **kw: Any) -> None:
+        raise RuntimeError("A pooled kernel runs one notebook and is never restarted.")
+
+
+def discard(ticket: Ticket, path: Path) -> None:
+    """Kill a claimed kernel and drop its ticket: it ran its one notebook."""
+    _kill(ticket.pid, ticket.owner)
+    path.unlink(missing_ok=True)
+
+
+def _run_silently(km: KernelManager, code: str, timeout: float) -> bool:
+    """Execute `code` without history, output or a new `_`: True if it ran without error."""
+    kc: Any = km.client()  # a BlockingKernelClient
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=timeout)
+        msg_id = kc.execute(code, silent=True, store_history=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            reply = kc.get_shell_msg(timeout=max(deadline - time.monotonic(), 0.01))
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return bool(reply["content"].get("status") == "ok")
+        return False
+    finally:
+        kc.stop_channels()
+
+
+def _warm_code(modules: list[str]) -> str:
+    # Imports fill sys.modules only: no name is bound in the notebook's namespace.
+    return (
+        "def __dagma_warm(names):\n"
+        "    import importlib\n"
+        "    for name in names:\n"
+        "        try:\n"
+        "            importlib.import_module(name)\n"
+        "        except Exception:\n"
+        "            pass\n"
+        f"__dagma_warm({modules!r})\n"
+        "del __dagma_warm\n"
+    )
+
+
+def _adopt_code(env: dict[str, str], cwd: str) -> str:
+    return (
+        "(lambda os: (os.environ.clear(), os.environ.update("
+        f"{env!r}), os.chdir({cwd!r})))(__import__('os'))"
+    )
+
+
+def take(
+    folder: Path,
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    modules: list[str] | None = None,
+    run_id: str | None = None,
+    wait: float = 5.0,
+) -> AdoptedKernelManager | None:
+    """Claim a spare kernel for one notebook, with `env` and `cwd` as its own; None if none.
+
+    A spare kernel that is still starting is waited for up to `wait` seconds, as long as its
+    owner lives: it is usually ready sooner than a new kernel would be.
+    """
+    spare = folder / "spare"
+    if not spare.is_dir():
+        return None
+    key = environment_key(env)
+    wanted = set(modules or [])
+    deadline = time.monotonic() + wait
+    while True:
+        tickets = [(p, Ticket.read(p)) for p in sorted(spare.glob("*.json"))]
+        usable = [(p, t) for p, t in tickets if t is not None and t.key == key]
+        usable.sort(key=lambda pt: not wanted <= set(pt[1].modules))  # best-warmed first
+        for path, ticket in usable:
+            claimed = folder / "claimed" / path.name
+            try:
+                os.rename(path, claimed)
+            except FileNotFoundError:  # another claimant won it
+                continue
+            ticket.claimant, ticket.run_id = os.getpid(), run_id
+            ticket.write(claimed)
+            km = AdoptedKernelManager(kernel_name="python3")
+            km.adopt(ticket, claimed)
+            if processes.alive(ticket.pid) and _run_silently(km, _adopt_code(env, str(cwd)), 30):
+                return km
+            discard(ticket, claimed)
+        owners = {t.owner for t in _starting(folder, key)}
+        if time.monotonic() >= deadline or not any(processes.alive(o) for o in owners):
+            return None
+        time.sleep(0.02)
+
+
+def _starting(folder: Path, key: str) -> list[Ticket]:
+    found = []
+    for path in (folder / "starting").glob("*.json"):
+        ticket = Ticket.read(path)
+        if ticket is not None and ticket.key == key:
+            found.append(ticket)
+    return found
+
+
+_DAGSTERMILL = re.compile(r"""["']engine["']\s*:\s*["']dagstermill["']""")
+
+
+def papermill_notebooks(folder: Path, selection: list[str] | None) -> list[Path]:
+    """The notebooks in `folder` that a run of `selection` (None: all) starts on the papermill
+    bridge, which takes spare kernels; dagstermill's engine starts its own."""
+    found = []
+    for path in sorted(folder.glob("*.ipynb")):
+        if selection is not None and path.stem not in selection:
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            continue
+        if not _DAGSTERMILL.search(text.replace('\\"', '"')):
+            found.append(path)
+    return found
+
+
+def for_notebooks(folder: Path, notebooks: list[Path], cwd: Path) -> KernelPool | None:
+    """An open pool with one spare kernel per notebook about to run (at most the pool size),
+    or None: the pool is off, nothing will run, or a live owner already keeps spares here."""
+    size = min(pool_size(), len(notebooks))
+    if size == 0 or any(processes.alive(t.owner) for t in _tickets(folder / "spare")):
+        return None
+    pool = KernelPool(folder, size=size, modules=imports_of(notebooks), cwd=cwd)
+    pool.limit = len(notebooks)
+    pool.open()
+    return pool
+
+
+def _tickets(folder: Path) -> list[Ticket]:
+    found = [Ticket.read(p) for p in sorted(folder.glob("*.json"))]
+    return [t for t in found if t is not None]
+
+
+class KernelPool:
+    """Keeps `size` spare kernels ready in `folder` while it is open (see the module's doc)."""
+
+    def __init__(
+        self, folder: Path, *, size: int, modules: list[str], cwd: Path, poll: float = 0.1
+    ) -> None:
+        self.folder, self.size, self.modules, self.cwd, self.poll = (
+            folder,
+            size,
+            modules,
+            cwd,
+            poll,
+        )
+        self.limit: int | None = None  # kernels to start in all, when known (a CLI's run)
+        self.started = 0  # kernels this pool has started, for tests and benchmarks
+        self._kernels: dict[str, KernelManager] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> KernelPool:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def open(self) -> None:
+        """Clear what a dead owner left, then start filling the pool in the background."""
+        sweep(self.folder)
+        (self.folder / "starting").mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._keep_filled, name="kernel-pool", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop filling, and kill the spare kernels nobody claimed. Claimed ones are their
+        claimants' to kill (the next sweep kills them if a claimant dies first)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+        me = os.getpid()
+        for sub in ("spare", "starting"):
+            for path in (self.folder / sub).glob("*.json"):
+                ticket = Ticket.read(path)
+                if ticket is not None and ticket.owner == me:
+                    _kill(ticket.pid, me)
+                    path.unlink(missing_ok=True)
+        self._reap()
+
+    def spare(self) -> list[Ticket]:
+        """The kernels ready to be claimed now."""
+        found = [Ticket.read(p) for p in sorted((self.folder / "spare").glob("*.json"))]
+        return [t for t in found if t is not None and t.owner == os.getpid()]
+
+    def _keep_filled(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._reap()
+                sweep(self.folder)
+                ready = len(self.spare())
+                more = self.limit is None or self.started < self.limit
+                if more and ready < room_for_kernels(self.size, available_memory()):
+                    self._start_one()
+                    continue
+            except Exception:  # nosec B110: a kernel that fails to start is not handed out
+                pass
+            self._stop.wait(self.poll)
+
+    def _start_one(self) -> None:
+        me = os.getpid()
+        kernel_id = uuid.uuid4().hex[:12]
+        starting = self.folder / "starting" / f"{kernel_id}.json"
+        km = KernelManager(
+            kernel_name="python3", connection_file=str(self.folder / f"kernel-{kernel_id}.json")
+        )
+        env = {k: v for k, v in os.environ.items() if k not in _PER_RUN}
+        km.start_kernel(cwd=str(self.cwd), env={**env, POOL_ENV: str(me)})
+        self.started += 1
+        self._kernels[kernel_id] = km
+        pid = int(getattr(km.provisioner, "pid", 0) or 0)
+        ticket = Ticket(
+            id=kernel_id,
+            pid=pid,
+            owner=me,
+            key=environment_key(),
+            connection=_plain(km.get_connection_info()),
+            modules=list(self.modules),
+        )
+        ticket.write(starting)
+        if self._stop.is_set() or not _run_silently(km, _warm_code(self.modules), 120):
+            _kill(pid, me)
+            starting.unlink(missing_ok=True)
+            return
+        os.rename(starting, self.folder / "spare" / f"{kernel_id}.json")
+
+    def _reap(self) -> None:
+        """Forget (and wait for) the kernels this pool started that have exited."""
+        for kernel_id, km in list(self._kernels.items()):
+            provisioner: Any = km.provisioner
+            process = getattr(provisioner, "process", None)
+            if process is not None and process.poll() is None:
+                continue
+            with contextlib.suppress(Exception):
+                km.cleanup_resources()
+            self._kernels.pop(kernel_id)
+
+
+def _plain(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in info.items()}
