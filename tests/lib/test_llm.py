@@ -118,6 +118,14 @@ def test_the_local_model_answers_the_same_on_one_thread_or_two() -> None:
     assert texts[0] and texts[0] == texts[1]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_prompt_is_read_on_as_many_threads_as_the_answer_is_written(threads: int) -> None:
+    # llama.cpp's own default reads the prompt on every core, which collapses on a busy machine.
+    client = chat_model(LLMSettings(n_threads=threads, max_tokens=8)).client  # a llama_cpp.Llama
+    assert (client.n_threads, client.n_threads_batch) == (threads, threads)
+    assert client.context_params.n_threads_batch == threads
+
+
 @pytest.mark.parametrize("value", ["0", "two", "-1"])
 def test_a_bad_thread_count_names_the_variable(value: str) -> None:
     with pytest.raises(LLMError, match=f"DAGMA_LLM_THREADS='{value}': write a whole number"):

@@ -95,8 +95,9 @@ class LLMSettings:
     temperature: float = 0.0
     seed: int = 0
     n_ctx: int = 2048
-    # One generation thread: two gain ~5% of the demo on an idle 2-core machine and collapse
-    # when the other core is busy. Any count gives the same tokens (tested).
+    # One thread, for generation and for reading the prompt alike: two gain ~5% of the demo on
+    # an idle 2-core machine and collapse when the other core is busy (llama.cpp's threads wait
+    # for each other at every layer). Any count gives the same tokens (tested).
     n_threads: int = 1
     n_batch: int = 512
     max_tokens: int = 200
@@ -529,6 +530,8 @@ def _local_chat_model(
             seed=seed,
             max_tokens=max_tokens,
             verbose=False,
+            # Else llama.cpp reads the prompt (most of an answer's work) on every core.
+            model_kwargs={"n_threads_batch": n_threads},
         )
     except (ImportError, ValueError) as e:
         raise LLMError(f"could not load the local model {model_path}: {e}") from e
