@@ -1,6 +1,7 @@
 """rag_eval on the real demo state: every measure, the rows, the traces and the floor check."""
 
 import json
+import os
 from pathlib import Path
 
 import dagster as dg
@@ -95,6 +96,29 @@ def test_langchain_tracing_is_switched_off_again():
     with langchain_tracing():
         assert not autologging_is_disabled("langchain")
     assert autologging_is_disabled("langchain")
+
+
+def test_each_trace_is_in_the_store_as_soon_as_it_ends(tmp_path: Path) -> None:
+    """No async queue to flush, which would wait out its consumer's one-second poll."""
+    from langchain_core.runnables import RunnableLambda
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        experiment = mlflow.set_experiment("traces")
+        chain = RunnableLambda(lambda x: x + 1) | RunnableLambda(lambda x: x * 2)
+        with langchain_tracing():
+            for n in range(3):
+                with mlflow.start_span(name="rag_eval.answer"):
+                    assert chain.invoke(n) == (n + 1) * 2
+                found = mlflow.search_traces(
+                    locations=[experiment.experiment_id], return_type="list"
+                )
+                assert len(found) == n + 1
+                assert {"CHAIN"} <= {s.span_type for s in found[0].data.spans}
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING" not in os.environ  # as before the block
 
 
 @pytest.mark.integration

@@ -1,5 +1,6 @@
 """Evaluate the RAG chain over the published collection and log the measures to MLflow."""
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -26,6 +27,7 @@ QUESTIONS = PROJECT_ROOT / "evals" / "questions.jsonl"
 SAMPLE_QUESTION = "How do I catch an exception and still run clean-up code?"
 # Timing varies run to run, so it is kept apart from the reproducible quality measures.
 TIMING = ("latency_p50_s", "latency_p95_s", "tokens_per_s")
+ASYNC_TRACES = "MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"
 
 
 class RagEvalConfig(dg.Config):
@@ -45,18 +47,27 @@ class RagEvalConfig(dg.Config):
 
 @contextmanager
 def langchain_tracing() -> Iterator[None]:
-    """MLflow tracing of LangChain calls, switched off again on exit unless it was on before."""
+    """MLflow tracing of LangChain calls, switched off again on exit unless it was on before.
+
+    Each trace is written as it ends (unless MLFLOW_ENABLE_ASYNC_TRACE_LOGGING says otherwise):
+    flushing MLflow's async queue waits out its consumer's one-second poll, here and again
+    when the process exits.
+    """
     import mlflow.langchain
     from mlflow.utils.autologging_utils import autologging_is_disabled
 
     was_off = autologging_is_disabled("langchain")
+    chosen = ASYNC_TRACES in os.environ
+    os.environ.setdefault(ASYNC_TRACES, "false")
     mlflow.langchain.autolog(log_traces=True, silent=True)
     try:
         yield
     finally:
-        mlflow.flush_trace_async_logging()
+        mlflow.flush_trace_async_logging()  # nothing to wait for unless traces were async
         if was_off:
             mlflow.langchain.autolog(disable=True, silent=True)
+        if not chosen:
+            os.environ.pop(ASYNC_TRACES, None)
 
 
 @contextmanager
