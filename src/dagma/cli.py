@@ -2,6 +2,9 @@
 
 Errors Dagma raises on purpose are printed and turned into exit codes in one place:
 `dagma.cli_errors.DagmaCommands`, the class of every command group here.
+
+Longer than 450 lines because each command's options and help sit beside it, as typer wants
+them; the work each command does lives in the modules it calls.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from dagma.cli_errors import DagmaCommands, InputError
+from dagma.notebooks import kernel_pool
 from dagma.services.cli import app as services_app
 from dagma.settings import get_settings
 
@@ -172,7 +176,7 @@ def demo(
 ) -> None:
     """Materialize the whole demo graph on the embedded defaults and summarise it."""
     settings = get_settings()
-    pool = _spare_kernels(settings, None)
+    pool = kernel_pool.for_command(settings, None)
     from dagma import lab
     from dagma.lib import arrivals
 
@@ -211,12 +215,28 @@ def run(
         ),
     ] = None,
     processes: Processes = None,
+    local: Annotated[
+        bool, typer.Option("--local", help="Run in this process even when the lab is up.")
+    ] = False,
 ) -> None:
-    """Materialize some or all assets."""
+    """Materialize some or all assets.
+
+    With the lab's services up in this home (`dagma services up`), a selection of unpartitioned
+    assets runs there, on the warm code server and its spare kernels; otherwise, or with
+    `--local`, it runs in this process.
+    """
     settings = get_settings()
     params = _notebook_params(param or [], assets or [], settings)
+    if assets and not (local or stale or processes):
+        from dagma.services.remote import run_in_the_lab
+
+        done = run_in_the_lab(settings.home, assets, params, console)
+        if done is not None:
+            if not done.success:
+                raise typer.Exit(1)
+            return
     # Spare kernels start now, while Dagster is imported and the definitions load.
-    pool = None if stale else _spare_kernels(settings, assets)
+    pool = None if stale else kernel_pool.for_command(settings, assets)
     from dagma import lab
 
     try:
@@ -237,18 +257,6 @@ def run(
     lab.print_summary(result, settings, console)
     if not result.success:
         raise typer.Exit(1)
-
-
-def _spare_kernels(settings: Any, selection: list[str] | None) -> Any:
-    """A kernel pool for the notebooks this command will run (see `kernel_pool.for_notebooks`)."""
-    from dagma import reaping
-    from dagma.notebooks import kernel_pool
-
-    settings.ensure_dirs()
-    settings.export_env()  # before the kernels start: they run in the lab's environment
-    reaping.own_processes()
-    notebooks = kernel_pool.papermill_notebooks(settings.notebooks_dir, selection or None)
-    return kernel_pool.for_notebooks(settings.kernels_dir, notebooks, settings.notebooks_dir)
 
 
 def _notebook_params(

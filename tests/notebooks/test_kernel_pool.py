@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from dagma.lib import processes
-from dagma.notebooks import kernel_pool
+from dagma.notebooks import kernel_pool, kernel_warmup
 from dagma.notebooks.kernel_pool import KernelPool, PoolError, Ticket
 from dagma.notebooks.papermill_engine import Limits
 from dagma.notebooks.runner import PapermillEngine, execute
@@ -167,7 +167,7 @@ time.sleep(600)
 CLAIMANT = """
 import os, sys, time
 from pathlib import Path
-from dagma.notebooks import kernel_pool
+from dagma.notebooks import kernel_pool, kernel_warmup
 km = kernel_pool.take(Path(sys.argv[1]), cwd=Path(sys.argv[1]), env=dict(os.environ), run_id="r-9")
 print(km._ticket.pid, flush=True)
 time.sleep(600)
@@ -231,12 +231,38 @@ def test_the_first_code_cells_imports_are_what_a_spare_kernel_imports(tmp_path: 
             {"cell_type": "code", "source": "import pandas"},
         ]
     }
-    assert kernel_pool.first_cell_imports(notebook) == ["mlflow", "numpy", "dagma", "dagma.nb"]
+    assert kernel_warmup.first_cell_imports(notebook) == ["mlflow", "numpy", "dagma", "dagma.nb"]
     (tmp_path / "a.ipynb").write_text(json.dumps(notebook))
     (tmp_path / "bad.ipynb").write_text("{not json")
-    assert kernel_pool.imports_of([tmp_path / "a.ipynb", tmp_path / "bad.ipynb"]) == [
+    assert kernel_warmup.imports_of([tmp_path / "a.ipynb", tmp_path / "bad.ipynb"]) == [
         "mlflow",
         "numpy",
         "dagma",
         "dagma.nb",
     ]
+
+
+def test_a_kernel_whose_owner_died_before_its_ticket_is_found_by_its_environment(tmp_path: Path):
+    """The owner can die between starting a kernel and writing its ticket: the kernel's
+    environment still names the pool and its dead owner, and the next sweep kills it."""
+    from jupyter_client import KernelManager
+
+    pool_dir = tmp_path / "kernels"
+    pool_dir.mkdir()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
+    km = KernelManager(
+        kernel_name="python3", connection_file=str(pool_dir / f"kernel-{dead}-x.json")
+    )
+    env = {**os.environ, kernel_pool.POOL_ENV: dead, kernel_pool.DIR_ENV: str(pool_dir.resolve())}
+    km.start_kernel(env=env)
+    pid = km.provisioner.pid
+    try:
+        wait_for(lambda: pid in processes.tagged(kernel_pool.POOL_ENV, dead))
+        assert kernel_pool.sweep(pool_dir) == [pid]
+        km.provisioner.process.wait(timeout=10)
+        assert not list(pool_dir.glob("kernel-*.json"))
+    finally:
+        if processes.alive(pid):
+            km.shutdown_kernel(now=True)

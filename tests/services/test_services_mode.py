@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from dagma.notebooks.kernel_pool import Ticket
 from dagma.services.config import ServicesConfig
 from dagma.services.procs import MARKER, free_port, marked_pids, pid_alive, port_in_use
 from dagma.services.supervisor import Topology
@@ -42,9 +43,9 @@ FINISHED = {"SUCCESS", "FAILURE", "CANCELED"}
 # evaluation and its scorecard: the embedded demo covers them, and here the local LLM would
 # only add a minute to the run that every later test waits for.
 UNPARTITIONED = ["wine_table", "wine_model", "doc_corpus", "doc_vectors", "slow"]
-# Publishes a version of "docs". With `pause`, the first attempt writes the pid of its run
-# worker (the kernel's parent) to SLOW_MARKER and waits there to be killed; a re-execution
-# finds the marker and goes straight on.
+# Publishes a version of "docs". With `pause`, the first attempt writes its kernel's pid and
+# the kernel's parent's to SLOW_MARKER and waits there to be killed; a re-execution finds the
+# marker and goes straight on.
 SLOW = """import os, time
 import numpy as np
 from dagma import nb
@@ -53,12 +54,18 @@ ctx = nb.context()
 marker = os.environ["SLOW_MARKER"]
 with ctx.start_run():
     if pause and not os.path.exists(marker):
-        open(marker, "w").write(str(os.getppid()))
+        open(marker, "w").write(f"{os.getpid()} {os.getppid()}")
         time.sleep(pause)
     ids = [point_id("docs", str(i)) for i in range(3)]
     vectors = np.eye(3, 4, k=version % 2, dtype="float32")
     published = ctx.vector_store().publish("docs", ids, vectors, [{"n": i} for i in range(3)])
 ctx.output({"version": published.version})"""
+
+
+# Writes its kernel's pid to NAP_MARKER, then sleeps: a run to cancel or to crash under.
+NAP = """import os, time
+open(os.environ["NAP_MARKER"], "w").write(str(os.getpid()))
+time.sleep(pause)"""
 
 
 @dataclass
@@ -153,6 +160,7 @@ def lab() -> Iterator[Lab]:
     notebooks = home / "notebooks"
     shutil.copytree(ROOT / "notebooks", notebooks)
     write_nb(notebooks / "slow.ipynb", params="pause: float = 0.0\nversion: int = 1", body=SLOW)
+    write_nb(notebooks / "nap.ipynb", params="pause: float = 0.0", body=NAP)
     env.update(
         {
             "DAGMA_HOME": str(home),
@@ -161,6 +169,7 @@ def lab() -> Iterator[Lab]:
             "DAGMA_AUTOMATION": "false",
             "DAGMA_NOTEBOOKS_DIR": str(notebooks),
             "SLOW_MARKER": str(home / "slow-marker"),
+            "NAP_MARKER": str(home / "nap-marker"),
         }
     )
     config = ServicesConfig(
@@ -200,6 +209,17 @@ def wait_for(lab: Lab, run_ids: list[str], timeout: float = 600) -> list[tuple[s
             return seen
         time.sleep(2)
     raise AssertionError(f"runs not finished after {timeout}s: {seen[-1]}")
+
+
+def run_worker(lab: Lab, marker: Path) -> int:
+    """The run worker of the notebook that wrote `marker`: the claimant of its spare kernel,
+    or the kernel's parent when the worker started the kernel itself."""
+    kernel, parent = (int(pid) for pid in marker.read_text().split())
+    for path in (lab.home / "kernels" / "claimed").glob("*.json"):
+        ticket = Ticket.read(path)
+        if ticket is not None and ticket.pid == kernel and ticket.claimant:
+            return ticket.claimant
+    return parent
 
 
 def failures(lab: Lab) -> list[str]:
@@ -354,7 +374,7 @@ def test_a_killed_run_worker_fails_its_run_and_reexecution_from_the_failure_succ
     while not marker.exists():
         assert time.monotonic() < deadline, ("the notebook never started", failures(lab))
         time.sleep(0.5)
-    worker = int(marker.read_text())
+    worker = run_worker(lab, marker)
     os.kill(worker, signal.SIGKILL)  # the run worker, halfway through the notebook
 
     # The code server sees its run worker die and fails the run; nothing waits for a timeout.
@@ -784,3 +804,118 @@ def test_killed_postgres_is_reported_and_up_restores_it_with_its_data(lab):
         run_config={"execution": {"config": {"in_process": {}}}},
     )
     assert wait_for(lab, [after], timeout=300)[-1] == ("SUCCESS",), failures(lab)
+
+
+def dagma(lab: Lab, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dagma.cli", *args],
+        env=env or lab.env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def materializations(lab: Lab, run_id: str) -> dict[str, dict[str, Any]]:
+    """Each asset the run materialized -> its metadata, as Dagster stored it."""
+    with lab.dagster_db() as conn:
+        rows = conn.execute(
+            "SELECT event FROM event_logs WHERE run_id = %s "
+            "AND dagster_event_type = 'ASSET_MATERIALIZATION' ORDER BY id",
+            (run_id,),
+        ).fetchall()
+    found = {}
+    for (event,) in rows:
+        data = json.loads(event)["dagster_event"]["event_specific_data"]["materialization"]
+        key = "/".join(data["asset_key"]["path"])
+        found[key] = {m["label"]: m["entry_data"] for m in data["metadata_entries"]}
+    return found
+
+
+def test_dagma_run_takes_the_warm_lab_and_matches_a_cold_local_run(lab, tmp_path):
+    """With the services up, `dagma run` goes through the webserver to a run worker forked from
+    the warm code server, on a spare kernel; a cold run in a fresh embedded home of the same
+    selection gives the same assets, metadata and metrics."""
+    selection = ["wine_table", "wine_model"]
+    warm = dagma(lab, "run", *selection)
+    assert warm.returncode == 0, warm.stdout + warm.stderr + "\n".join(failures(lab))
+    assert "in the lab's services" in warm.stdout
+    run_id = warm.stdout.split("Dagster UI: ")[1].split("/runs/")[1].split()[0]
+    warm_meta = materializations(lab, run_id)
+    assert sorted(warm_meta) == sorted(selection)
+    assert "spare" in json.dumps(warm_meta["wine_model"]["kernel"])  # started ahead of time
+
+    cold_env = {
+        k: v
+        for k, v in lab.env.items()
+        if not k.startswith("DAGMA_") or k in ("DAGMA_NOTEBOOKS_DIR", "DAGMA_AUTOMATION")
+    }
+    cold_env["DAGMA_HOME"] = str(tmp_path / "cold")
+    cold = dagma(lab, "run", *selection, env=cold_env)
+    assert cold.returncode == 0, cold.stdout + cold.stderr
+    assert "in the lab's services" not in cold.stdout
+    import dagster as dg
+
+    with dg.DagsterInstance.from_config(str(tmp_path / "cold" / "dagster")) as instance:
+        cold_meta = {}
+        for key in selection:
+            event = instance.get_latest_materialization_event(dg.AssetKey(key))
+            assert event is not None and event.asset_materialization is not None
+            cold_meta[key] = dict(event.asset_materialization.metadata)
+    for key in selection:
+        assert set(cold_meta[key]) == set(warm_meta[key]), key
+    stored = warm_meta["wine_model"]["value"]["data"]
+    warm_value = json.loads(stored) if isinstance(stored, str) else stored
+    cold_value = cold_meta["wine_model"]["value"].value
+    assert warm_value["metrics"] == cold_value["metrics"]  # reproducible down to the metric
+    assert warm_value["params"] == cold_value["params"]
+
+
+def nap_run(lab: Lab, pause: float) -> tuple[str, int]:
+    """Launch the nap notebook and wait until its kernel sleeps; its run id and kernel pid."""
+    marker = Path(lab.env["NAP_MARKER"])
+    marker.unlink(missing_ok=True)
+    run_id = lab.graphql().submit_job_execution(
+        JOB,
+        repository_location_name=LOCATION,
+        repository_name=REPOSITORY,
+        asset_selection=["nap"],
+        run_config={"ops": {"nap": {"config": {"pause": pause}}}},
+    )
+    deadline = time.monotonic() + 180
+    while not marker.exists() or not marker.read_text():
+        assert time.monotonic() < deadline, ("the nap never started", failures(lab))
+        time.sleep(0.2)
+    return run_id, int(marker.read_text())
+
+
+def test_cancelling_a_run_on_a_spare_kernel_stops_the_kernel(lab):
+    run_id, kernel = nap_run(lab, 600)
+    claims = [Ticket.read(p) for p in (lab.home / "kernels" / "claimed").glob("*.json")]
+    assert [t.run_id for t in claims if t and t.pid == kernel] == [run_id], "a spare kernel"
+    lab.graphql().terminate_run(run_id)
+    seen = wait_for(lab, [run_id], timeout=180)
+    assert seen[-1] == ("CANCELED",)
+    deadline = time.monotonic() + 30
+    while pid_alive(kernel):
+        assert time.monotonic() < deadline, "the cancelled run's kernel is still running"
+        time.sleep(0.2)
+    assert not [
+        p
+        for p in (lab.home / "kernels" / "claimed").glob("*.json")
+        if (t := Ticket.read(p)) and t.run_id == run_id
+    ]
+
+
+def test_a_killed_code_server_leaves_no_run_started_and_up_brings_it_back_warm(lab):
+    run_id, kernel = nap_run(lab, 600)
+    server = Topology(lab.config).records()["code-server"].pid
+    os.kill(server, signal.SIGKILL)  # the warm process itself, mid-run
+    seen = wait_for(lab, [run_id], timeout=300)
+    assert seen[-1] in (("FAILURE",), ("SUCCESS",)), seen[-1]
+    assert not pid_alive(kernel)
+    up = lab.cli("up")
+    assert up.returncode == 0, up.stdout + up.stderr
+    again, _ = nap_run(lab, 0.0)
+    assert wait_for(lab, [again], timeout=300)[-1] == ("SUCCESS",), failures(lab)

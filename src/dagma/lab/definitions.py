@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 from dagma.settings import Settings, get_settings
-
-# Environment variables the loaded code location may depend on.
-_ENV_PREFIXES = ("DAGMA_", "DAGSTER_", "MLFLOW_", "QDRANT_", "OPENAI_", "OLLAMA_")
 
 
 def load_definitions(settings: Settings) -> Any:
@@ -31,39 +26,10 @@ def load_definitions(settings: Settings) -> Any:
         raise
 
 
-_DEFINITIONS: dict[tuple[Any, ...], Any] = {}
-
-
-def _definitions_key(settings: Settings) -> tuple[Any, ...]:
-    """What the loaded code location depends on besides Python code: environment, notebooks."""
-    notebooks = []
-    for path in sorted(settings.notebooks_dir.rglob("*.ipynb")):
-        stat = path.stat()
-        notebooks.append((str(path), stat.st_mtime_ns, stat.st_size))
-    team = settings.dagma_defs_dir
-    # The team's definitions and the notebooks beside them (their code versions).
-    team_files = [*team.rglob("*.py"), *team.rglob("*.ipynb")] if team and team.is_dir() else []
-    for path in sorted(team_files):
-        notebooks.append((str(path), path.stat().st_mtime_ns, path.stat().st_size))
-    dotenv = Path(".env")
-    env_file = dotenv.stat().st_mtime_ns if dotenv.is_file() else None
-    env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))
-    return (os.getcwd(), env_file, tuple(env), tuple(notebooks))
-
-
 def shared_definitions(settings: Settings | None = None, loaded: Any = None) -> Any:
-    """The project's Definitions, loaded once per process while notebooks and environment stay.
-
-    `loaded` (just loaded by the caller) is kept instead of loading again.
-    """
-    settings = settings or get_settings()
-    settings.ensure_dirs()
-    settings.export_env()
-    key = _definitions_key(settings)
-    if loaded is not None or key not in _DEFINITIONS:
-        _DEFINITIONS.clear()
-        _DEFINITIONS[key] = loaded if loaded is not None else load_definitions(settings)
-    return _DEFINITIONS[key]
+    """The project's Definitions, loaded once per process while notebooks and environment stay
+    (see `dagma.definitions.defs`). `loaded` was just loaded by the caller."""
+    return loaded if loaded is not None else load_definitions(settings or get_settings())
 
 
 def step_definitions() -> Any:

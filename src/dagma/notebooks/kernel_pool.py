@@ -12,12 +12,10 @@ is never mistaken for one of them.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -25,7 +23,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jupyter_client import KernelManager
 
@@ -33,8 +31,14 @@ from dagma.errors import DagmaError
 from dagma.lib import processes
 from dagma.lib.atomic import write_atomic
 
+if TYPE_CHECKING:
+    from dagma.settings import Settings
+
+from dagma.notebooks.kernel_warmup import imports_of, papermill_notebooks, warm_code
+
 SIZE_ENV = "DAGMA_KERNEL_POOL"  # spare kernels to keep; 0 turns the pool off
 POOL_ENV = "DAGMA_KERNEL_POOL_OWNER"  # in each pooled kernel's environment: its owner's pid
+DIR_ENV = "DAGMA_KERNEL_POOL_DIR"  # and the pool folder it belongs to
 DEFAULT_SIZE = 1
 MAX_SIZE = 8
 # What one warm kernel may take (a kernel with numpy, pandas, sklearn and mlflow is ~250 MiB),
@@ -46,7 +50,7 @@ RESERVE_MEMORY = 1024 * 2**20
 # never handed out.
 _KEY_PREFIXES = ("PYTHON", "LD_")
 _KEY_NAMES = {"DAGMA_HOME"}
-_PER_RUN = {POOL_ENV, "DAGMA_OWNER_PID", "DAGMA_KERNEL_RUN_ID", "PYTEST_CURRENT_TEST"}
+_PER_RUN = {POOL_ENV, DIR_ENV, "DAGMA_OWNER_PID", "DAGMA_KERNEL_RUN_ID", "PYTEST_CURRENT_TEST"}
 
 
 class PoolError(DagmaError, ValueError):
@@ -95,39 +99,6 @@ def environment_key(environ: dict[str, str] | None = None) -> str:
     return hashlib.sha256(repr((sys.executable, fixed)).encode()).hexdigest()[:16]
 
 
-def first_cell_imports(notebook: dict[str, Any]) -> list[str]:
-    """The modules imported at the top level of a notebook's first code cell."""
-    for cell in notebook.get("cells", []):
-        if cell.get("cell_type") != "code":
-            continue
-        source = cell.get("source", "")
-        try:
-            tree = ast.parse("".join(source) if isinstance(source, list) else source)
-        except SyntaxError:
-            return []
-        found: list[str] = []
-        for node in tree.body:
-            if isinstance(node, ast.Import):
-                found += [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                # `from dagma import nb`: nb may be a module (a name that is not fails quietly)
-                found += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
-        return found
-    return []
-
-
-def imports_of(notebooks: list[Path]) -> list[str]:
-    """The first-cell imports of each notebook, in order, each once."""
-    modules: list[str] = []
-    for path in notebooks:
-        try:
-            notebook = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        modules += [m for m in first_cell_imports(notebook) if m not in modules]
-    return modules
-
-
 @dataclass
 class Ticket:
     """One pooled kernel, as its file in the pool folder says."""
@@ -170,10 +141,11 @@ def _folders(folder: Path) -> tuple[Path, Path]:
 
 
 def sweep(folder: Path) -> list[int]:
-    """Kill what dead owners and dead claimants left: their kernels and tickets. The pids killed."""
+    """Kill what dead owners and dead claimants left: their kernels, tickets and connection
+    files, including a kernel whose owner died before it had a ticket. The pids killed."""
     spare, claimed = _folders(folder)
     starting = folder / "starting"
-    killed = []
+    killed, in_use = [], set()
     for path in [*spare.glob("*.json"), *claimed.glob("*.json"), *starting.glob("*.json")]:
         ticket = Ticket.read(path)
         if ticket is None:
@@ -181,13 +153,36 @@ def sweep(folder: Path) -> list[int]:
             continue
         holder = ticket.claimant if path.parent == claimed else ticket.owner
         if holder is not None and processes.alive(holder):
+            in_use.add(ticket.pid)
             continue
         if _is_pooled_kernel(ticket.pid, ticket.owner):
             processes.kill([ticket.pid], wait=5.0)
             killed.append(ticket.pid)
         path.unlink(missing_ok=True)
-        (folder / f"kernel-{ticket.id}.json").unlink(missing_ok=True)
-    return killed
+    orphans = [pid for pid in _kernels_of_dead_owners(folder) if pid not in in_use]
+    killed += processes.kill(orphans, wait=5.0)
+    for path in folder.glob("kernel-*.json"):
+        owner = path.name.split("-")[1]
+        if not owner.isdigit() or not processes.alive(int(owner)):
+            path.unlink(missing_ok=True)
+    return sorted(set(killed))
+
+
+def _kernels_of_dead_owners(folder: Path, proc: Path = Path("/proc")) -> list[int]:
+    """Kernels started for this pool folder whose owner is gone, found by their environment."""
+    here = f"{DIR_ENV}={folder.resolve()}".encode()
+    found = []
+    for pid in processes.tagged(DIR_ENV, str(folder.resolve()), proc):
+        try:
+            environ = (proc / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        owner = next(
+            (v.split(b"=", 1)[1] for v in environ if v.startswith(b"%s=" % POOL_ENV.encode())), b""
+        )
+        if here in environ and owner.isdigit() and not processes.alive(int(owner)):
+            found.append(pid)
+    return found
 
 
 def kernels_of_run(folder: Path, run_id: str) -> list[int]:
@@ -254,21 +249,6 @@ def _run_silently(km: KernelManager, code: str, timeout: float) -> bool:
         kc.stop_channels()
 
 
-def _warm_code(modules: list[str]) -> str:
-    # Imports fill sys.modules only: no name is bound in the notebook's namespace.
-    return (
-        "def __dagma_warm(names):\n"
-        "    import importlib\n"
-        "    for name in names:\n"
-        "        try:\n"
-        "            importlib.import_module(name)\n"
-        "        except Exception:\n"
-        "            pass\n"
-        f"__dagma_warm({modules!r})\n"
-        "del __dagma_warm\n"
-    )
-
-
 def _adopt_code(env: dict[str, str], cwd: str) -> str:
     return (
         "(lambda os: (os.environ.clear(), os.environ.update("
@@ -328,23 +308,16 @@ def _starting(folder: Path, key: str) -> list[Ticket]:
     return found
 
 
-_DAGSTERMILL = re.compile(r"""["']engine["']\s*:\s*["']dagstermill["']""")
+def for_command(settings: Settings, selection: list[str] | None) -> KernelPool | None:
+    """A pool for a CLI command about to run `selection` (None: everything) in this process,
+    started before the command imports Dagster, so that the kernels start meanwhile."""
+    from dagma import reaping
 
-
-def papermill_notebooks(folder: Path, selection: list[str] | None) -> list[Path]:
-    """The notebooks in `folder` that a run of `selection` (None: all) starts on the papermill
-    bridge, which takes spare kernels; dagstermill's engine starts its own."""
-    found = []
-    for path in sorted(folder.glob("*.ipynb")):
-        if selection is not None and path.stem not in selection:
-            continue
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError:
-            continue
-        if not _DAGSTERMILL.search(text.replace('\\"', '"')):
-            found.append(path)
-    return found
+    settings.ensure_dirs()
+    settings.export_env()  # before the kernels start: they run in the lab's environment
+    reaping.own_processes()
+    notebooks = papermill_notebooks(settings.notebooks_dir, selection or None)
+    return for_notebooks(settings.kernels_dir, notebooks, settings.notebooks_dir)
 
 
 def for_notebooks(folder: Path, notebooks: list[Path], cwd: Path) -> KernelPool | None:
@@ -436,10 +409,13 @@ class KernelPool:
         kernel_id = uuid.uuid4().hex[:12]
         starting = self.folder / "starting" / f"{kernel_id}.json"
         km = KernelManager(
-            kernel_name="python3", connection_file=str(self.folder / f"kernel-{kernel_id}.json")
+            kernel_name="python3",
+            connection_file=str(self.folder / f"kernel-{me}-{kernel_id}.json"),
         )
         env = {k: v for k, v in os.environ.items() if k not in _PER_RUN}
-        km.start_kernel(cwd=str(self.cwd), env={**env, POOL_ENV: str(me)})
+        km.start_kernel(
+            cwd=str(self.cwd), env={**env, POOL_ENV: str(me), DIR_ENV: str(self.folder.resolve())}
+        )
         self.started += 1
         self._kernels[kernel_id] = km
         pid = int(getattr(km.provisioner, "pid", 0) or 0)
@@ -452,7 +428,7 @@ class KernelPool:
             modules=list(self.modules),
         )
         ticket.write(starting)
-        if self._stop.is_set() or not _run_silently(km, _warm_code(self.modules), 120):
+        if self._stop.is_set() or not _run_silently(km, warm_code(self.modules), 120):
             _kill(pid, me)
             starting.unlink(missing_ok=True)
             return

@@ -73,7 +73,7 @@ class PapermillEngine:
     def run(self, source: Any, values: dict[str, Any], output: Path, cwd: Path) -> None:
         import papermill
 
-        from dagma.notebooks import kernel_pool, papermill_engine
+        from dagma.notebooks import kernel_pool, kernel_warmup, papermill_engine
 
         # papermill logs a warning per injected name not in the parameters cell; ours is expected.
         logging.getLogger("papermill").setLevel(logging.ERROR)
@@ -84,7 +84,7 @@ class PapermillEngine:
                 self.pool,
                 cwd=cwd,
                 env={**os.environ, **(kwargs.get("kernel_env") or {})},
-                modules=kernel_pool.first_cell_imports(source),
+                modules=kernel_warmup.first_cell_imports(source),
                 run_id=self.limits.run_id,
             )
         self.pooled = km is not None

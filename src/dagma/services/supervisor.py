@@ -154,9 +154,9 @@ class Topology:
             Service(
                 name="code-server",
                 argv=[
-                    venv_bin("dagster"),
-                    "api",
-                    "grpc",
+                    venv_bin("python"),
+                    "-m",
+                    "dagma.lab.code_server",  # `dagster api grpc`, its run workers forked warm
                     "-m",
                     "dagma.definitions",
                     "-h",
