@@ -82,6 +82,8 @@ def test_no_state_leaks_from_one_notebook_to_the_next_on_spare_kernels(tmp_path:
     # Warm the kernels with a module neither notebook imports, to see it in sys.modules only.
     with KernelPool(pool_dir, size=1, modules=["sklearn"], cwd=tmp_path) as pool:
         wait_for(lambda: spare_pids(pool_dir))
+        # Unix sockets: a spare kernel holds no TCP port a service may be about to bind.
+        assert {t.connection["transport"] for t in pool.spare()} == {"ipc"}
         engine = PapermillEngine(Limits(run_id="run-1"), pool=pool_dir)
         first = execute(
             parse_notebook(messy),
@@ -112,6 +114,7 @@ def test_no_state_leaks_from_one_notebook_to_the_next_on_spare_kernels(tmp_path:
     assert expected["cwd"] == str(tmp_path) and expected["history"] >= 3
     assert not list((pool_dir / "spare").glob("*.json")), "close() kills the unclaimed spares"
     assert not list((pool_dir / "claimed").glob("*.json"))
+    assert not list(pool_dir.glob("kernel-*")), "no connection file or socket is left"
 
 
 def test_a_pooled_kernel_gets_the_runs_environment_and_tag(tmp_path: Path):

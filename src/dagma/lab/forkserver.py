@@ -20,6 +20,7 @@ PRELOAD: tuple[str, ...] = (
     "mlflow",
     "dagma.lib.tracking",
     "dagma.notebooks.runner",
+    "dagma.notebooks.kernel_pool",
 )
 # Set while the fork server starts: importing this module there loads the code location once.
 _WARM_ENV = "DAGMA_FORK_SERVER_WARM"

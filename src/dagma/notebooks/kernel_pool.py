@@ -50,6 +50,7 @@ RESERVE_MEMORY = 1024 * 2**20
 # never handed out.
 _KEY_PREFIXES = ("PYTHON", "LD_")
 _KEY_NAMES = {"DAGMA_HOME"}
+_SOCKET_PATH = 100  # a Unix socket's path must fit in 108 bytes, with the kernel's "-<port>"
 _PER_RUN = {POOL_ENV, DIR_ENV, "DAGMA_OWNER_PID", "DAGMA_KERNEL_RUN_ID", "PYTEST_CURRENT_TEST"}
 
 
@@ -161,7 +162,7 @@ def sweep(folder: Path) -> list[int]:
         path.unlink(missing_ok=True)
     orphans = [pid for pid in _kernels_of_dead_owners(folder) if pid not in in_use]
     killed += processes.kill(orphans, wait=5.0)
-    for path in folder.glob("kernel-*.json"):
+    for path in folder.glob("kernel-*"):  # connection files and sockets
         owner = path.name.split("-")[1]
         if not owner.isdigit() or not processes.alive(int(owner)):
             path.unlink(missing_ok=True)
@@ -230,6 +231,13 @@ def discard(ticket: Ticket, path: Path) -> None:
     """Kill a claimed kernel and drop its ticket: it ran its one notebook."""
     _kill(ticket.pid, ticket.owner)
     path.unlink(missing_ok=True)
+    _remove_files(path.parent.parent, ticket)
+
+
+def _remove_files(folder: Path, ticket: Ticket) -> None:
+    """A dead kernel's connection file and sockets."""
+    for leftover in folder.glob(f"kernel-{ticket.owner}-{ticket.id[:6]}*"):
+        leftover.unlink(missing_ok=True)
 
 
 def _run_silently(km: KernelManager, code: str, timeout: float) -> bool:
@@ -383,6 +391,7 @@ class KernelPool:
                 if ticket is not None and ticket.owner == me:
                     _kill(ticket.pid, me)
                     path.unlink(missing_ok=True)
+                    _remove_files(self.folder, ticket)
         self._reap()
 
     def spare(self) -> list[Ticket]:
@@ -408,9 +417,14 @@ class KernelPool:
         me = os.getpid()
         kernel_id = uuid.uuid4().hex[:12]
         starting = self.folder / "starting" / f"{kernel_id}.json"
+        # Unix sockets, not TCP: a kernel started ahead of time must not take a port that a
+        # service about to start (MLflow, the webserver) was given. TCP where the path is too
+        # long for a socket.
+        ipc = self.folder / f"kernel-{me}-{kernel_id[:6]}"
         km = KernelManager(
             kernel_name="python3",
             connection_file=str(self.folder / f"kernel-{me}-{kernel_id}.json"),
+            **({"transport": "ipc", "ip": str(ipc)} if len(str(ipc)) < _SOCKET_PATH else {}),
         )
         env = {k: v for k, v in os.environ.items() if k not in _PER_RUN}
         km.start_kernel(
