@@ -725,7 +725,14 @@ def build_template(key: str, base: Path) -> Path:
     work = base / f"template-{key}"
     work.mkdir()
     cmd, env = COLD[key](work)
-    subprocess.run(cmd, cwd=work, env=env, capture_output=True, timeout=TIMEOUT, check=True)
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        sys.exit(
+            f"{tail}\nBuilding the used home of {key}_warm: {' '.join(cmd)} exited "
+            f"{proc.returncode} (its output's end is above); fix that run, or leave "
+            f"{key}_warm out of --only"
+        )
     return work
 
 
