@@ -231,6 +231,14 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
             ) from exc
         except (NotebookError, KernelError) as exc:
             raise dg.Failure(description=str(exc), allow_retries=False) from exc
+        except (KeyboardInterrupt, dg.DagsterExecutionInterruptedError) as exc:
+            # Dagster retries an interrupted step that has a retry policy; a cancelled run's
+            # notebook must stop, not start again.
+            raise dg.Failure(
+                description=f"Notebook {spec.path.name} was interrupted: its run was cancelled "
+                "or its process stopped. Its kernel was stopped; nothing it wrote became current.",
+                allow_retries=False,
+            ) from exc
         common: dict[str, Any] = {
             "executed_notebook": _notebook_metadata(run.ipynb),
             "html": _file_metadata(run.html),
