@@ -919,3 +919,15 @@ def test_a_killed_code_server_leaves_no_run_started_and_up_brings_it_back_warm(l
     assert up.returncode == 0, up.stdout + up.stderr
     again, _ = nap_run(lab, 0.0)
     assert wait_for(lab, [again], timeout=300)[-1] == ("SUCCESS",), failures(lab)
+
+
+def test_a_run_the_lab_refuses_is_an_error_that_says_why(lab):
+    from dagma.services import remote
+
+    url = remote.webserver(lab.config)
+    assert url == f"http://127.0.0.1:{lab.config.dagma_dagster_port}"
+    assert remote.runnable_here(url, ["nap"])
+    assert not remote.runnable_here(url, ["wine_daily_scores"]), "partitioned: planned locally"
+    assert not remote.runnable_here(url, ["no_such_asset"])
+    with pytest.raises(remote.RemoteRunError, match=r"refused the run \(RunConfigValidation"):
+        remote.submit(url, ["nap"], {"ops": {"nap": {"config": {"no_such_parameter": 1}}}}, {})
