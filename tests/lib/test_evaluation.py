@@ -3,6 +3,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,7 @@ from dagma.lib.chunking import Chunk
 from dagma.lib.evaluation import (
     EvalQuestion,
     QuestionFileError,
+    answer_questions,
     citation_numbers,
     citation_precision,
     citation_valid,
@@ -335,3 +337,55 @@ def test_evaluate_answers_scores_citations_faithfulness_and_latency() -> None:
     assert evaluate_answers(questions, pipeline, limit=0)["answered"] == 0
     with pytest.raises(ValueError, match="limit"):
         evaluate_answers(questions, pipeline, limit=-1)
+
+
+class BlockingPipeline(FakePipeline):
+    """Answers only once `meet` threads are answering at the same time (or fails)."""
+
+    def __init__(self, meet: threading.Barrier, busy: set[int]) -> None:
+        super().__init__()
+        self.meet, self.busy = meet, busy
+
+    def answer(self, question: str, docs: Any = None) -> Any:
+        assert id(self) not in self.busy, "a pipeline was used by two threads at once"
+        self.busy.add(id(self))
+        try:
+            self.meet.wait(timeout=3)  # BrokenBarrierError unless another answers meanwhile
+            return super().answer(question, docs)
+        finally:
+            self.busy.discard(id(self))
+
+
+def test_two_pipelines_answer_two_questions_at_once_in_order() -> None:
+    meet, busy = threading.Barrier(2), set[int]()
+    pipelines = [BlockingPipeline(meet, busy), BlockingPipeline(meet, busy)]
+    entered: list[str] = []
+
+    @contextmanager
+    def span(name: str) -> Any:
+        entered.append(name)
+        yield
+
+    asked = ["try", "loop", "try", "loop"]
+    spans = [lambda n=n: span(n) for n in ["a", "b", "c", "d"]]
+    done = answer_questions(asked, pipelines, spans)
+    assert [d.question for d in done] == asked
+    assert [d.answer.text for d in done] == [REPLIES[q] for q in asked]
+    assert [d.docs for d in done] == [PASSAGES[q] for q in asked]
+    assert sorted(entered) == ["a", "b", "c", "d"]
+    assert sorted(pipelines[0].calls + pipelines[1].calls) == sorted(asked)
+    assert all(d.generation_s == 5.0 and 0 < d.latency_s < 10 for d in done)
+
+
+def test_one_pipeline_answers_one_question_after_the_other() -> None:
+    pipeline = BlockingPipeline(threading.Barrier(2), set())
+    with pytest.raises(threading.BrokenBarrierError):  # nobody else answers meanwhile
+        answer_questions(["try", "loop"], [pipeline])
+    assert pipeline.calls == ["try"]  # the failure stopped the rest
+
+
+def test_answering_refuses_no_pipeline_and_a_span_count_that_does_not_match() -> None:
+    with pytest.raises(ValueError, match="pipelines is empty"):
+        answer_questions(["try"], [])
+    with pytest.raises(ValueError, match="1 spans for 2 questions"):
+        answer_questions(["try", "loop"], FakePipeline(), [contextmanager(lambda: iter([None]))])

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -126,6 +129,30 @@ def test_the_prompt_is_read_on_as_many_threads_as_the_answer_is_written(threads:
     assert client.context_params.n_threads_batch == threads
 
 
+def test_replicas_are_contexts_of_their_own_that_answer_at_once_and_alike() -> None:
+    settings = LLMSettings(max_tokens=24)
+    models = [chat_model(settings, replica=i) for i in range(2)]
+    assert models[0] is chat_model(settings) and models[1] is chat_model(settings, replica=1)
+    assert models[0].client is not models[1].client  # type: ignore[attr-defined]
+    assert llm.model_lock(models[0]) is not llm.model_lock(models[1])
+    prompt = "Context: finally runs clean-up code after try.\nQuestion: What does finally do?"
+
+    def answer(model: Any) -> str:
+        with llm.model_lock(model):
+            return str(model.invoke(prompt).content)
+
+    alone = answer(models[0])
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(answer, models))
+    assert alone and together == [alone, alone]
+
+
+@pytest.mark.parametrize("replica", [-1, 1.0, True])
+def test_a_bad_replica_is_refused(replica: Any) -> None:
+    with pytest.raises(LLMError, match=r"replica=.*: write a whole number of 0 or more"):
+        chat_model(LLMSettings(), replica=replica)
+
+
 @pytest.mark.parametrize("value", ["0", "two", "-1"])
 def test_a_bad_thread_count_names_the_variable(value: str) -> None:
     with pytest.raises(LLMError, match=f"DAGMA_LLM_THREADS='{value}': write a whole number"):
@@ -189,7 +216,7 @@ def test_openai_backend_settings() -> None:
     ollama = chat_model(LLMSettings.from_env({"DAGMA_LLM": "ollama", "DAGMA_LLM_MODEL": "m"}))
     assert isinstance(ollama, ChatOllama) and ollama.base_url == "http://localhost:11434"
     assert llm.structured_output_method(ollama) == "json_schema"
-    assert llm.model_lock(real) is not llm.LOCAL_MODEL_LOCK
+    assert isinstance(llm.model_lock(real), contextlib.nullcontext)
     assert llm.count_output_tokens(real, "hello") is None
 
 
@@ -314,7 +341,8 @@ def test_generation_errors_become_llm_errors() -> None:
 
 def test_local_model_lock_and_tokens() -> None:
     model = chat_model(LLMSettings(max_tokens=8))
-    assert llm.is_local(model) and llm.model_lock(model) is llm.LOCAL_MODEL_LOCK
+    assert llm.is_local(model) and llm.model_lock(model) is llm.model_lock(model)
+    assert llm.model_lock(chat_model(LLMSettings(max_tokens=8))) is llm.model_lock(model)
     assert llm.structured_output_method(model) is None
     assert llm.count_output_tokens(model, "") == 0
     assert llm.count_output_tokens(model, "Hello world") == 2

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,13 +19,16 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dagma.errors import DagmaError
+from dagma.lib.answering import Answered, AnsweringPipeline, answer_questions
 from dagma.lib.citations import citation_numbers, citation_valid, strip_citations
 
 __all__ = [
     "STOPWORDS",
+    "Answered",
     "AnsweringPipeline",
     "EvalQuestion",
     "QuestionFileError",
+    "answer_questions",
     "citation_numbers",
     "citation_precision",
     "citation_valid",
@@ -42,6 +45,7 @@ __all__ = [
     "normalise",
     "reciprocal_rank",
     "score_answer",
+    "score_answers",
     "tokens_per_second",
 ]
 
@@ -263,14 +267,6 @@ def tokens_per_second(tokens: Sequence[int | None], seconds: Sequence[float | No
     return sum(t for t, _ in pairs) / total if total else 0.0
 
 
-class AnsweringPipeline(Protocol):
-    """What :func:`evaluate_answers` needs from :class:`dagma.lib.rag.RagPipeline`."""
-
-    def retrieve(self, question: str) -> list[Any]: ...
-
-    def answer(self, question: str, docs: Sequence[Any] | None = None) -> Any: ...
-
-
 def _doc_key(doc: Any) -> str:
     return hit_chunk({"payload": doc.metadata})
 
@@ -306,40 +302,25 @@ def score_answer(q: EvalQuestion, docs: Sequence[Any], answer: Any) -> dict[str,
     }
 
 
-def evaluate_answers(
-    questions: Iterable[EvalQuestion | Mapping[str, Any]],
-    pipeline: AnsweringPipeline,
-    limit: int,
-    trace: Callable[[EvalQuestion], AbstractContextManager[Any]] | None = None,
+def score_answers(
+    questions: Sequence[EvalQuestion | Mapping[str, Any]], answered: Sequence[Answered]
 ) -> dict[str, Any]:
-    """Answer the first ``limit`` questions and score citations, faithfulness and speed.
-
-    Each question runs inside ``trace(question)`` when given (e.g. an MLflow span). Returns
-    ``answered``, ``citation_precision`` (cited passages whose chunk is labelled relevant),
+    """Score ``answered[i]``, the answer to ``questions[i]``: ``answered``,
+    ``citation_precision`` (cited passages whose chunk is labelled relevant),
     ``citation_source_precision`` (same, by source), ``citation_validity`` (share of answers
     with valid citations), mean ``faithfulness``, ``latency_p50_s``/``latency_p95_s`` (wall
-    time of retrieval plus answer), ``tokens_per_s`` and the per-question ``rows``.
-    """
-    if limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
-    rows: list[dict[str, Any]] = []
-    for raw in list(questions)[:limit]:
-        q = _as_question(raw)
-        with trace(q) if trace is not None else nullcontext():
-            start = time.perf_counter()
-            docs = pipeline.retrieve(q.question)
-            retrieved = time.perf_counter()
-            answer = pipeline.answer(q.question, docs)
-            done = time.perf_counter()
-        generation_s = getattr(answer, "generation_s", None)
-        rows.append(
-            score_answer(q, docs, answer)
-            | {
-                "latency_s": done - start,
-                "generation_s": done - retrieved if generation_s is None else generation_s,
-                "output_tokens": getattr(answer, "output_tokens", None),
-            }
-        )
+    time of retrieval plus answer), ``tokens_per_s`` and the per-question ``rows``."""
+    if len(questions) != len(answered):
+        raise ValueError(f"{len(answered)} answers for {len(questions)} questions: give one each")
+    rows = [
+        score_answer(_as_question(raw), done.docs, done.answer)
+        | {
+            "latency_s": done.latency_s,
+            "generation_s": done.generation_s,
+            "output_tokens": getattr(done.answer, "output_tokens", None),
+        }
+        for raw, done in zip(questions, answered, strict=True)
+    ]
     p50, p95 = latency_percentiles([r["latency_s"] for r in rows])
     return {
         "answered": len(rows),
@@ -356,6 +337,22 @@ def evaluate_answers(
         ),
         "rows": rows,
     }
+
+
+def evaluate_answers(
+    questions: Iterable[EvalQuestion | Mapping[str, Any]],
+    pipeline: AnsweringPipeline | Sequence[AnsweringPipeline],
+    limit: int,
+    trace: Callable[[EvalQuestion], AbstractContextManager[Any]] | None = None,
+) -> dict[str, Any]:
+    """Answer the first ``limit`` questions (:func:`answer_questions`), each inside
+    ``trace(question)`` when given (e.g. an MLflow span), and score them (:func:`score_answers`).
+    """
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+    chosen = [_as_question(raw) for raw in list(questions)[:limit]]
+    spans = None if trace is None else [partial(trace, q) for q in chosen]
+    return score_answers(chosen, answer_questions([q.question for q in chosen], pipeline, spans))
 
 
 def load_questions(path: str | Path) -> list[EvalQuestion]:

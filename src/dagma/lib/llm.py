@@ -14,6 +14,7 @@ import importlib.util
 import os
 import sys
 import threading
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKENDS",
-    "LOCAL_MODEL_LOCK",
     "LLMError",
     "LLMSettings",
     "backend_errors",
@@ -51,9 +51,9 @@ OPENAI_URL = "https://api.openai.com/v1"
 # Local OpenAI-compatible servers ignore the key, but the client refuses to run without one.
 PLACEHOLDER_API_KEY = "not-needed"
 
-# One lock for every llama.cpp context in the process: a context is not thread-safe, and
-# SmolLM2 generates fast enough that serialising all local generation costs little.
-LOCAL_MODEL_LOCK = threading.Lock()
+# One lock per llama.cpp context (a context is not thread-safe), keyed by its llama_cpp.Llama.
+_CONTEXT_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_CONTEXT_LOCKS_GUARD = threading.Lock()
 
 
 class LLMError(DagmaError, RuntimeError):
@@ -133,14 +133,18 @@ class LLMSettings:
         return cls(**values)  # type: ignore[arg-type]
 
 
-def chat_model(settings: LLMSettings | None = None) -> BaseChatModel:
+def chat_model(settings: LLMSettings | None = None, *, replica: int = 0) -> BaseChatModel:
     """The chat model for ``settings`` (default: :meth:`LLMSettings.from_env`).
 
     Configuration errors raise :class:`LLMError` here; reachability is only known on first use
-    (see :func:`check_backend`). The local model is cached per (path, parameters), so repeated
-    calls are cheap and share one llama.cpp context: hold :func:`model_lock` while generating.
+    (see :func:`check_backend`). The local model is cached per (path, parameters, ``replica``),
+    so repeated calls are cheap and share one llama.cpp context: hold :func:`model_lock` while
+    generating. Another ``replica`` is another context of the same model, which generates at
+    the same time on another thread, with the same answers; HTTP backends ignore ``replica``.
     """
     s = settings or LLMSettings.from_env()
+    if isinstance(replica, bool) or not isinstance(replica, int) or replica < 0:
+        raise LLMError(f"replica={replica!r}: write a whole number of 0 or more.")
     if s.backend == "local":
         return _local_chat_model(
             str(_local_path(s).resolve()),
@@ -150,6 +154,7 @@ def chat_model(settings: LLMSettings | None = None) -> BaseChatModel:
             s.temperature,
             s.seed,
             s.max_tokens,
+            replica,
         )
     if s.backend == "openai":
         _require("langchain_openai", "langchain-openai", s.backend)
@@ -301,11 +306,15 @@ def is_local(model: object) -> bool:
 
 
 def model_lock(model: object) -> contextlib.AbstractContextManager[Any]:
-    """:data:`LOCAL_MODEL_LOCK` for a llama.cpp model, a no-op for HTTP backends.
+    """The lock of a llama.cpp model's context, a no-op for HTTP backends.
 
     Not re-entrant: finish (or close) a stream before generating again in the same thread.
     """
-    return LOCAL_MODEL_LOCK if is_local(model) else contextlib.nullcontext()
+    if not is_local(model):
+        return contextlib.nullcontext()
+    client = cast(Any, model).client  # a llama_cpp.Llama
+    with _CONTEXT_LOCKS_GUARD:
+        return _CONTEXT_LOCKS.setdefault(client, threading.Lock())
 
 
 def structured_output_method(model: object) -> str | None:
@@ -506,7 +515,7 @@ def _fresh_prompt_chat_class() -> type:
     return FreshPromptChatLlamaCpp
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=6)
 def _local_chat_model(
     model_path: str,
     n_ctx: int,
@@ -515,6 +524,7 @@ def _local_chat_model(
     temperature: float,
     seed: int,
     max_tokens: int,
+    replica: int,  # only in the cache key: another replica is another context
 ) -> BaseChatModel:
     try:
         chat_class = _fresh_prompt_chat_class()

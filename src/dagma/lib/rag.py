@@ -216,9 +216,9 @@ class RagPipeline:
     :func:`dagma.lib.llm.structured_output_method`), ``None`` forces plain text, or name a
     ``with_structured_output`` method. In plain text, ``answer(q).text`` equals the streamed
     text unless the reply is JSON. With the local model (temperature 0, i.e. greedy) the same
-    question over the same store gives the same text; its generation is serialised across
-    threads by :data:`dagma.lib.llm.LOCAL_MODEL_LOCK`. Unreachable remote backends raise
-    :class:`dagma.lib.llm.LLMError` naming the setting to fix.
+    question over the same store gives the same text; generation on one llama.cpp context is
+    serialised across threads by :func:`dagma.lib.llm.model_lock`. Unreachable remote backends
+    raise :class:`dagma.lib.llm.LLMError` naming the setting to fix.
     """
 
     def __init__(

@@ -4,6 +4,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import dagster as dg
@@ -14,9 +15,10 @@ from dagma.lib import tracking
 from dagma.lib.embeddings import get_embedder
 from dagma.lib.evaluation import (
     EvalQuestion,
-    evaluate_answers,
+    answer_questions,
     evaluate_retrieval,
     load_questions,
+    score_answers,
 )
 from dagma.lib.llm import chat_model
 from dagma.lib.retrieval import make_pipeline, make_search
@@ -35,6 +37,13 @@ class RagEvalConfig(dg.Config):
     # the default answers a few. Set answer_limit to the question count for the full set.
     answer_limit: int = Field(
         default=3, ge=0, description="Questions answered by the model (2-6 s each locally)."
+    )
+    answer_workers: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description="Questions answered at once, each by its own copy of the local model on "
+        "one thread; any count gives the same answers.",
     )
     k: int = Field(default=5, ge=1, description="Hits retrieved per question for hit@k and MRR.")
     max_tokens: int | None = Field(
@@ -140,11 +149,21 @@ def rag_eval(
         llm_settings = llm.settings()
         if config.max_tokens is not None:
             llm_settings = replace(llm_settings, max_tokens=config.max_tokens)
-        pipeline = make_pipeline(search, chat_model(llm_settings))
+        chosen = questions[: config.answer_limit]
+        asked = [*(q.question for q in chosen), SAMPLE_QUESTION]
+        # The sample is answered beside the evaluated questions, not after them.
+        pipelines = [
+            make_pipeline(search, chat_model(llm_settings, replica=i))
+            for i in range(min(config.answer_workers, len(asked)))
+        ]
+        spans = [
+            *(partial(_question_span, q) for q in chosen),
+            partial(mlflow_lib.start_span, name="rag_eval.sample"),
+        ]
         with langchain_tracing():
-            answers = evaluate_answers(questions, pipeline, config.answer_limit, _question_span)
-            with mlflow_lib.start_span(name="rag_eval.sample"):
-                sample = pipeline.answer(SAMPLE_QUESTION)
+            answered = answer_questions(asked, pipelines, spans)
+        answers = score_answers(chosen, answered[:-1])
+        sample = answered[-1].answer
         metrics = {
             "hit_at_1": report["hit@1"],
             "hit_at_5": report["hit@5"],
@@ -158,6 +177,7 @@ def rag_eval(
                 "questions": report["n"],
                 "k": report["k"],
                 "answer_limit": config.answer_limit,
+                "answer_workers": len(pipelines),
                 "max_tokens": llm_settings.max_tokens,
                 "embedder": embedder.name,
                 "collection": doc_vectors.get("physical"),
