@@ -8,6 +8,9 @@ gives it its own environment and working folder, and kills it after its one note
 owner replaces what was taken and kills the kernel of a claimant that died; a new owner first
 kills whatever a dead owner left behind. Kernels carry `POOL_ENV=<owner pid>`, so a reused pid
 is never mistaken for one of them.
+
+Longer than 450 lines because both sides of the pool, the owner that starts and sweeps and
+the claimant that adopts and kills, live on one ticket format and one set of kill rules.
 """
 
 from __future__ import annotations
