@@ -139,11 +139,17 @@ def _report_body(
     med = {k: statistics.median(v) for k, v in times.items() if v}
     for key, (label, _) in alternatives.items():
         if times[key]:
-            lines.append(f"| {label} | {fmt(med[key])} | {fmt(min(times[key]))}-{fmt(max(times[key]))} |")
+            lines.append(
+                f"| {label} | {fmt(med[key])} | {fmt(min(times[key]))}-{fmt(max(times[key]))} |"
+            )
     lines += ["", "| Ratio of medians | Value | Target | Holds |", "|---|---|---|---|"]
     ratios = {
         "warm/papermill": ("warm `dagma run` / papermill CLI", "warm", "papermill"),
-        "warm/dagstermill_cli": ("warm `dagma run` / plain dagstermill CLI", "warm", "dagstermill_cli"),
+        "warm/dagstermill_cli": (
+            "warm `dagma run` / plain dagstermill CLI",
+            "warm",
+            "dagstermill_cli",
+        ),
         "warm/cold": ("warm `dagma run` / cold `dagma run --local`", "warm", "cold"),
         "cold/papermill": ("cold `dagma run --local` / papermill CLI", "cold", "papermill"),
     }
