@@ -102,13 +102,15 @@ def test_a_killed_run_is_failed_on_the_next_status_and_nothing_half_written_is_s
     victim = subprocess.Popen(
         dagma("run", "slow", "-p", "slow.pause=300", "-p", "slow.version=2"),
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=(tmp_path / "victim.log").open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     deadline = time.monotonic() + 120
     while not (tmp_path / "marker").exists():
-        assert victim.poll() is None and time.monotonic() < deadline, "the run never started"
+        assert victim.poll() is None and time.monotonic() < deadline, (
+            "the run never started: " + (tmp_path / "victim.log").read_text()[-3000:]
+        )
         time.sleep(0.2)
     docs = home / "qdrant" / "docs"
     assert list(docs.glob(".building-*")) and not lock_is_free(docs)  # caught mid-publish

@@ -221,6 +221,8 @@ class Settings(BaseSettings):
         os.environ["DAGMA_HOME"] = str(self.home)
         os.environ["DAGSTER_HOME"] = str(self.dagster_dir)
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri
+        # An offline lab sends nothing home: MLflow's usage telemetry is off unless asked for.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def get_settings() -> Settings:

@@ -39,18 +39,13 @@ def fork_run_workers(settings: Settings) -> None:
 def main(argv: list[str] | None = None) -> None:
     from dagster._cli.api import api_cli
 
-    from dagma.errors import DagmaError
     from dagma.notebooks import kernel_pool, kernel_warmup
 
     settings = get_settings()
     settings.ensure_dirs()
     settings.export_env()
     notebooks = kernel_warmup.papermill_notebooks(settings.notebooks_dir, None)
-    try:
-        size = min(kernel_pool.pool_size(), len(notebooks))
-    except DagmaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    size = min(kernel_pool.pool_size(), len(notebooks))  # a bad setting stops it here, named
     fork_run_workers(settings)  # before any thread starts: the fork server is forked from here
     pool = kernel_pool.KernelPool(
         settings.kernels_dir,

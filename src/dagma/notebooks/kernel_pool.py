@@ -54,7 +54,8 @@ RESERVE_MEMORY = 1024 * 2**20
 _KEY_PREFIXES = ("PYTHON", "LD_")
 _KEY_NAMES = {"DAGMA_HOME"}
 _SOCKET_PATH = 100  # a Unix socket's path must fit in 108 bytes, with the kernel's "-<port>"
-_PER_RUN = {POOL_ENV, DIR_ENV, "DAGMA_OWNER_PID", "DAGMA_KERNEL_RUN_ID", "PYTEST_CURRENT_TEST"}
+RUN_TAG = "DAGMA_KERNEL_RUN_ID"  # papermill_engine.RUN_ENV: set when a run adopts the kernel
+_PER_RUN = {POOL_ENV, DIR_ENV, RUN_TAG, "DAGMA_OWNER_PID", "PYTEST_CURRENT_TEST"}
 
 
 class PoolError(DagmaError, ValueError):
@@ -429,7 +430,7 @@ class KernelPool:
             connection_file=str(self.folder / f"kernel-{me}-{kernel_id}.json"),
             **({"transport": "ipc", "ip": str(ipc)} if len(str(ipc)) < _SOCKET_PATH else {}),
         )
-        env = {k: v for k, v in os.environ.items() if k not in _PER_RUN}
+        env = {k: v for k, v in os.environ.items() if k not in (RUN_TAG, POOL_ENV, DIR_ENV)}
         km.start_kernel(
             cwd=str(self.cwd), env={**env, POOL_ENV: str(me), DIR_ENV: str(self.folder.resolve())}
         )
