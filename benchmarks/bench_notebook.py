@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -590,10 +591,15 @@ def verify_trivial_noop(work: Path, stdout: str) -> str | None:
 
 
 def verify_trivial_status(work: Path, stdout: str) -> str | None:
-    rows = [line for line in stdout.splitlines() if TRIVIAL in line]
-    if not rows or any("never" in row for row in rows):
-        return f"`dagma status` does not show {TRIVIAL} as materialized: {rows or stdout[-800:]}"
-    return verify_trivial_lab(work, stdout)
+    """`dagma status` shows the asset's row with the run that made its executed copy."""
+    path, problem = executed(work, TRIVIAL, TRIVIAL_PRINTED)
+    if path is None:
+        return problem
+    run = path.parent.parent.name[:8]  # runs/<run id>/<asset>/<asset>.ipynb
+    rows = [line for line in stdout.splitlines() if re.search(rf"[│|]\s*{TRIVIAL}\s*[│|]", line)]
+    if not any(run in row for row in rows):
+        return f"`dagma status` shows no {TRIVIAL} row with run {run}: {rows or stdout[-800:]}"
+    return None
 
 
 def trivial_alternatives() -> list[Alternative]:
