@@ -269,3 +269,18 @@ def test_a_kernel_whose_owner_died_before_its_ticket_is_found_by_its_environment
     finally:
         if processes.alive(pid):
             km.shutdown_kernel(now=True)
+
+
+def test_a_kernel_being_claimed_is_not_swept_before_its_claimant_is_named(tmp_path: Path):
+    """A claim renames the ticket, then writes the claimant in: a sweep in between must leave
+    the kernel to its owner, or it kills a kernel that a run is adopting."""
+    pool_dir = tmp_path / "kernels"
+    with KernelPool(pool_dir, size=1, modules=[], cwd=tmp_path, poll=0.05) as pool:
+        [pid] = wait_for(lambda: spare_pids(pool_dir))
+        [ticket_path] = (pool_dir / "spare").glob("*.json")
+        ticket_path.rename(pool_dir / "claimed" / ticket_path.name)  # claimed, claimant unset
+        time.sleep(0.5)  # several turns of the owner's loop, each with a sweep
+        assert kernel_pool.sweep(pool_dir) == []
+        assert processes.alive(pid)
+        wait_for(lambda: len(spare_pids(pool_dir)) == 1)  # the owner replaced it meanwhile
+    assert not processes.alive(pid), "closing the pool kills a claim nobody finished"

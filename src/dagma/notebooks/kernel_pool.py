@@ -156,7 +156,10 @@ def sweep(folder: Path) -> list[int]:
         if ticket is None:
             path.unlink(missing_ok=True)
             continue
-        holder = ticket.claimant if path.parent == claimed else ticket.owner
+        # A claimed ticket names its claimant a moment after the rename: until then it is
+        # still its owner's, or a sweep would kill the kernel being adopted.
+        claimant = ticket.claimant if path.parent == claimed else None
+        holder = claimant if claimant is not None else ticket.owner
         if holder is not None and processes.alive(holder):
             in_use.add(ticket.pid)
             continue
@@ -389,10 +392,11 @@ class KernelPool:
         if self._thread is not None:
             self._thread.join(timeout=60)
         me = os.getpid()
-        for sub in ("spare", "starting"):
+        for sub in ("spare", "starting", "claimed"):
             for path in (self.folder / sub).glob("*.json"):
                 ticket = Ticket.read(path)
-                if ticket is not None and ticket.owner == me:
+                unclaimed = ticket is not None and (sub != "claimed" or ticket.claimant is None)
+                if ticket is not None and unclaimed and ticket.owner == me:
                     _kill(ticket.pid, me)
                     path.unlink(missing_ok=True)
                     _remove_files(self.folder, ticket)
