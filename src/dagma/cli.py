@@ -176,7 +176,7 @@ def demo(
 ) -> None:
     """Materialize the whole demo graph on the embedded defaults and summarise it."""
     settings = get_settings()
-    pool = kernel_pool.for_command(settings, None)
+    pool = kernel_pool.for_command(settings, None, processes)
     from dagma import lab
     from dagma.lib import arrivals
 
@@ -236,7 +236,7 @@ def run(
                 raise typer.Exit(1)
             return
     # Spare kernels start now, while Dagster is imported and the definitions load.
-    pool = None if stale else kernel_pool.for_command(settings, assets)
+    pool = None if stale else kernel_pool.for_command(settings, assets, processes)
     from dagma import lab
 
     try:

@@ -323,22 +323,31 @@ def _starting(folder: Path, key: str) -> list[Ticket]:
     return found
 
 
-def for_command(settings: Settings, selection: list[str] | None) -> KernelPool | None:
-    """A pool for a CLI command about to run `selection` (None: everything) in this process,
-    started before the command imports Dagster, so that the kernels start meanwhile."""
+def for_command(
+    settings: Settings, selection: list[str] | None, processes: int | None = None
+) -> KernelPool | None:
+    """A pool for a CLI command about to run `selection` (None: everything) in this process on
+    `processes` (default $DAGMA_PROCESSES, else 1), started before the command imports Dagster,
+    so that the kernels start meanwhile."""
     from dagma import reaping
 
     settings.ensure_dirs()
     settings.export_env()  # before the kernels start: they run in the lab's environment
     reaping.own_processes()
     notebooks = papermill_notebooks(settings.notebooks_dir, selection or None)
-    return for_notebooks(settings.kernels_dir, notebooks, settings.notebooks_dir)
+    raw = os.environ.get("DAGMA_PROCESSES", "").strip()  # checked, with its error, by the run
+    at_once = processes or (int(raw) if raw.isdigit() and int(raw) > 0 else 1)
+    return for_notebooks(settings.kernels_dir, notebooks, settings.notebooks_dir, at_once)
 
 
-def for_notebooks(folder: Path, notebooks: list[Path], cwd: Path) -> KernelPool | None:
-    """An open pool with one spare kernel per notebook about to run (at most the pool size),
-    or None: the pool is off, nothing will run, or a live owner already keeps spares here."""
-    size = min(pool_size(), len(notebooks))
+def for_notebooks(
+    folder: Path, notebooks: list[Path], cwd: Path, at_once: int = 1
+) -> KernelPool | None:
+    """An open pool with a spare kernel for each notebook that may start at once (at least the
+    pool size, at most the notebooks about to run), or None: the pool is off, nothing will
+    run, or a live owner already keeps spares here."""
+    wanted = pool_size()
+    size = min(max(wanted, at_once), len(notebooks)) if wanted else 0
     if size == 0 or any(processes.alive(t.owner) for t in _tickets(folder / "spare")):
         return None
     pool = KernelPool(folder, size=size, modules=imports_of(notebooks), cwd=cwd)
