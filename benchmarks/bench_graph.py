@@ -271,6 +271,15 @@ def run_once(alt: Alternative, base: Path, rep: int, opts: Options) -> None:
         alt.failures.append(done.error)
         print(f"  {alt.key} #{rep} FAILED after {elapsed:.1f} s\n{done.error}", file=sys.stderr)
         return
+    summary: dict = {}
+    if alt.key.startswith("demo"):
+        try:
+            summary = json.loads(done.stdout)
+        except ValueError:
+            problem = f"`dagma demo --json` exited 0 but printed no JSON: {done.stdout[:800]!r}"
+            alt.failures.append(problem)
+            print(f"  {alt.key} #{rep} FAILED: {problem}", file=sys.stderr)
+            return
     alt.times.append(elapsed)
     alt.cpu.append(done.cpu)
     note = ""
@@ -281,7 +290,7 @@ def run_once(alt: Alternative, base: Path, rep: int, opts: Options) -> None:
             phases["command start to first run"] = phases.pop("_first_run_start") - started
             phases["last run end to exit"] = ended - phases.pop("_last_run_end")
         if alt.key.startswith("demo"):
-            value = json.loads(done.stdout)["values"].get("rag_eval", {})
+            value = summary.get("values", {}).get("rag_eval", {})
             timing, answered = value.get("timing", {}), value.get("metrics", {}).get("answered")
             if timing and answered is not None:
                 phases["rag_eval: answering (answers x p50)"] = answered * timing["latency_p50_s"]
