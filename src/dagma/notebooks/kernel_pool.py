@@ -54,6 +54,7 @@ RESERVE_MEMORY = 1024 * 2**20
 _KEY_PREFIXES = ("PYTHON", "LD_")
 _KEY_NAMES = {"DAGMA_HOME"}
 _SOCKET_PATH = 100  # a Unix socket's path must fit in 108 bytes, with the kernel's "-<port>"
+SWEEP_EVERY = 2.0  # seconds between an owner's sweeps for dead claimants' kernels
 RUN_TAG = "DAGMA_KERNEL_RUN_ID"  # papermill_engine.RUN_ENV: set when a run adopts the kernel
 _PER_RUN = {POOL_ENV, DIR_ENV, RUN_TAG, "DAGMA_OWNER_PID", "PYTEST_CURRENT_TEST"}
 
@@ -130,7 +131,11 @@ class Ticket:
 
 def _is_pooled_kernel(pid: int, owner: int) -> bool:
     """The pid is still the kernel that `owner` started, not a process that reused its pid."""
-    return pid in processes.tagged(POOL_ENV, str(owner)) if processes.alive(pid) else False
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"{POOL_ENV}={owner}".encode() in environ and processes.alive(pid)
 
 
 def _kill(pid: int, owner: int) -> None:
@@ -417,10 +422,13 @@ class KernelPool:
         return [t for t in found if t is not None and t.owner == os.getpid()]
 
     def _keep_filled(self) -> None:
+        swept = time.monotonic()
         while not self._stop.is_set():
             try:
                 self._reap()
-                sweep(self.folder)
+                if time.monotonic() - swept > SWEEP_EVERY:  # a sweep reads every process
+                    sweep(self.folder)
+                    swept = time.monotonic()
                 ready = len(self.spare())
                 more = self.limit is None or self.started < self.limit
                 if more and ready < room_for_kernels(self.size, available_memory()):
