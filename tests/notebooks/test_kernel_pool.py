@@ -275,7 +275,7 @@ def test_a_kernel_being_claimed_is_not_swept_before_its_claimant_is_named(tmp_pa
     """A claim renames the ticket, then writes the claimant in: a sweep in between must leave
     the kernel to its owner, or it kills a kernel that a run is adopting."""
     pool_dir = tmp_path / "kernels"
-    with KernelPool(pool_dir, size=1, modules=[], cwd=tmp_path, poll=0.05) as pool:
+    with KernelPool(pool_dir, size=1, modules=[], cwd=tmp_path, poll=0.05):
         [pid] = wait_for(lambda: spare_pids(pool_dir))
         [ticket_path] = (pool_dir / "spare").glob("*.json")
         ticket_path.rename(pool_dir / "claimed" / ticket_path.name)  # claimed, claimant unset
