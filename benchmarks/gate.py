@@ -27,9 +27,9 @@ STABLE = 0.15
 # Absolute limits, whatever the baseline: a 2-process fan-out slower than 1 process fails.
 LIMITS: dict[str, float] = {"graph:fanout_p2/fanout_p1": 1.0}
 
-# Repetitions: two gate runs at the previous counts (notebook 2, vectors 1, graph 2) on the
-# shared 2-core machine moved bridge/papermill by 33%, the vectors ratios by up to 2.5x and the
-# graph's by 21% to 2x, all above STABLE; see README.md for this count's spread.
+# Repetitions, raised where two gate runs (`--runs 2`) on the shared 2-core machine moved a
+# ratio by more than STABLE: notebook 2 -> 4, vectors 1 -> 3 -> 5, graph 2 -> 3 -> 5. README.md
+# has each round's moves.
 QUICK = {
     "notebook": [
         "bench_notebook.py",
@@ -38,8 +38,8 @@ QUICK = {
         "--repeat",
         "4",
     ],
-    "vectors": ["bench_vectors.py", "--quick", "--repeat", "3"],
-    "graph": ["bench_graph.py", "--quick", "--repeat", "3"],
+    "vectors": ["bench_vectors.py", "--quick", "--repeat", "5"],
+    "graph": ["bench_graph.py", "--quick", "--repeat", "5"],
 }
 
 
