@@ -159,9 +159,7 @@ def test_status_json_names_every_asset_and_collection(demo):
 
 def test_a_fresh_home_offline_reproduces_metrics_point_ids_and_answer(demo, tmp_path: Path):
     """`dagma demo` with every Python process of it (kernels included) refused any network use
-    beyond this machine, which works without root: nothing is downloaded, or even looked up.
-    It runs on 2 processes, so it also shows that fanning out gives the same metrics, vectors
-    and answer as the first demo on 1, and ends with its summary."""
+    beyond this machine, which works without root: nothing is downloaded, or even looked up."""
     _, first = demo
     env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI")}
     env["DAGMA_HOME"] = str(tmp_path / "second")
@@ -175,7 +173,7 @@ def test_a_fresh_home_offline_reproduces_metrics_point_ids_and_answer(demo, tmp_
     assert refused.returncode != 0 and "offline test: refused" in refused.stderr  # the guard works
     attempts.unlink()
     done = subprocess.run(
-        [dagma, "demo", "--json", "--processes", "2"],
+        [dagma, "demo", "--json"],
         env=env,
         capture_output=True,
         timeout=600,
