@@ -320,12 +320,7 @@ def take(
 
 
 def _starting(folder: Path, key: str) -> list[Ticket]:
-    found = []
-    for path in (folder / "starting").glob("*.json"):
-        ticket = Ticket.read(path)
-        if ticket is not None and ticket.key == key:
-            found.append(ticket)
-    return found
+    return [t for t in _tickets(folder / "starting") if t.key == key]
 
 
 def for_command(
@@ -418,8 +413,7 @@ class KernelPool:
 
     def spare(self) -> list[Ticket]:
         """The kernels ready to be claimed now."""
-        found = [Ticket.read(p) for p in sorted((self.folder / "spare").glob("*.json"))]
-        return [t for t in found if t is not None and t.owner == os.getpid()]
+        return [t for t in _tickets(self.folder / "spare") if t.owner == os.getpid()]
 
     def _keep_filled(self) -> None:
         swept = time.monotonic()
