@@ -1,3 +1,4 @@
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -141,3 +142,69 @@ def test_a_name_with_a_trailing_newline_is_refused(tmp_path: Path):
     path = write_nb(tmp_path / "nb.ipynb", 'asset = {"pool": "writer\\n", "outputs": ["a"]}')
     with pytest.raises(NotebookError, match=r"`asset\['pool'\]` must be a snake_case pool name"):
         parse_notebook(path)
+
+
+@pytest.mark.parametrize(
+    "annotation",
+    [
+        "().__class__.__base__.__subclasses__()",
+        "__import__('os').system('touch {flag}')",
+        # The classic escape from eval without builtins: reach them again through a class.
+        "[c for c in ().__class__.__base__.__subclasses__() if c.__name__ == 'catch_warnings']"
+        "[0]()._module.__builtins__['__import__']('os').system('touch {flag}')",
+        "Annotated[int, Field(ge=__import__('os').system('touch {flag}'))]",
+        "list[().__class__.__base__.__subclasses__()]",
+    ],
+)
+def test_an_annotation_is_read_as_data_and_never_run(tmp_path: Path, annotation: str):
+    flag = tmp_path / "pwned"
+    params = f"x: {annotation.format(flag=flag)} = 1"
+    with pytest.raises(NotebookError) as refused:
+        parse_notebook(write_nb(tmp_path / "nb.ipynb", params=params))
+    message = str(refused.value)
+    assert "nb.ipynb: the type of parameter 'x'" in message
+    assert "is not supported" in message and "Literal" in message and "Annotated" in message
+    assert not flag.exists()
+
+
+def test_every_allowed_type_form_is_read_without_evaluating(tmp_path: Path):
+    params = """a: int = 1
+b: list[int] = [1]
+c: dict[str, float] = {"x": 1.0}
+d: int | None = None
+e: Optional[str] = None
+f: Literal["fast", "slow", 3, True] = "fast"
+g: Annotated[float, Field(gt=0, le=1, description="share")] = 0.5
+h: list = []
+i: dict = {}"""
+    spec = parse_notebook(write_nb(tmp_path / "nb.ipynb", params=params))
+    assert spec.validate_params({"d": "4", "e": "x", "f": 3}) == {
+        "a": 1,
+        "b": [1],
+        "c": {"x": 1.0},
+        "d": 4,
+        "e": "x",
+        "f": 3,
+        "g": 0.5,
+        "h": [],
+        "i": {},
+    }
+    with pytest.raises(NotebookError, match=r"parameter 'g' = 0"):
+        spec.validate_params({"g": 0})
+    with pytest.raises(NotebookError, match=r"parameter 'f' = 'medium'"):
+        spec.validate_params({"f": "medium"})
+
+
+@pytest.mark.parametrize(
+    ("annotation", "part"),
+    [
+        ("Annotated[int, Field(default_factory=list)]", "Field(default_factory=...)"),
+        ("Literal[1.5]", "is a float"),
+        ("typing.List[int]", "'typing.List[int]' is not one of the allowed forms"),
+    ],
+)
+def test_a_refused_annotation_names_the_part_not_allowed(
+    tmp_path: Path, annotation: str, part: str
+):
+    with pytest.raises(NotebookError, match=re.escape(part)):
+        parse_notebook(write_nb(tmp_path / "nb.ipynb", params=f"x: {annotation} = 1"))

@@ -23,12 +23,13 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import nbformat
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from dagma.errors import DagmaError
+from dagma.notebooks.annotations import ALLOWED, UnsupportedType, parse_annotation
 
 RESERVED = ("upstream", "asset")
 ASSET_OPTIONS = {
@@ -50,19 +51,6 @@ ENGINES = ("papermill", "dagstermill")
 PARTITION_KINDS = ("daily", "hourly", "weekly", "monthly", "static")
 # A snake_case asset, pool or variable name (fullmatch: `$` would let a trailing newline in).
 ASSET_NAME = re.compile(r"[a-z_][a-z0-9_]*")
-# Names an annotation may use; evaluated with no builtins, so nothing else is reachable.
-_TYPE_NAMES: dict[str, Any] = {
-    "int": int,
-    "float": float,
-    "str": str,
-    "bool": bool,
-    "list": list,
-    "dict": dict,
-    "Literal": Literal,
-    "Annotated": Annotated,
-    "Field": Field,
-    "None": None,
-}
 
 
 class NotebookError(DagmaError, ValueError):
@@ -185,12 +173,11 @@ def _annotation(node: ast.expr | None, default: Any, path: Path, name: str) -> t
         return (type(default) if default is not None else Any), ""
     source = ast.unparse(node)
     try:
-        code = compile(ast.Expression(node), str(path), "eval")
-        return eval(code, {"__builtins__": {}}, _TYPE_NAMES), source  # nosec B307
-    except Exception:
-        allowed = ", ".join(k for k in _TYPE_NAMES if k != "None")
+        return parse_annotation(node), source
+    except UnsupportedType as exc:
         raise NotebookError(
-            f"{path}: the type of parameter {name!r} ({source}) is not supported; use {allowed}."
+            f"{path}: the type of parameter {name!r} ({source}) is not supported: {exc}. "
+            f"Use {ALLOWED}."
         ) from None
 
 
