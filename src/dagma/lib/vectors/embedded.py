@@ -5,7 +5,7 @@ Versions are built with qdrant-edge's WAL off and closed before CURRENT moves: w
 engine takes no folder lock, and loading a finished version only rewrites identical metadata via
 temp file + rename, so reader processes open CURRENT directly while a writer builds. Inside a
 version, points are numbered by row; their ids and scalar payload fields are stored beside the
-shard (see `rows`).
+shard (see `rows`). A reader that may not write a version searches a copy (see `private_copy`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from dagma.lib.atomic import write_atomic
+from dagma.lib.atomic import atomic_file
 from dagma.lib.vectors.contract import (
     NAME,
     CollectionInfo,
@@ -41,6 +41,7 @@ from dagma.lib.vectors.contract import (
     check_query,
 )
 from dagma.lib.vectors.filters import conditions, edge_filter
+from dagma.lib.vectors.private_copy import private_copy
 from dagma.lib.vectors.rows import ROWS_FILE, Rows, numbering, split_payloads, write_rows
 
 _VERSION = re.compile(r"v(\d{4,})")
@@ -52,6 +53,13 @@ class _Open:
     shard: Any  # qdrant_edge.EdgeShard
     info: CollectionVersion
     rows: Rows | None = None  # None: a version from before rows, ids and payloads in the shard
+    copy: Path | None = None  # the private copy the shard was loaded from, if any
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # its folder may be pruned already
+            self.shard.close()
+        if self.copy is not None:
+            shutil.rmtree(self.copy, ignore_errors=True)
 
 
 # Versions are immutable, so one open shard per collection serves every EmbeddedStore in the
@@ -148,7 +156,6 @@ class EmbeddedStore(VectorStore):
 
     def _open_current(self, collection: str) -> _Open:
         """The open current version of `collection`; call with `_OPEN_LOCK` held."""
-        import qdrant_edge as qe
 
         key = self.root / collection
         for _ in range(3):  # a writer may prune a version between reading CURRENT and loading it
@@ -163,7 +170,7 @@ class EmbeddedStore(VectorStore):
                 return cached
             info = self._manifest(collection, name)
             try:
-                shard = qe.EdgeShard.load(str(key / name))
+                shard, copy = _load_shard(key / name)
             except Exception as exc:
                 if self._current_name(collection) != name:
                     continue
@@ -171,14 +178,13 @@ class EmbeddedStore(VectorStore):
             try:
                 rows = Rows(key / name) if (key / name / ROWS_FILE).exists() else None
             except (OSError, ValueError, KeyError, TypeError) as exc:
-                shard.close()
+                _Open(name, shard, info, None, copy).close()
                 if self._current_name(collection) != name:
                     continue
                 raise _edge_error(key / name, exc) from exc
             if cached:
-                with contextlib.suppress(Exception):  # its folder may be pruned already
-                    cached.shard.close()
-            _OPEN[key] = _Open(name, shard, info, rows)
+                cached.close()
+            _OPEN[key] = _Open(name, shard, info, rows, copy)
             return _OPEN[key]
         raise VectorStoreError(f"{key} changed version three times while opening it; retry")
 
@@ -319,9 +325,9 @@ class EmbeddedStore(VectorStore):
                     collection, version, name, points, vectors.shape[1], metadata or {}
                 )
                 manifest = {**asdict(info), "created_at": time.time()}
-                write_atomic(building / "manifest.json", json.dumps(manifest))
+                _write_shared(building / "manifest.json", json.dumps(manifest))
                 building.rename(final)
-                write_atomic(folder / "CURRENT", name + "\n")
+                _write_shared(folder / "CURRENT", name + "\n")
             except BaseException:  # CURRENT still names the previous version
                 shutil.rmtree(building, ignore_errors=True)
                 shutil.rmtree(final, ignore_errors=True)
@@ -367,6 +373,33 @@ class EmbeddedStore(VectorStore):
         # The first load settles one-time bookkeeping; do it before any reader can see the folder.
         qe.EdgeShard.load(str(folder)).close()
         return points
+
+
+def _write_shared(path: Path, text: str) -> None:
+    """Write `path` whole, with its folder's read bits (a temp file alone is 0600), as the umask
+    gives the engine's own files: whoever may list a collection may read it."""
+    with atomic_file(path) as f:
+        os.fchmod(f.fileno(), path.parent.stat().st_mode & 0o644)
+        f.write(text.encode())
+
+
+def _load_shard(folder: Path) -> tuple[Any, Path | None]:
+    """Load a published version, from a private copy when this process may not write it
+    (qdrant-edge opens its files read-write). Returns the shard and the copy, if any."""
+    import qdrant_edge as qe
+
+    if os.access(folder, os.W_OK):
+        try:
+            return qe.EdgeShard.load(str(folder)), None
+        except Exception as exc:
+            if not any(s in str(exc) for s in ("os error 13", "os error 30")):  # EACCES, EROFS
+                raise
+    copy = private_copy(folder)
+    try:
+        return qe.EdgeShard.load(str(copy)), copy
+    except BaseException:
+        shutil.rmtree(copy, ignore_errors=True)
+        raise
 
 
 def _points(
