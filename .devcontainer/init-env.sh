@@ -1,15 +1,16 @@
 #!/usr/bin/env sh
 # initializeCommand, on the host before compose starts: compose.yaml refuses to start without
-# its passwords, so give a fresh checkout a private .env. A value already in the environment
-# (a Codespaces secret) wins; an existing .env line is kept.
+# its secrets, so .env (mode 600) gets a fresh random value for each one missing or a placeholder.
+# A value already in the environment (a Codespaces secret) is used instead; real values in .env
+# are kept. The list and the rules are src/dagma/env_secrets.py's, which needs only Python 3.8+
+# (no venv yet on the host), so the names are not repeated here.
 set -eu
 cd "$(dirname "$0")/.."
-touch .env
-chmod 600 .env
-for name in POSTGRES_PASSWORD DAGSTER_PG_PASSWORD MLFLOW_PG_PASSWORD QDRANT_API_KEY \
-    MINIO_ROOT_PASSWORD CLICKHOUSE_PASSWORD; do
-  grep -q "^${name}=" .env && continue
-  value=$(printenv "$name" || true)
-  [ -n "$value" ] || value=$(od -An -N18 -tx1 /dev/urandom | tr -d ' \n')
-  printf '%s=%s\n' "$name" "$value" >> .env
+for python in python3 python; do
+  if "$python" -c 'import sys; sys.exit(sys.version_info < (3, 8))' >/dev/null 2>&1; then
+    PYTHONPATH=src exec "$python" -B -m dagma.env_secrets init .env
+  fi
 done
+echo "init-env.sh needs Python 3.8+ (python3) on the host to write .env's secrets." >&2
+echo "Install it, or write .env elsewhere with \`dagma secrets init\` and copy it here." >&2
+exit 2

@@ -13,7 +13,19 @@ cd "$(dirname "$0")/.."
 
 group="${1:-minimal}"
 shift || true
-[[ -f .env ]] || { echo "No .env: cp .env.example .env, then change every password." >&2; exit 2; }
+init="dagma secrets init (without the venv: PYTHONPATH=src python3 -m dagma.env_secrets init .env)"
+[[ -f .env ]] || { echo "No .env: write one with random secrets: $init" >&2; exit 2; }
+# Refuse secrets everyone knows (change-me..., empty, .env.example's). The list and the rules
+# live in src/dagma/env_secrets.py (standard library only), so the host needs Python 3.8+ only.
+python=""
+for candidate in python3 python; do
+  if "$candidate" -c 'import sys; sys.exit(sys.version_info < (3, 8))' >/dev/null 2>&1; then
+    python="$candidate"
+    break
+  fi
+done
+[[ -n "$python" ]] || { echo "start_env.sh needs Python 3.8+ (python3) to check .env's secrets." >&2; exit 2; }
+PYTHONPATH=src "$python" -B -m dagma.env_secrets check .env
 
 profiles=()
 case "$group" in

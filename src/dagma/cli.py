@@ -19,6 +19,7 @@ from rich.table import Table
 
 from dagma.cli_errors import DagmaCommands, InputError
 from dagma.notebooks import kernel_pool
+from dagma.secrets_cli import app as secrets_app
 from dagma.services.cli import app as services_app
 from dagma.settings import get_settings
 
@@ -30,6 +31,7 @@ llm_app = typer.Typer(help="The chat model behind the RAG chain.", no_args_is_he
 app.add_typer(notebook_app, name="notebook")
 app.add_typer(llm_app, name="llm")
 app.add_typer(services_app, name="services")
+app.add_typer(secrets_app, name="secrets")
 console = Console()
 Processes = Annotated[
     int | None,

@@ -41,6 +41,9 @@ def _topology() -> Any:
 @app.command()
 def up() -> None:
     """Start what is not running and wait until every service is healthy."""
+    from dagma.services.config import get_config
+
+    get_config().refuse_placeholders()  # before anything is created or started
     topology = _topology()
     statuses = topology.up(progress=lambda line: console.print(f"  {line}"))
     _print_table(statuses)

@@ -11,6 +11,8 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dagma.env_secrets import Placeholder, placeholder_reason, refuse
+
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 LOOPBACK = "127.0.0.1"
 
@@ -94,8 +96,19 @@ class ServicesConfig(BaseSettings):
     def dagster_url(self) -> str:
         return self.url(self.dagma_dagster_port)
 
+    def refuse_placeholders(self) -> None:
+        """Raise `SecretsError` naming each password override set to a value everyone knows."""
+        found = []
+        for name in SECRET_OVERRIDES:
+            value = getattr(self, name.lower())
+            why = value and placeholder_reason(value.get_secret_value())
+            if why:
+                found.append(Placeholder(name, "the environment or .env", why))
+        refuse(found, "start services mode")
+
     def passwords(self) -> dict[str, str]:
         """Role passwords: from the environment when set, else generated once into a 0600 file."""
+        self.refuse_placeholders()
         stored: dict[str, str] = {}
         if self.secrets_file.is_file():
             stored = json.loads(self.secrets_file.read_text())
@@ -117,6 +130,14 @@ class ServicesConfig(BaseSettings):
                 json.dump(result, handle)
             os.chmod(self.secrets_file, 0o600)
         return result
+
+
+# The password overrides (DAGMA_PG_*_PASSWORD, ...): unset or empty, services mode generates one.
+SECRET_OVERRIDES = tuple(
+    name.upper()
+    for name, info in ServicesConfig.model_fields.items()
+    if info.annotation == SecretStr | None
+)
 
 
 def get_config() -> ServicesConfig:
