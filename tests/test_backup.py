@@ -207,3 +207,178 @@ def test_the_archive_is_owner_only_and_backups_are_git_ignored(archive: Path):
         check=False,
     )
     assert ignored.stdout.split() == names
+
+
+# --- Restore trusts only data ---------------------------------------------------------------
+
+KEY = "backup-key-for-tests-0123456789"  # pragma: allowlist secret
+OTHER_KEY = "another-key-for-tests-987654321"  # pragma: allowlist secret
+
+
+@pytest.fixture
+def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A new lab (its instance config) with one executed notebook's report."""
+    home = tmp_path / "lab"
+    monkeypatch.setenv("DAGMA_HOME", str(home))
+    for name in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "DAGMA_QDRANT_PATH", "DAGMA_BACKUP_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    Settings().ensure_dirs()
+    (home / "runs" / "r1").mkdir(parents=True)
+    (home / "runs" / "r1" / "report.html").write_text("<p>the report</p>")
+    return home
+
+
+def backup_of(home: Path, path: Path, monkeypatch: pytest.MonkeyPatch, key: str | None) -> Path:
+    with monkeypatch.context() as env:
+        if key:
+            env.setenv("DAGMA_BACKUP_KEY", key)
+        result = cli(home, "backup", str(path), monkeypatch=env)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def forged(archive: Path, out: Path, change, key: str | None = None) -> Path:
+    """`archive` changed by `change(lab folder)` and packed again with checksums that match, as
+    someone without the key would: the old signature is kept, or `key` signs it anew."""
+    from dagma.backup import write_archive
+
+    unpacked = out.with_suffix(".unpacked")
+    with tarfile.open(archive, "r:gz") as tar:
+        tar.extractall(unpacked, filter="data")
+    staging = unpacked / "lab"
+    manifest = json.loads((staging / "manifest.json").read_text())
+    (staging / "manifest.json").unlink()
+    signature = staging / "manifest.sig"
+    old = signature.read_bytes() if signature.exists() else None
+    signature.unlink(missing_ok=True)
+    del manifest["files"]
+    change(staging)
+    write_archive(staging, manifest, out, *([key.encode()] if key else []))
+    if old is not None and key is None:
+        with tarfile.open(out, "r:gz") as tar, tarfile.open(out.with_suffix(".x"), "w:gz") as new:
+            for member in tar.getmembers():
+                new.addfile(member, tar.extractfile(member) if member.isfile() else None)
+            info = tarfile.TarInfo("lab/manifest.sig")
+            info.size = len(old)
+            new.addfile(info, io.BytesIO(old))
+        out.with_suffix(".x").rename(out)
+    return out
+
+
+def restore_into(home: Path, archive: Path, monkeypatch: pytest.MonkeyPatch, key: str | None):
+    with monkeypatch.context() as env:
+        if key:
+            env.setenv("DAGMA_BACKUP_KEY", key)
+        return cli(home, "restore", str(archive), monkeypatch=env)
+
+
+def test_restore_writes_dagster_yaml_afresh_and_never_takes_the_archives(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """dagster.yaml names modules and classes that Dagster imports: an archive's copy is code."""
+    fresh = (tiny / "dagster" / "dagster.yaml").read_text()
+    archive = backup_of(tiny, tmp_path / "lab.tar.gz", monkeypatch, None)
+    evil = "run_launcher:\n  module: evil_module\n  class: Evil\n"
+    changed = forged(
+        archive,
+        tmp_path / "changed.tar.gz",
+        lambda lab: (lab / "dagster" / "dagster.yaml").write_text(evil),
+    )
+    home = tmp_path / "restored"
+    result = restore_into(home, changed, monkeypatch, None)
+    assert result.exit_code == 0, result.output
+    assert (home / "dagster" / "dagster.yaml").read_text() == fresh
+    assert "dagster/dagster.yaml in" in said(result) and "were not restored" in said(result)
+    assert (home / "runs" / "r1" / "report.html").read_text() == "<p>the report</p>"
+
+
+def _symlink(lab: Path) -> None:
+    (lab / "runs" / "r1" / "link.html").symlink_to("report.html")
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda lab: (lab / ".env").write_text("MLFLOW_TRACKING_URI=x\n"), "lab/.env"),
+        (
+            lambda lab: (
+                (lab / "services").mkdir() or (lab / "services/secrets.json").write_text("{}")
+            ),
+            "lab/services",
+        ),
+        (_symlink, "lab/runs/r1/link.html"),
+    ],
+    ids=["env-file", "services-secrets", "symlink"],
+)
+def test_an_archive_with_what_no_backup_writes_restores_nothing(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change, named: str
+):
+    archive = backup_of(tiny, tmp_path / "lab.tar.gz", monkeypatch, None)
+    changed = forged(archive, tmp_path / "changed.tar.gz", change)
+    home = tmp_path / "restored"
+    result = restore_into(home, changed, monkeypatch, None)
+    assert result.exit_code == 2, result.output
+    assert f"{changed} holds {named}" in said(result) and "which no Dagma backup writes" in said(
+        result
+    )
+    assert not home.exists()
+
+
+def test_a_signed_archive_restores_with_its_key_and_is_refused_once_changed(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    archive = backup_of(tiny, tmp_path / "lab.tar.gz", monkeypatch, KEY)
+    with tarfile.open(archive, "r:gz") as tar:
+        assert "lab/manifest.sig" in tar.getnames()
+    good = restore_into(tmp_path / "good", archive, monkeypatch, KEY)
+    assert good.exit_code == 0, good.output
+    assert f"{archive}: signature checked with DAGMA_BACKUP_KEY" in said(good)
+
+    def swap_report(lab: Path) -> None:
+        (lab / "runs" / "r1" / "report.html").write_text("<script>steal()</script>")
+
+    home = tmp_path / "restored"
+    changed = forged(archive, tmp_path / "changed.tar.gz", swap_report)  # checksums match
+    resigned = forged(archive, tmp_path / "resigned.tar.gz", swap_report, key=OTHER_KEY)
+    for bad in (changed, resigned):
+        result = restore_into(home, bad, monkeypatch, KEY)
+        assert result.exit_code == 2, result.output
+        assert f"{bad}'s signature does not match DAGMA_BACKUP_KEY" in said(result)
+        assert "Set DAGMA_BACKUP_KEY to the key the archive was signed with" in said(result)
+        assert not home.exists()
+
+
+def test_with_a_key_set_an_unsigned_archive_is_refused(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    archive = backup_of(tiny, tmp_path / "lab.tar.gz", monkeypatch, None)
+    home = tmp_path / "restored"
+    result = restore_into(home, archive, monkeypatch, KEY)
+    assert result.exit_code == 2, result.output
+    assert f"{archive} is not signed, and DAGMA_BACKUP_KEY is set" in said(result)
+    assert not home.exists()
+
+
+def test_without_a_key_restore_says_the_archive_was_not_checked(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    signed = backup_of(tiny, tmp_path / "signed.tar.gz", monkeypatch, KEY)
+    result = restore_into(tmp_path / "a", signed, monkeypatch, None)
+    assert result.exit_code == 0, result.output
+    assert f"warning: {signed} is signed, but DAGMA_BACKUP_KEY is not set" in said(result)
+    assert "signature was NOT checked" in said(result)
+
+    unsigned = backup_of(tiny, tmp_path / "unsigned.tar.gz", monkeypatch, None)
+    result = restore_into(tmp_path / "b", unsigned, monkeypatch, None)
+    assert result.exit_code == 0, result.output
+    assert f"note: {unsigned} is not signed: its checksums catch damage, not tampering" in said(
+        result
+    )
+
+
+def test_a_short_backup_key_is_refused(tiny: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("DAGMA_BACKUP_KEY", "short")
+    result = cli(tiny, "backup", str(tmp_path / "x.tar.gz"), monkeypatch=monkeypatch)
+    assert result.exit_code == 2 and "DAGMA_BACKUP_KEY is 5 characters" in said(result)
+    assert "secrets.token_urlsafe(32)" in said(result)
+    assert not (tmp_path / "x.tar.gz").exists()

@@ -5,12 +5,17 @@ copied with SQLite's online backup, so a lab in use is copied consistently; each
 collection is copied while its writer lock is held. A restore checks every checksum before it
 writes anything, goes only into an empty `DAGMA_HOME`, and rewrites the absolute paths that
 MLflow and Dagster keep (artifact locations, executed notebooks) to the new home.
+
+With `DAGMA_BACKUP_KEY` set, a backup signs its manifest (HMAC-SHA256, `manifest.sig`) and a
+restore refuses an archive whose signature is missing or wrong. A restore takes only data:
+files of the parts a backup writes, never `dagster.yaml` (regenerated), nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -19,7 +24,7 @@ import sqlite3
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,13 +37,22 @@ from dagma.settings import Settings
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+SIGNATURE = "manifest.sig"
 PARTS = ("dagster", "mlflow", "qdrant", "runs", "reports")
+# Configuration that names code to import: regenerated on restore, never taken from an archive.
+REGENERATED = ("dagster/dagster.yaml", "dagster/workspace.yaml")
+KEY_VARIABLE = "DAGMA_BACKUP_KEY"
+MIN_KEY_LENGTH = 16
 
 
 class BackupError(DagmaError, RuntimeError):
     """A backup or restore that cannot proceed; the message names the thing and the fix."""
 
     exit_code = 2
+
+
+class UntrustedArchiveError(BackupError):
+    """An archive whose signature is missing or wrong, or that holds what no backup writes."""
 
 
 @dataclass
@@ -48,14 +62,34 @@ class Report:
     bytes: int
     seconds: float
     collections: list[str]
+    signed: bool = False
 
     def summary(self, restore: str) -> str:
         """What was written, and the command (`restore`) that brings it back."""
         return (
             f"Backed up {self.files} files ({self.bytes / 1e6:.1f} MB, collections: "
             f"{', '.join(self.collections) or 'none'}) to {self.archive} in {self.seconds:.1f} s."
-            f"\nRestore with: DAGMA_HOME=<empty folder> {restore} {self.archive}"
+            + ("\nSigned with " if self.signed else "\nNot signed: no ")
+            + f"{KEY_VARIABLE}.\nRestore with: DAGMA_HOME=<empty folder> {restore} {self.archive}"
         )
+
+
+def signing_key(settings: Settings) -> bytes | None:
+    """The key backups are signed and checked with (`DAGMA_BACKUP_KEY`), or None when unset."""
+    secret = settings.dagma_backup_key.get_secret_value() if settings.dagma_backup_key else ""
+    if not secret:
+        return None
+    if len(secret) < MIN_KEY_LENGTH:
+        raise BackupError(
+            f"{KEY_VARIABLE} is {len(secret)} characters; a signing key needs at least "
+            f"{MIN_KEY_LENGTH}. Make one with: python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))'"
+        )
+    return secret.encode()
+
+
+def _signature(key: bytes, manifest: bytes) -> str:
+    return "hmac-sha256:" + hmac.new(key, manifest, hashlib.sha256).hexdigest()
 
 
 def _sha256(path: Path) -> str:
@@ -149,9 +183,10 @@ def backup(settings: Settings, archive: Path | None = None) -> Report:
             "home": str(home),
             "collections": collections,
         }
-        files = write_archive(staging, manifest, archive)
+        key = signing_key(settings)
+        files = write_archive(staging, manifest, archive, key)
     seconds = time.perf_counter() - started
-    return Report(archive, files, archive.stat().st_size, seconds, collections)
+    return Report(archive, files, archive.stat().st_size, seconds, collections, key is not None)
 
 
 def archive_path(archive: Path | None) -> tuple[Path, str]:
@@ -175,12 +210,18 @@ def copy_collections(store: Any, target: Path) -> list[str]:
     return collections
 
 
-def write_archive(staging: Path, manifest: dict[str, Any], archive: Path) -> int:
-    """Checksum every file of `staging` into the manifest and pack it; returns the file count."""
+def write_archive(
+    staging: Path, manifest: dict[str, Any], archive: Path, key: bytes | None = None
+) -> int:
+    """Checksum every file of `staging` into the manifest, sign it with `key` if given, and pack
+    it; returns the file count."""
     files = {
         str(p.relative_to(staging)): _sha256(p) for p in sorted(staging.rglob("*")) if p.is_file()
     }
-    (staging / MANIFEST).write_text(json.dumps({**manifest, "files": files}, indent=1))
+    text = json.dumps({**manifest, "files": files}, indent=1).encode()
+    (staging / MANIFEST).write_bytes(text)
+    if key is not None:
+        (staging / SIGNATURE).write_text(_signature(key, text) + "\n")
     partial = archive.with_name(archive.name + ".partial")
     partial.unlink(missing_ok=True)  # left by a backup that was killed
     # Owner-only from the first byte: the archive holds the lab's databases.
@@ -191,19 +232,52 @@ def write_archive(staging: Path, manifest: dict[str, Any], archive: Path) -> int
     return len(files)
 
 
-def _read_manifest(tar: tarfile.TarFile, archive: Path) -> dict:
+def _member(tar: tarfile.TarFile, name: str) -> bytes | None:
     try:
-        member = tar.extractfile("lab/" + MANIFEST)
+        member = tar.extractfile("lab/" + name)
     except KeyError:
-        member = None
-    if member is None:
+        return None
+    return None if member is None else member.read()
+
+
+def _check_signature(text: bytes, signature: bytes | None, key: bytes | None, archive: Path) -> str:
+    """Refuse an archive the key does not vouch for; returns what was checked, to tell the user."""
+    if key is None:
+        if signature is not None:
+            return (
+                f"warning: {archive} is signed, but {KEY_VARIABLE} is not set, so its signature "
+                f"was NOT checked. Set {KEY_VARIABLE} on every machine that restores."
+            )
+        return (
+            f"note: {archive} is not signed: its checksums catch damage, not tampering. Restore "
+            f"only archives you made; set {KEY_VARIABLE} to sign and check them."
+        )
+    if signature is None:
+        raise UntrustedArchiveError(
+            f"{archive} is not signed, and {KEY_VARIABLE} is set, so only archives signed with "
+            "it are restored; nothing was restored. Restore a backup written with "
+            f"{KEY_VARIABLE} set; restore this one only if you made it, with {KEY_VARIABLE} unset."
+        )
+    if not hmac.compare_digest(signature.strip(), _signature(key, text).encode()):
+        raise UntrustedArchiveError(
+            f"{archive}'s signature does not match {KEY_VARIABLE}: it was changed after it was "
+            f"signed, or signed with another key; nothing was restored. Set {KEY_VARIABLE} to "
+            "the key the archive was signed with; if that is the key, do not restore it."
+        )
+    return f"{archive}: signature checked with {KEY_VARIABLE}."
+
+
+def _read_manifest(tar: tarfile.TarFile, archive: Path, key: bytes | None) -> tuple[dict, str]:
+    text = _member(tar, MANIFEST)
+    if text is None:
         raise BackupError(f"{archive} is not a Dagma backup (no {MANIFEST}); pick another file.")
-    manifest = json.loads(member.read())
+    checked = _check_signature(text, _member(tar, SIGNATURE), key, archive)
+    manifest = json.loads(text)
     if manifest.get("format") != FORMAT:
         raise BackupError(
             f"{archive} has backup format {manifest.get('format')!r}; this Dagma reads {FORMAT}."
         )
-    return manifest
+    return manifest, checked
 
 
 def rehome_text(text: str, old: str, new: str) -> str:
@@ -274,11 +348,45 @@ def check_target(archive: Path, home: Path) -> Path:
     return archive
 
 
-def unpack_verified(archive: Path, tmp: Path) -> tuple[Path, dict[str, Any]]:
-    """Unpack into `tmp` and check every file against the manifest; returns (lab folder, manifest)."""
+def _unexpected(archive: Path, name: str) -> UntrustedArchiveError:
+    return UntrustedArchiveError(
+        f"{archive} holds {name}, which no Dagma backup writes; nothing was restored. It was "
+        "changed by hand or by someone else: use a backup you made."
+    )
+
+
+def _check_members(tar: tarfile.TarFile, archive: Path, parts: tuple[str, ...]) -> None:
+    """Plain files under `parts` and the manifest, and their folders: anything else is refused."""
+    folders = {"lab"} | {
+        "lab/" + p.rsplit("/", i)[0] for p in parts for i in range(1, p.count("/") + 1)
+    }
+    for member in tar.getmembers():
+        name = member.name
+        under = any(name.startswith(f"lab/{part}/") or name == f"lab/{part}" for part in parts)
+        if not (
+            (member.isfile() and (under or name in (f"lab/{MANIFEST}", f"lab/{SIGNATURE}")))
+            or (member.isdir() and (under or name in folders))
+        ):
+            raise _unexpected(archive, name)
+
+
+def unpack_verified(
+    archive: Path, tmp: Path, key: bytes | None, mode: str, parts: tuple[str, ...]
+) -> tuple[Path, dict[str, Any], str]:
+    """Check the signature, the mode and that every member is a plain file under `parts` (the
+    folders a backup writes), unpack into `tmp` and check every file against the manifest;
+    returns (lab folder, manifest, what was checked of the signature)."""
     try:
         with tarfile.open(archive, "r:gz") as tar:
-            manifest = _read_manifest(tar, archive)
+            manifest, checked = _read_manifest(tar, archive, key)
+            found_mode = manifest.get("mode", "embedded")
+            if found_mode != mode:
+                command = {"embedded": "dagma restore", "services": "dagma services restore"}
+                raise BackupError(
+                    f"{archive} is a {found_mode}-mode backup; restore it with "
+                    f"`{command.get(found_mode, found_mode)}`."
+                )
+            _check_members(tar, archive, parts)
             tar.extractall(tmp, filter="data")  # "data" refuses links and paths outside tmp
     except (tarfile.TarError, OSError, EOFError, json.JSONDecodeError) as exc:
         raise BackupError(
@@ -286,7 +394,7 @@ def unpack_verified(archive: Path, tmp: Path) -> tuple[Path, dict[str, Any]]:
         ) from exc
     staging = tmp / "lab"
     found = {str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file()}
-    found.discard(MANIFEST)
+    found -= {MANIFEST, SIGNATURE}
     expected = manifest["files"]
     bad = sorted(set(expected) ^ found) + sorted(
         name for name in set(expected) & found if _sha256(staging / name) != expected[name]
@@ -297,22 +405,36 @@ def unpack_verified(archive: Path, tmp: Path) -> tuple[Path, dict[str, Any]]:
             "Nothing was restored; use another backup."
         )
     (staging / MANIFEST).unlink()
-    return staging, manifest
+    (staging / SIGNATURE).unlink(missing_ok=True)
+    return staging, manifest, checked
 
 
-def restore(settings: Settings, archive: Path) -> Report:
+def restore(settings: Settings, archive: Path, progress: Callable[[str], None] = print) -> Report:
     """Restore `archive` into `settings.home`, which must be empty or missing."""
     started = time.perf_counter()
     _check_embedded(settings)
     home = settings.home
     archive = check_target(archive, home)
+    key = signing_key(settings)
     home.parent.mkdir(parents=True, exist_ok=True)
     # Unpacked beside the home, so the final move is a rename on the same file system.
     with tempfile.TemporaryDirectory(prefix=".dagma-restore-", dir=home.parent) as tmp:
-        staging, manifest = unpack_verified(archive, Path(tmp))
-        if manifest.get("mode", "embedded") != "embedded":
-            raise BackupError(
-                f"{archive} is a services-mode backup; restore it with `dagma services restore`."
+        staging, manifest, checked = unpack_verified(archive, Path(tmp), key, "embedded", PARTS)
+        progress(checked)
+        taken = {}
+        for name in REGENERATED:
+            if (staging / name).is_dir():
+                raise _unexpected(archive, f"a folder {name}")
+            if (staging / name).is_file():
+                taken[name] = (staging / name).read_bytes()
+                (staging / name).unlink()
+        # The same code that writes a new lab's instance config writes this one.
+        Settings(dagma_home=staging, dagster_home=None, dagma_qdrant_path=None).ensure_dirs()
+        changed = [n for n, text in taken.items() if (staging / n).read_bytes() != text]
+        if changed:
+            progress(
+                f"note: {', '.join(changed)} in {archive} differ from a new lab's and were not "
+                "restored (they name code to run); add your own settings there again by hand."
             )
         expected = manifest["files"]
         for database in staging.rglob("*.db"):
@@ -323,5 +445,5 @@ def restore(settings: Settings, archive: Path) -> Report:
         if home.exists():
             home.rmdir()
         shutil.move(str(staging), home)
-    seconds = time.perf_counter() - started
-    return Report(archive, len(expected), archive.stat().st_size, seconds, manifest["collections"])
+    seconds, size = time.perf_counter() - started, archive.stat().st_size
+    return Report(archive, len(expected), size, seconds, manifest["collections"], key is not None)

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
         description="A folder of the team's own Dagster definitions (Python files, e.g. "
         "hand-written dagstermill assets), loaded beside src/dagma/defs/.",
     )
+    dagma_backup_key: SecretStr | None = Field(
+        default=None,
+        description="Key (16+ characters) that `dagma backup` signs archives with and that "
+        "restore requires a valid signature from; unset: unsigned, restored with a notice.",
+    )
     dagma_collection: str = Field(default="dagma_docs", description="Vector collection name.")
     dagma_experiment: str = Field(default="dagma", description="MLflow experiment name.")
     dagma_seed: int = Field(default=42, description="Seed used by every notebook and model.")

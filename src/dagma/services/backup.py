@@ -7,6 +7,10 @@ cluster with new role passwords, each database restored owned by its role, the o
 moved to the new one, the counts compared with the backup's) in a temporary folder beside the
 target, stops that cluster, and only then renames the folder into place: a restore that fails
 leaves nothing, and the leftovers of a killed one are removed by the next restore.
+
+MLflow's users and their password hashes (the `mlflow_auth` database) are never backed up or
+restored: the restored lab's MLflow creates its admin from this home's password on first start.
+Signing and the parts a restore takes are as in `dagma.backup`.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from dagma.backup import (
     copy_collections,
     copy_tree,
     rehome_text,
+    signing_key,
     unpack_verified,
     write_archive,
 )
@@ -41,9 +46,14 @@ from dagma.services import postgres
 from dagma.services.config import LOOPBACK, ServicesConfig
 from dagma.services.procs import MARKER, ServiceError, marked_pids, terminate
 from dagma.services.supervisor import Topology
+from dagma.settings import Settings
 
 # Copied as files; the vector collections are copied apart, each under its writer lock.
 FILES = ("mlflow/artifacts", "runs", "reports", "dagster-services/storage")
+# The folders a restore takes from an archive; the rest of the home is regenerated.
+PARTS = (*FILES, "qdrant", "postgres")
+# Dumped and restored; not `mlflow_auth`, whose users and password hashes stay with their lab.
+DUMPED = ("dagster", "mlflow")
 # What a restore must bring back, counted at backup and again after pg_restore.
 COUNTED = {"dagster": ("runs", "event_logs"), "mlflow": ("runs", "metrics", "model_versions")}
 # A restore's temporary folder (beside the target home) holds this lock while the restore runs.
@@ -120,26 +130,6 @@ def _dump(config: ServicesConfig, password: str, db: str, target: Path) -> dict[
     return found
 
 
-def _reset_mlflow_admin(config: ServicesConfig) -> None:
-    """The restored MLflow users keep their passwords, except the admin: it takes this home's
-    password (DAGMA_MLFLOW_ADMIN_PASSWORD or secrets.json), which the pipelines log in with."""
-    from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore
-
-    from dagma.services.supervisor import MLFLOW_ADMIN
-
-    passwords = config.passwords()
-    url = postgres.database_url(
-        "mlflow", passwords["mlflow"], config.dagma_pg_port, db="mlflow_auth"
-    )
-    store = SqlAlchemyStore()
-    store.init_db(url)
-    try:
-        if store.has_user(MLFLOW_ADMIN, use_primary=True):
-            store.update_user(MLFLOW_ADMIN, password=passwords["mlflow_admin"])
-    finally:
-        store.engine.dispose()
-
-
 def _postgres_up(topology: Topology) -> bool:
     """Postgres's own health check only: pg_dump needs nothing else of the topology."""
     services = topology.services(topology.config.passwords())
@@ -164,7 +154,7 @@ def backup(config: ServicesConfig, archive: Path | None = None) -> Report:
         staging = Path(tmp) / "lab"
         (staging / "postgres").mkdir(parents=True)
         recorded: dict[str, int] = {}
-        for db in postgres.DATABASES:
+        for db in DUMPED:
             try:
                 recorded.update(_dump(config, password, db, staging / "postgres" / f"{db}.dump"))
             except BackupError as exc:
@@ -182,13 +172,13 @@ def backup(config: ServicesConfig, archive: Path | None = None) -> Report:
             "created": stamp,
             "home": str(config.home),
             "collections": collections,
-            "databases": list(postgres.DATABASES),
+            "databases": list(DUMPED),
             "counts": recorded,
         }
-        files = write_archive(staging, manifest, archive)
-    return Report(
-        archive, files, archive.stat().st_size, time.perf_counter() - started, collections
-    )
+        key = signing_key(Settings())
+        files = write_archive(staging, manifest, archive, key)
+    seconds = time.perf_counter() - started
+    return Report(archive, files, archive.stat().st_size, seconds, collections, key is not None)
 
 
 def rehome_databases(config: ServicesConfig, password: str, old: str, new: str) -> int:
@@ -199,7 +189,7 @@ def rehome_databases(config: ServicesConfig, password: str, old: str, new: str) 
     if old == new:
         return 0
     changed = 0
-    for db in postgres.DATABASES:
+    for db in DUMPED:
         with _connect(config, password, db) as conn:  # one transaction per database
             columns = conn.execute(
                 "SELECT c.table_schema, c.table_name, c.column_name "
@@ -300,7 +290,7 @@ def _build(
     try:
         topology.up(progress, only={"postgres"})
         password = config.passwords()["postgres"]
-        for db in manifest["databases"]:
+        for db in DUMPED:
             argv = _pg(
                 config,
                 "pg_restore",
@@ -319,7 +309,6 @@ def _build(
         progress(f"postgres: moved {moved} path(s) from {manifest['home']} to {home}")
         for folder in RunFolder.every(building / "runs"):
             folder.rehome(manifest["home"], str(home))
-        _reset_mlflow_admin(config)
         restored = counts(config, password)
     finally:
         topology.down(progress=lambda _: None)
@@ -348,12 +337,19 @@ def restore(
     home = config.home
     archive = check_target(archive, home)
     home.parent.mkdir(parents=True, exist_ok=True)
+    key = signing_key(Settings())
     sweep_killed_restores(home.parent, progress)
     with _restore_folder(home.parent) as tmp:
-        staging, manifest = unpack_verified(archive, tmp)
-        if manifest.get("mode") != "services":
-            raise BackupError(
-                f"{archive} is an embedded-lab backup; restore it with `dagma restore`."
+        staging, manifest, checked = unpack_verified(archive, tmp, key, "services", PARTS)
+        progress(checked)
+        missing = [db for db in DUMPED if db not in manifest["databases"]]
+        if missing:
+            raise BackupError(f"{archive} holds no dump of {missing}; use another backup.")
+        if "mlflow_auth" in manifest["databases"]:
+            progress(
+                f"note: MLflow's users in {archive} (an older backup) are not restored: the "
+                "restored MLflow creates its admin with this home's password; add other users "
+                "again (docs/production.md)."
             )
         staging.chmod(0o700)  # the dumps: readable by us alone, whatever `tmp` allows
         try:
@@ -380,5 +376,6 @@ def restore(
         archive.stat().st_size,
         time.perf_counter() - started,
         manifest["collections"],
+        key is not None,
     )
     return report, restored
