@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dagma import doctor
+from dagma import doctor, env_secrets
 from dagma.settings import PROJECT_ROOT
 
 
@@ -146,6 +146,33 @@ def test_world_readable_env_file_flagged(ctx: doctor.Context) -> None:
     assert "✗ .env (warning)" in doctor.render([check])
     ctx.env_file.chmod(0o600)
     assert doctor.check_env_file(ctx).ok
+
+
+def test_secrets_everyone_knows_are_reported(
+    ctx: doctor.Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A .env copied from .env.example, or a change-me override, blocks; real values pass."""
+    assert ctx.env_file is not None
+    for name in ("POSTGRES_PASSWORD", "MLFLOW_ADMIN_PASSWORD", "QDRANT_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    ctx.env_file.write_text(
+        "POSTGRES_PASSWORD=change-me-postgres\nMLFLOW_ADMIN_PASSWORD=\nQDRANT_API_KEY=r4nd0m-k3y\n"
+    )
+    monkeypatch.setenv("DAGMA_PG_DAGSTER_PASSWORD", "change-me")
+    checks = by_name(doctor.collect(ctx))
+    postgres = checks["secret POSTGRES_PASSWORD"]
+    assert postgres.blocks and "is a placeholder" in postgres.detail
+    assert "dagma secrets init" in postgres.fix
+    assert "is empty" in checks["secret MLFLOW_ADMIN_PASSWORD"].detail
+    override = checks["secret DAGMA_PG_DAGSTER_PASSWORD"]
+    assert override.blocks and "unset DAGMA_PG_DAGSTER_PASSWORD" in override.fix
+    assert "secret QDRANT_API_KEY" not in checks and "secrets" not in checks
+    assert "✗ secret POSTGRES_PASSWORD: POSTGRES_PASSWORD in" in doctor.render(checks.values())
+
+    monkeypatch.delenv("DAGMA_PG_DAGSTER_PASSWORD")
+    env_secrets.init(ctx.env_file, environ={})
+    assert [c.ok for c in doctor.check_secrets(ctx)] == [True]
+    assert env_secrets.read(ctx.env_file)["QDRANT_API_KEY"] == "r4nd0m-k3y"
 
 
 def test_python_version_mismatch(tmp_path: Path) -> None:
