@@ -95,10 +95,12 @@ def test_the_app_reads_with_the_read_only_key_and_mlflow_requires_a_login():
     assert "--app-name=basic-auth" in mlflow["command"]
     admin = example["MLFLOW_ADMIN_PASSWORD"]
     assert mlflow["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"] == admin
-    for client in ("user-code", "webserver", "daemon", "app"):
+    for client in ("user-code", "webserver", "daemon"):
         env = services[client]["environment"]
         assert env["MLFLOW_TRACKING_USERNAME"] == "admin", client
         assert env["MLFLOW_TRACKING_PASSWORD"] == admin, client
+    # The app reads as MLflow's `reader` (tests/static/test_least_privilege.py).
+    assert app["MLFLOW_TRACKING_USERNAME"] == "reader"
 
 
 def test_every_port_is_published_on_loopback_only():
