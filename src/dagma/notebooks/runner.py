@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dagma.errors import DagmaError
+from dagma.lib.inert_html import inert_document
 from dagma.lib.run_folder import PickleFile, RunFolder, pickle_paths, write_pickle
 from dagma.nb import CONTEXT_VAR, NotebookContext, RunTarget
 from dagma.notebooks import parameterize
@@ -159,7 +160,7 @@ def warm_html_exporter() -> None:
 
 
 def render_html(ipynb: Path) -> Path:
-    """A self-contained HTML copy (images inlined) next to the executed notebook."""
+    """A self-contained, inert HTML copy (images inlined, no scripts) next to the notebook."""
     import warnings
 
     import nbformat
@@ -168,7 +169,7 @@ def render_html(ipynb: Path) -> Path:
         warnings.simplefilter("ignore", UserWarning)  # e.g. dagstermill's scraps: not shown
         body, _ = _html_exporter().from_notebook_node(nbformat.read(ipynb, as_version=4))
     html = ipynb.with_suffix(".html")
-    html.write_text(body, encoding="utf-8")
+    html.write_text(inert_document(body), encoding="utf-8")
     return html
 
 
