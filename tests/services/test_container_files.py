@@ -6,9 +6,12 @@ silently passes everything would fail here.
 
 from __future__ import annotations
 
+import json
+import shlex
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -67,8 +70,6 @@ def test_compose_config_fails_when_a_secret_is_missing(tmp_path):
 
 def resolved_services() -> dict:
     """compose.yaml as compose resolves it with the example .env, every profile on."""
-    import json
-
     done = run(
         BIN / "docker-compose",
         "--env-file",
@@ -101,6 +102,45 @@ def test_the_app_reads_with_the_read_only_key_and_mlflow_requires_a_login():
         assert env["MLFLOW_TRACKING_PASSWORD"] == admin, client
     # The app reads as MLflow's `reader` (tests/static/test_least_privilege.py).
     assert app["MLFLOW_TRACKING_USERNAME"] == "reader"
+
+
+def test_the_dev_container_logs_in_to_mlflow():
+    """The devcontainer's workspace talks to the mlflow service, which requires a login."""
+    done = run(
+        BIN / "docker-compose",
+        "-f",
+        ROOT / "compose.yaml",
+        "-f",
+        ROOT / ".devcontainer" / "compose.devcontainer.yaml",
+        "--env-file",
+        ROOT / ".env.example",
+        "config",
+        "--format",
+        "json",
+    )
+    assert done.returncode == 0, done.stderr
+    services = json.loads(done.stdout)["services"]
+    dev = services["dev"]["environment"]
+    assert dev["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert dev["MLFLOW_TRACKING_USERNAME"] == "admin"
+    admin = services["mlflow"]["environment"]["MLFLOW_AUTH_ADMIN_PASSWORD"]
+    assert dev["MLFLOW_TRACKING_PASSWORD"] == admin
+
+
+def test_the_devcontainer_installs_jupyterlab_for_its_forwarded_port():
+    """Port 8888 is forwarded as JupyterLab: postCreateCommand installs a group that has it."""
+    import json5
+
+    spec = json5.loads((ROOT / ".devcontainer" / "devcontainer.json").read_text())
+    assert 8888 in spec["forwardPorts"]
+    argv = shlex.split(spec["postCreateCommand"])
+    assert argv[argv.index("uv") :][:2] == ["uv", "sync"] and "--frozen" in argv
+    groups = [argv[i + 1] for i, arg in enumerate(argv) if arg == "--group"]
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["dependency-groups"]
+    assert any(
+        req.startswith("jupyterlab") for group in groups for req in declared.get(group, [])
+    ), groups
+    assert "dagma lab" in spec["portsAttributes"]["8888"]["label"]  # where its URL comes from
 
 
 def test_every_port_is_published_on_loopback_only():
