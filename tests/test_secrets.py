@@ -102,6 +102,18 @@ def test_secrets_init_command_writes_a_private_env(tmp_path: Path) -> None:
     assert not any(values[name] in done.stdout for name in REQUIRED)
 
 
+def test_secrets_init_names_a_folder_it_cannot_write(tmp_path: Path) -> None:
+    env = tmp_path / "missing" / ".env"
+    done = subprocess.run(
+        [str(DAGMA), "secrets", "init", "--env-file", str(env)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert f"cannot write {env}" in done.stdout + done.stderr
+
+
 def copy_for_host(root: Path, *files: str) -> Path:
     """The files a host script needs, and a bin folder that puts the host's python3 first."""
     for rel in (*files, "src/dagma/__init__.py", "src/dagma/errors.py"):

@@ -125,8 +125,16 @@ def parse(text: str) -> dict[str, str]:
     return values
 
 
+def _text(path: Path) -> str:
+    """The text of `path` ("" when there is none yet)."""
+    try:
+        return path.read_text(encoding="utf-8") if path.is_file() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecretsError(f"cannot read {path}: {exc}; make it a readable UTF-8 file") from exc
+
+
 def read(path: Path) -> dict[str, str]:
-    return parse(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return parse(_text(path))
 
 
 def placeholder_reason(value: str, example: str | None = None) -> str | None:
@@ -225,7 +233,7 @@ def init(
     """
     environ = os.environ if environ is None else environ
     known = _example_values(example)
-    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    text = _text(path)
     lines = text.splitlines()
     last_line: dict[str, int] = {}
     for index, line in enumerate(lines):
@@ -252,9 +260,13 @@ def init(
         else:
             added.append(_line(name, value))
     if added:
-        lines += ["", "# Secrets compose.yaml requires, written by `dagma secrets init`.", *added]
+        lines += [""] if lines else []
+        lines += ["# Secrets compose.yaml requires, written by `dagma secrets init`.", *added]
     if report.generated or report.from_environment:
-        _write(path, "\n".join(lines) + "\n")
+        try:
+            _write(path, "\n".join(lines) + "\n")
+        except OSError as exc:
+            raise SecretsError(f"cannot write {path}: {exc}; pick a writable folder") from exc
     elif loose:
         os.chmod(path.resolve(), 0o600)
     return report
