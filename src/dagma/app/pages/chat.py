@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import pandas as pd
@@ -16,7 +17,19 @@ HISTORY = "chat_history"
 def show_sources(rows: list[dict[str, Any]]) -> None:
     if rows:
         st.caption("Sources")
-        st.table(pd.DataFrame(rows).set_index("rank").style.format({"score": "{:.3f}"}))
+        table = pd.DataFrame(rows).set_index("rank")
+        for column in ("source", "snippet"):  # corpus text: st.table renders markdown
+            table[column] = table[column].astype(str).map(ui.inert_markdown)
+        st.table(table.style.format({"score": "{:.3f}"}))
+
+
+def show_answer(chunks: Iterable[str]) -> str:
+    """The answer as it streams, shown inert (no image, no raw HTML), and its whole text."""
+    shown, text = st.empty(), ""
+    for chunk in chunks:
+        text += chunk
+        shown.markdown(ui.inert_markdown(text))
+    return text
 
 
 def answer(chat: data.Chat, question: str) -> tuple[str, list[dict[str, Any]]]:
@@ -27,7 +40,7 @@ def answer(chat: data.Chat, question: str) -> tuple[str, list[dict[str, Any]]]:
     try:
         with st.spinner("Retrieving…"):
             docs = chat.pipeline.retrieve(question)
-        text = st.write_stream(chat.pipeline.stream(question, docs))
+        text = show_answer(chat.pipeline.stream(question, docs))
     finally:
         chat.lock.release()
     rows = data.source_rows(docs)
@@ -46,22 +59,23 @@ st.caption(
     "retrieved passages; the numbers in brackets cite the sources below each answer."
 )
 
+history: list[dict[str, Any]] = st.session_state.setdefault(HISTORY, [])
+for turn in history:
+    with st.chat_message("user"):
+        st.markdown(ui.inert_markdown(turn["question"]))
+    with st.chat_message("assistant"):
+        st.markdown(ui.inert_markdown(turn["answer"]))
+        show_sources(turn["sources"])
+
 with ui.guard("Answering"):
     url, root = ui.store_key(settings)
     ui.collection(url, root, settings.dagma_collection)
     chat = ui.chat(url, root, settings.dagma_collection, ui.llm_key())
-    history: list[dict[str, Any]] = st.session_state.setdefault(HISTORY, [])
     st.sidebar.button("Clear the conversation", icon=":material/delete:", on_click=clear)
-    for turn in history:
-        with st.chat_message("user"):
-            st.markdown(turn["question"])
-        with st.chat_message("assistant"):
-            st.markdown(turn["answer"])
-            show_sources(turn["sources"])
     question = st.chat_input("Ask about Python, e.g. how do I catch an exception?")
     if question:
         with st.chat_message("user"):
-            st.markdown(question)
+            st.markdown(ui.inert_markdown(question))
         with st.chat_message("assistant"):
             try:
                 text, rows = answer(chat, question)

@@ -57,7 +57,7 @@ with ui.guard("Reading the executed notebooks"):
     if chosen.mlflow_run_id:
         links.append(f"[MLflow run]({mlflow_run_url(chosen.mlflow_run_id)})")
     st.caption(" · ".join(links))
-    html = ui.file_bytes(str(chosen.html), chosen.html.stat().st_mtime)
+    html = ui.inert_notebook_html(str(chosen.html), chosen.html.stat().st_mtime)
     left, right, _ = st.columns([1, 1, 3])
     left.download_button(
         "Download HTML",
@@ -74,4 +74,6 @@ with ui.guard("Reading the executed notebooks"):
             mime="application/x-ipynb+json",
             icon=":material/download:",
         )
-    st.iframe(chosen.html, height=900, alt=f"Executed notebook {chosen.label}")
+    # st.iframe lets scripts run, so the page gets the inert copy, whose own
+    # Content-Security-Policy also refuses any script or remote load in the browser.
+    st.iframe(html, height=900, alt=f"Executed notebook {chosen.label}")

@@ -34,7 +34,8 @@ with ui.guard("Searching the collection"):
         if not hits:
             st.info(f"No chunk matches{f' in {source}' if source else ''}.")
         for hit in hits:
-            label = f"{hit.rank}. {hit.score:.3f} · {hit.source} · {hit.title}"
+            # A label renders markdown, images too; source and title come from the corpus.
+            label = ui.inert_markdown(f"{hit.rank}. {hit.score:.3f} · {hit.source} · {hit.title}")
             with st.expander(label, expanded=hit.rank == 1):
                 st.text(hit.text)
                 st.json(hit.payload)
