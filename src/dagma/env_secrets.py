@@ -192,7 +192,9 @@ def refuse(found: Sequence[Placeholder], doing: str) -> None:
     if found:
         fixes = "\n".join(f"fix: {fix}" for fix in dict.fromkeys(p.fix for p in found))
         lines = "\n".join(f"  {p}" for p in found)
-        raise SecretsError(f"refusing to {doing} with secrets everyone knows:\n{lines}\n{fixes}")
+        raise SecretsError(
+            f"refusing to {doing}; secrets missing or known to all:\n{lines}\n{fixes}"
+        )
 
 
 def _line(name: str, value: str) -> str:
