@@ -324,6 +324,34 @@ def test_an_archive_with_what_no_backup_writes_restores_nothing(
     assert not home.exists()
 
 
+def test_a_member_whose_path_climbs_out_of_its_folder_is_refused(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """`lab/runs/../.env` starts in runs/ but unpacks beside it, where no backup writes."""
+    import hashlib
+
+    archive = backup_of(tiny, tmp_path / "lab.tar.gz", monkeypatch, None)
+    data = b"MLFLOW_TRACKING_URI=http://elsewhere\n"
+    changed = tmp_path / "changed.tar.gz"
+    with tarfile.open(archive, "r:gz") as src, tarfile.open(changed, "w:gz") as dst:
+        for member in src.getmembers():
+            content = src.extractfile(member).read() if member.isfile() else None
+            if member.name == "lab/manifest.json":
+                manifest = json.loads(content)
+                manifest["files"][".env"] = hashlib.sha256(data).hexdigest()
+                content = json.dumps(manifest).encode()
+                member.size = len(content)
+            dst.addfile(member, io.BytesIO(content) if content is not None else None)
+        climber = tarfile.TarInfo("lab/runs/../.env")
+        climber.size = len(data)
+        dst.addfile(climber, io.BytesIO(data))
+    home = tmp_path / "restored"
+    result = restore_into(home, changed, monkeypatch, None)
+    assert result.exit_code == 2, result.output
+    assert f"{changed} holds lab/runs/../.env, which no Dagma backup writes" in said(result)
+    assert not home.exists()
+
+
 def test_a_signed_archive_restores_with_its_key_and_is_refused_once_changed(
     tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import os
+import posixpath
 import re
 import shutil
 import sqlite3
@@ -358,15 +359,15 @@ def _unexpected(archive: Path, name: str) -> UntrustedArchiveError:
 
 def _check_members(tar: tarfile.TarFile, archive: Path, parts: tuple[str, ...]) -> None:
     """Plain files under `parts` and the manifest, and their folders: anything else is refused."""
-    folders = {"lab"} | {
-        "lab/" + p.rsplit("/", i)[0] for p in parts for i in range(1, p.count("/") + 1)
-    }
+    folders = {"lab/" + p.rsplit("/", i)[0] for p in parts for i in range(p.count("/") + 1)}
     for member in tar.getmembers():
         name = member.name
+        if posixpath.normpath(name) != name:  # `lab/runs/../.env` would land outside the parts
+            raise _unexpected(archive, name)
         under = any(name.startswith(f"lab/{part}/") or name == f"lab/{part}" for part in parts)
         if not (
             (member.isfile() and (under or name in (f"lab/{MANIFEST}", f"lab/{SIGNATURE}")))
-            or (member.isdir() and (under or name in folders))
+            or (member.isdir() and (under or name in folders or name == "lab"))
         ):
             raise _unexpected(archive, name)
 
@@ -422,13 +423,11 @@ def restore(settings: Settings, archive: Path, progress: Callable[[str], None] =
     with tempfile.TemporaryDirectory(prefix=".dagma-restore-", dir=home.parent) as tmp:
         staging, manifest, checked = unpack_verified(archive, Path(tmp), key, "embedded", PARTS)
         progress(checked)
-        taken = {}
-        for name in REGENERATED:
-            if (staging / name).is_dir():
-                raise _unexpected(archive, f"a folder {name}")
-            if (staging / name).is_file():
-                taken[name] = (staging / name).read_bytes()
-                (staging / name).unlink()
+        if any((staging / name).is_dir() for name in REGENERATED):
+            raise _unexpected(archive, f"a folder named {' or '.join(REGENERATED)}")
+        taken = {n: (staging / n).read_bytes() for n in REGENERATED if (staging / n).is_file()}
+        for name in taken:
+            (staging / name).unlink()
         # The same code that writes a new lab's instance config writes this one.
         Settings(dagma_home=staging, dagster_home=None, dagma_qdrant_path=None).ensure_dirs()
         changed = [n for n, text in taken.items() if (staging / n).read_bytes() != text]
