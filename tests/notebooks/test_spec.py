@@ -208,3 +208,30 @@ def test_a_refused_annotation_names_the_part_not_allowed(
 ):
     with pytest.raises(NotebookError, match=re.escape(part)):
         parse_notebook(write_nb(tmp_path / "nb.ipynb", params=f"x: {annotation} = 1"))
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ('upstream = ["wine_table\\n"]', r"upstream 'wine_table\\n' must be a snake_case"),
+        ('asset = {"outputs": ["wine_model\\n"]}', r"output 'wine_model\\n' must be a snake_case"),
+    ],
+)
+def test_names_in_the_parameters_cell_are_matched_whole(tmp_path: Path, params: str, message: str):
+    with pytest.raises(NotebookError, match=message):
+        parse_notebook(write_nb(tmp_path / "nb.ipynb", params=params))
+
+
+def test_a_notebook_file_name_with_a_trailing_newline_is_refused(tmp_path: Path):
+    from dagma.notebooks.adopt import plan
+    from dagma.notebooks.scaffold import scaffold
+
+    with pytest.raises(NotebookError, match=r"'wine_model\\n' is not a snake_case asset name"):
+        scaffold("wine_model\n", tmp_path, [])
+    with pytest.raises(NotebookError, match=r"upstream 'wine_table\\n' is not a snake_case"):
+        scaffold("wine_model", tmp_path, ["wine_table\n"])
+    with pytest.raises(NotebookError, match="must be a snake_case asset name"):
+        parse_notebook(write_nb(tmp_path / "wine_model\n.ipynb"))
+    with pytest.raises(NotebookError, match="is not snake_case"):
+        plan(write_nb(tmp_path / "wine_model\n.ipynb"), tmp_path / "lab", lambda folder: [])
+    assert not list(tmp_path.glob("wine_model.ipynb"))

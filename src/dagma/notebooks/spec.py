@@ -351,6 +351,9 @@ def parse_notebook(path: Path) -> NotebookSpec:
             f"{path}: the file name must be a snake_case asset name like 'wine_model.ipynb'."
         )
     upstream = _string_list(reserved.get("upstream", []), path, "upstream")
+    for up in upstream:
+        if not ASSET_NAME.fullmatch(up):
+            raise NotebookError(f"{path}: upstream {up!r} must be a snake_case asset name.")
     options = reserved.get("asset", {})
     if not isinstance(options, dict) or set(options) - ASSET_OPTIONS:
         raise NotebookError(
