@@ -13,7 +13,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import mlflow
 import pytest
+import requests
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
@@ -85,18 +87,24 @@ def as_user(monkeypatch: pytest.MonkeyPatch, url: str, user: str, password: str)
 
 
 def denied(call) -> bool:
+    """Whether MLflow answers 403 (artifact uploads raise requests' error, not MLflow's)."""
     try:
         call()
     except MlflowException as exc:
         return exc.get_http_status_code() == 403
+    except requests.HTTPError as exc:
+        return exc.response is not None and exc.response.status_code == 403
     return False
 
 
+@pytest.mark.integration
+@pytest.mark.slow
 def test_the_reader_reads_the_champion_and_the_runs_but_cannot_write_them(server, monkeypatch):
     admin = as_user(monkeypatch, server, "admin", ADMIN_PASSWORD)
     experiment = admin.create_experiment("dagma")
     run = admin.create_run(experiment)
     admin.log_metric(run.info.run_id, "accuracy", 0.9)
+    admin.log_text(run.info.run_id, "flavors: {}", "model/MLmodel")
     admin.create_registered_model(MODEL)
     version = admin.create_model_version(MODEL, f"runs:/{run.info.run_id}/model", run.info.run_id)
     admin.set_registered_model_alias(MODEL, "champion", version.version)
@@ -105,6 +113,10 @@ def test_the_reader_reads_the_champion_and_the_runs_but_cannot_write_them(server
     assert reader.get_model_version_by_alias(MODEL, "champion").version == version.version
     [found] = reader.search_runs([experiment])
     assert found.data.metrics == {"accuracy": 0.9}
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run.info.run_id, artifact_path="model/MLmodel", tracking_uri=server
+    )
+    assert Path(local).read_text() == "flavors: {}"  # the app's model page downloads the model
 
     run_id = run.info.run_id
     source = f"runs:/{run_id}/model"
@@ -113,6 +125,7 @@ def test_the_reader_reads_the_champion_and_the_runs_but_cannot_write_them(server
     assert denied(lambda: reader.create_model_version(MODEL, source, run_id))
     assert denied(lambda: reader.set_registered_model_alias(MODEL, "champion", "1"))
     assert denied(lambda: reader.delete_registered_model(MODEL))
+    assert denied(lambda: reader.log_text(run_id, "pwned", "model/MLmodel"))
     assert reader.get_model_version_by_alias(MODEL, "champion").version == version.version
     wrong = as_user(monkeypatch, server, "reader", "not-the-password")
     with pytest.raises(MlflowException):
