@@ -64,6 +64,27 @@ def test_a_chat_answer_with_an_image_and_html_renders_neither(home: Path):
         assert "<img" not in rendered(cell), cell
 
 
+def test_search_labels_from_the_corpus_show_no_image(home: Path):
+    from dagma.lib.embeddings import get_embedder
+    from dagma.lib.vectors.contract import point_id
+    from dagma.settings import get_settings
+
+    settings = get_settings()
+    embedder = get_embedder()
+    text = "Catch an exception with try and except."
+    payload = {"source": f"pydoc:{LEAK}", "title": "<img src=x onerror=alert(1)>", "text": text}
+    settings.open_vector_store().publish(
+        settings.dagma_collection, [point_id("a")], embedder.embed([text]), [payload]
+    )
+    app = open_page("search")
+    app.text_input[0].set_value("catch an exception").run()
+    assert not app.exception, [e.value for e in app.exception]
+    (hit,) = app.expander
+    assert "pydoc:" in hit.label and "<img" in rendered(LEAK)
+    assert "<img" not in rendered(hit.label), hit.label
+    assert hit.text[0].value == text
+
+
 def test_the_notebooks_page_shows_an_old_hostile_copy_inert(home: Path):
     folder = home / "runs" / "run-1" / "hostile"
     folder.mkdir(parents=True)
