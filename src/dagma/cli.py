@@ -442,30 +442,26 @@ def lab_command(
     app_port: Annotated[int, typer.Option(help="Port of the Streamlit app.")] = 8501,
     jupyter: Annotated[bool, typer.Option(help="Start JupyterLab too.")] = True,
 ) -> None:
-    """dagster dev, the MLflow UI, JupyterLab and the app together; Ctrl-C stops them all."""
+    """dagster dev, the MLflow UI, JupyterLab (behind a token) and the app together; Ctrl-C,
+    SIGTERM or closing the terminal stops them all."""
     from dagma.services import devlab
 
     settings = get_settings()
     ports = {"dagster": dagster_port, "mlflow": mlflow_port, "jupyter": jupyter_port}
     plan = devlab.plan(settings, {**ports, "app": app_port}, jupyter=jupyter)
-    lab = devlab.Lab(settings, plan)
-    try:
-        lab.start(progress=lambda line: console.print(f"  {line}", markup=False))
-        table = Table(title="Dagma lab (Ctrl-C stops everything)", title_justify="left")
-        table.add_column("service")
-        table.add_column("url")
+    say: dict[str, Any] = {"markup": False, "highlight": False, "soft_wrap": True}
+    for warning in plan.warnings:
+        console.print(warning, style="bold yellow", **say)
+
+    def ready() -> None:  # plain lines: a table would wrap the tokenized URL, breaking a copy
+        console.print("Dagma lab (Ctrl-C stops everything)", style="bold", **say)
+        width = max(map(len, plan.urls))
         for name, url in plan.urls.items():
-            table.add_row(name, url)
-        console.print(table)
+            console.print(f"  {name:<{width}}  {url}", **say)
         for name, why in plan.skipped.items():
-            console.print(f"  {name} not started: {why}", markup=False)
-        lab.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        console.print("Stopping the lab...")
-        lab.stop()
-        console.print("Stopped.")
+            console.print(f"  {name} not started: {why}", **say)
+
+    devlab.Lab(settings, plan).run(lambda line: console.print(line, **say), ready)
 
 
 def main() -> None:

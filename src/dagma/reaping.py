@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from dagma.lib import processes
 from dagma.settings import Settings
 
-# Which process runs it, so that a run whose process died can be told from one still going.
-PID_TAG, HOST_TAG = "dagma/pid", "dagma/host"
+# Which process runs it, so that a run whose process died can be told from one still going;
+# its start time tells it from a later process that got the same pid (after a reboot, say).
+PID_TAG, HOST_TAG, START_TAG = "dagma/pid", "dagma/host", "dagma/pid_start"
 # Set by the process that runs the lab's steps; every process it starts (kernels, step and fork
 # server processes, Dagster's `tail -F` log followers) inherits it, even after it is orphaned.
 OWNER_ENV = "DAGMA_OWNER_PID"
@@ -25,7 +27,18 @@ OWNER_ENV = "DAGMA_OWNER_PID"
 def own_processes() -> dict[str, str]:
     """Tags for a run started by this process; marks what it starts as its own."""
     os.environ[OWNER_ENV] = str(os.getpid())
-    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    started = processes.start_time(os.getpid())
+    return tags if started is None else {**tags, START_TAG: str(started)}
+
+
+def run_process_gone(tags: Mapping[str, str]) -> bool:
+    """The run was started on this host and the process that ran it is gone (or its pid now
+    belongs to another process); False when that cannot be known."""
+    pid, started = tags.get(PID_TAG, ""), tags.get(START_TAG, "")
+    if not pid.isdigit() or tags.get(HOST_TAG) != socket.gethostname():
+        return False
+    return not processes.same_process(int(pid), int(started) if started.isdigit() else None)
 
 
 def reap_dead_runs(instance: Any, settings: Settings) -> list[str]:
@@ -33,19 +46,24 @@ def reap_dead_runs(instance: Any, settings: Settings) -> list[str]:
     then release what they held. Their MLflow runs are marked KILLED."""
     import dagster as dg
 
-    host = socket.gethostname()
     active = [dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING]
     reaped = []
     for run in instance.get_runs(dg.RunsFilter(statuses=active)):
-        pid = run.tags.get(PID_TAG, "")
-        if not pid.isdigit() or run.tags.get(HOST_TAG) != host or processes.alive(int(pid)):
+        if not run_process_gone(run.tags):
             continue
+        pid = run.tags[PID_TAG]
         instance.report_run_failed(
             run,
             f"The process that ran it (pid {pid}) is gone: killed or crashed. Nothing it was "
             "writing became visible. Re-run with `dagma run --stale` or `dagma run ASSET`.",
         )
-        stop_processes_of(run.run_id, owner=int(pid), kernels=settings.kernels_dir)
+        started = run.tags.get(START_TAG, "")
+        stop_processes_of(
+            run.run_id,
+            owner=int(pid),
+            kernels=settings.kernels_dir,
+            owner_start=int(started) if started.isdigit() else None,
+        )
         reaped.append(run.run_id)
     if reaped:
         discard_dead_builds(settings)
@@ -58,7 +76,10 @@ def reap_dead_runs(instance: Any, settings: Settings) -> list[str]:
 
 
 def stop_processes_of(
-    run_id: str, owner: int | None = None, kernels: Path | None = None
+    run_id: str,
+    owner: int | None = None,
+    kernels: Path | None = None,
+    owner_start: int | None = None,
 ) -> list[int]:
     """SIGKILL a dead run's processes, which would go on running (and writing) unwatched.
 
@@ -73,8 +94,14 @@ def stop_processes_of(
         from dagma.notebooks.kernel_pool import kernels_of_run
 
         pids |= set(kernels_of_run(kernels, run_id))
-    if owner is not None and not processes.alive(owner):
-        pids |= set(processes.tagged(OWNER_ENV, str(owner)))
+    if owner is not None and not processes.same_process(owner, owner_start):
+        # If another process now has the owner's pid, what it started carries the same tag;
+        # the dead owner's processes are the ones that started before it.
+        reused = processes.start_time(owner)
+        for pid in processes.tagged(OWNER_ENV, str(owner)):
+            started = processes.start_time(pid)
+            if reused is None or (started is not None and started < reused):
+                pids.add(pid)
     pids -= _ancestors()
     return processes.kill(sorted(pids))
 
@@ -124,21 +151,17 @@ def stuck_slots(instance: Any) -> list[dict[str, str]]:
     gone. Every later run of that pool would wait for them."""
     import dagster as dg
 
-    host = socket.gethostname()
     stuck = []
     for pool in held_slots(instance):
         for claim in pool["held_by"]:
             run = instance.get_run_by_id(claim["run_id"])
-            pid = run.tags.get(PID_TAG, "") if run else ""
             if run is None or run.is_finished:
                 why = "the run has ended"
-            elif (
-                run.status in (dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING)
-                and pid.isdigit()
-                and run.tags.get(HOST_TAG) == host
-                and not processes.alive(int(pid))
-            ):
-                why = f"its process (pid {pid}) is gone"
+            elif run.status in (
+                dg.DagsterRunStatus.STARTED,
+                dg.DagsterRunStatus.STARTING,
+            ) and run_process_gone(run.tags):
+                why = f"its process (pid {run.tags[PID_TAG]}) is gone"
             else:
                 continue
             stuck.append({"pool": pool["pool"], "run_id": claim["run_id"], "why": why})

@@ -1,4 +1,5 @@
-"""Find processes by a variable in their environment, which every descendant inherits.
+"""Find processes by a variable in their environment, which every descendant inherits, and
+know a process by its pid and its start time, since a pid alone is reused.
 
 A tag in the environment survives what a process tree does not: a kernel leaving its process
 group, or an orphan being reparented when its parent is killed.
@@ -19,6 +20,24 @@ def alive(pid: int, proc: Path = Path("/proc")) -> bool:
     except (OSError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def start_time(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """When the process started, in clock ticks since boot (field 22 of `/proc/<pid>/stat`);
+    None when there is no such process. Parsed after the last ')', as the name may hold one."""
+    try:
+        fields = (proc / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def same_process(pid: int, started: int | None, proc: Path = Path("/proc")) -> bool:
+    """`pid` is alive and still the process that started at `started` (from `start_time`),
+    not another one that reused the pid. With `started` unknown (None) only liveness counts."""
+    if not alive(pid, proc):
+        return False
+    return started is None or start_time(pid, proc) == started
 
 
 def tagged(name: str, value: str, proc: Path = Path("/proc")) -> list[int]:

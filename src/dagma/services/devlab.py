@@ -1,12 +1,15 @@
 """`dagma lab`: dagster dev, the MLflow UI, JupyterLab and the app in the foreground, together.
 
 Unlike services mode nothing is detached: the processes live as long as the command, and
-Ctrl-C (or any of them dying) stops them all, including the kernels they started.
+Ctrl-C, SIGTERM, SIGHUP (a closed terminal) or any of them dying stops them all, including the
+kernels they started. JupyterLab asks for a token, fresh per run unless JUPYTER_TOKEN is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import signal
 import sys
 import time
@@ -22,8 +25,8 @@ from dagma.services.procs import (
     ProcRecord,
     ServiceError,
     marked_pids,
-    pid_alive,
     port_in_use,
+    record_alive,
     spawn,
     terminate,
     venv_bin,
@@ -33,6 +36,12 @@ from dagma.settings import PROJECT_ROOT, Settings
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORTS = {"dagster": 3000, "mlflow": 5000, "jupyter": 8888, "app": 8501}
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+ROOT_WARNING = (
+    "warning: running as root, so JupyterLab starts with --allow-root and every notebook, "
+    "kernel and terminal in it runs as root. Run `dagma lab` as a normal user instead (in a "
+    "container: a non-root USER, like the devcontainer's)."
+)
 
 
 @dataclass
@@ -50,6 +59,7 @@ class LabPlan:
     processes: list[LabProcess]
     skipped: dict[str, str]
     urls: dict[str, str]
+    warnings: list[str] = field(default_factory=list)
 
 
 def plan(settings: Settings, ports: Mapping[str, int], jupyter: bool = True) -> LabPlan:
@@ -57,6 +67,7 @@ def plan(settings: Settings, ports: Mapping[str, int], jupyter: bool = True) -> 
     ports = {**DEFAULT_PORTS, **ports}
     url = {name: f"http://{LOOPBACK}:{port}" for name, port in ports.items()}
     skipped: dict[str, str] = {}
+    warnings: list[str] = []
     procs = [
         LabProcess(
             "dagster",
@@ -106,24 +117,21 @@ def plan(settings: Settings, ports: Mapping[str, int], jupyter: bool = True) -> 
     elif not jupyter_bin.exists():
         skipped["jupyter"] = "JupyterLab is not installed: run `make lab` (uv's `lab` group)"
     else:
+        # The token goes in the environment, not argv, which every local user can read in `ps`.
+        token = os.environ.get("JUPYTER_TOKEN") or secrets.token_urlsafe(32)
+        argv = [str(jupyter_bin), "--ip", LOOPBACK, "--port", str(ports["jupyter"])]
+        argv += ["--no-browser", "--notebook-dir", str(settings.notebooks_dir)]
+        if os.geteuid() == 0:
+            argv.append("--allow-root")
+            warnings.append(ROOT_WARNING)
         procs.append(
             LabProcess(
                 "jupyter",
-                [
-                    str(jupyter_bin),
-                    "--ip",
-                    LOOPBACK,
-                    "--port",
-                    str(ports["jupyter"]),
-                    "--no-browser",
-                    "--ServerApp.token=",
-                    "--ServerApp.password=",
-                    "--notebook-dir",
-                    str(settings.notebooks_dir),
-                ],
+                argv,
                 ports["jupyter"],
-                url["jupyter"],
-                url["jupyter"] + "/api",
+                f"{url['jupyter']}/lab?token={token}",
+                url["jupyter"] + "/api",  # answers without the token
+                {"JUPYTER_TOKEN": token},
             )
         )
     procs.append(
@@ -150,7 +158,7 @@ def plan(settings: Settings, ports: Mapping[str, int], jupyter: bool = True) -> 
     urls = {p.name: p.url for p in procs}
     if "mlflow" in skipped:
         urls["mlflow"] = url["mlflow"]
-    return LabPlan(procs, skipped, urls)
+    return LabPlan(procs, skipped, urls, warnings)
 
 
 class Lab:
@@ -162,6 +170,7 @@ class Lab:
         self.marker = f"lab-{uuid.uuid4().hex[:12]}"
         self.records: dict[str, ProcRecord] = {}
         self.logs = settings.home / "logs" / "lab"
+        self.stopping = False
 
     def env(self) -> dict[str, str]:
         env = {**os.environ, MARKER: self.marker, "DAGMA_HOME": str(self.settings.home)}
@@ -204,32 +213,48 @@ class Lab:
 
     def check_alive(self, name: str) -> None:
         record = self.records[name]
-        if not pid_alive(record.pid):
+        if not record_alive(record):
             raise ServiceError(
                 f"{name} exited; the end of its log ({record.log}):\n{tail(Path(record.log), 15)}"
             )
 
-    def wait(self) -> None:
-        """Block until Ctrl-C/SIGTERM (returns) or a process dies (raises ServiceError)."""
-        stop = {"now": False}
-
-        def handler(signum: int, frame: Any) -> None:
-            stop["now"] = True
-
-        previous = signal.signal(signal.SIGTERM, handler)
+    def run(self, progress: Callable[[str], None], ready: Callable[[], None]) -> None:
+        """Start everything, call `ready`, and wait. Ctrl-C, SIGTERM and SIGHUP return, a dead
+        process raises ServiceError; either way everything is stopped first."""
+        previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._interrupt)
         try:
-            while not stop["now"]:
-                for name in self.records:
-                    self.check_alive(name)
-                time.sleep(0.5)
+            self.start(progress)
+            ready()
+            self.wait()
         except KeyboardInterrupt:
-            return
+            pass
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            self.stopping = True  # from here on a signal no longer interrupts the stopping
+            with contextlib.suppress(OSError):  # a closed terminal cannot be written to
+                progress("Stopping the lab...")
+            self.stop()
+            with contextlib.suppress(OSError):
+                progress("Stopped.")
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _interrupt(self, signum: int, frame: Any) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+
+    def wait(self) -> None:
+        """Block until interrupted (KeyboardInterrupt) or a process dies (ServiceError)."""
+        while True:
+            for name in self.records:
+                self.check_alive(name)
+            time.sleep(0.5)
 
     def stop(self, timeout: float = 20.0) -> list[int]:
         """SIGTERM each process group, then whatever still carries the marker (kernels)."""
-        terminate([r.pid for r in self.records.values()], timeout=timeout)
+        terminate(list(self.records.values()), timeout=timeout)
         leftovers = marked_pids(self.marker)
         terminate(leftovers, timeout=5)
         return leftovers

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,6 +32,9 @@ class ProcRecord:
     argv0: str
     log: str
     started: float
+    # Clock ticks since boot (`processes.start_time`): with the pid, it names the process even
+    # after its pid is reused. None in state files written before it was recorded.
+    start_ticks: int | None = None
 
 
 class StateFile:
@@ -68,11 +72,14 @@ def pid_alive(pid: int) -> bool:
 
 
 def record_alive(record: ProcRecord) -> bool:
-    """Alive and still the program we started (guards against a recycled pid)."""
+    """Alive and still the process we started, not another that reused its pid."""
+    if record.start_ticks is not None:
+        return processes.same_process(record.pid, record.start_ticks)
     if not pid_alive(record.pid):
         return False
-    # Just after exec the kernel has closed the parent's pipe (so Popen has returned) before it
-    # fills in the new arguments: for a moment cmdline reads empty. Wait that moment out.
+    # A record without a start time: judge by the program's name. Just after exec the kernel
+    # has closed the parent's pipe (so Popen has returned) before it fills in the new
+    # arguments: for a moment cmdline reads empty. Wait that moment out.
     deadline = time.monotonic() + 2.0
     while True:
         try:
@@ -116,6 +123,8 @@ def spawn(
     """Start `argv` detached (own session), appending stdout and stderr to `log`."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
+        with contextlib.suppress(OSError):  # logs can hold secrets (JupyterLab logs its token)
+            os.fchmod(out.fileno(), 0o600)
         out.write(f"\n--- {time.strftime('%Y-%m-%dT%H:%M:%S')} starting {name}\n".encode())
         out.flush()
         try:
@@ -132,7 +141,12 @@ def spawn(
         except FileNotFoundError as exc:
             raise ServiceError(f"{name}: {argv[0]} not found ({exc}).") from exc
     return ProcRecord(
-        name=name, pid=proc.pid, argv0=Path(argv[0]).name, log=str(log), started=time.time()
+        name=name,
+        pid=proc.pid,
+        argv0=Path(argv[0]).name,
+        log=str(log),
+        started=time.time(),
+        start_ticks=processes.start_time(proc.pid),  # set at fork, kept through exec
     )
 
 
@@ -142,16 +156,35 @@ def marked_pids(marker_value: str) -> list[int]:
     return processes.tagged(MARKER, marker_value)
 
 
-def terminate(pids: Sequence[int], *, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
-    """Signal each pid's process group (or the pid), then SIGKILL whatever outlives `timeout`."""
-    for pid in pids:
+def terminate(
+    targets: Sequence[int | ProcRecord], *, sig: int = signal.SIGTERM, timeout: float = 15.0
+) -> None:
+    """Signal each process's group (or the process), then SIGKILL whatever outlives `timeout`.
+
+    A record is signalled only while it is still the process it names (pid and start time); a
+    bare pid is pinned to the process that has it now, so a pid freed and reused meanwhile is
+    never signalled.
+    """
+    known = [_identity(t) for t in targets]
+    pinned = [(pid, started) for pid, started in known if processes.same_process(pid, started)]
+    for pid, _ in pinned:
         _signal(pid, sig)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(pid_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(processes.same_process(*p) for p in pinned):
         time.sleep(0.2)
-    for pid in pids:
-        if pid_alive(pid):
+    for pid, started in pinned:
+        if processes.same_process(pid, started):
             _signal(pid, signal.SIGKILL)
+
+
+def _identity(target: int | ProcRecord) -> tuple[int, int | None]:
+    if isinstance(target, ProcRecord):
+        if target.start_ticks is not None:
+            return target.pid, target.start_ticks
+        if not record_alive(target):
+            return target.pid, -1  # an old record whose program is gone: matches nothing
+    pid = target.pid if isinstance(target, ProcRecord) else target
+    return pid, processes.start_time(pid)
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -253,7 +253,7 @@ class Topology:
         daemon and run workers connect per use, and MLflow pre-pings its pool."""
         record = self.state.load().get("webserver")
         if record and record_alive(record):
-            terminate([record.pid], timeout=20)
+            terminate([record], timeout=20)
             self.state.drop("webserver")
             progress("webserver: restarting (its database connections died with Postgres)")
 
@@ -331,7 +331,7 @@ class Topology:
             if record_alive(record):
                 # SIGINT is Postgres' "fast" shutdown (what `pg_ctl stop -m fast` sends).
                 sig = signal.SIGINT if name == "postgres" else signal.SIGTERM
-                terminate([record.pid], sig=sig, timeout=timeout)
+                terminate([record], sig=sig, timeout=timeout)
                 progress(f"{name}: stopped (pid {record.pid})")
             self.state.drop(name)
         leftovers = marked_pids(str(self.config.home))
