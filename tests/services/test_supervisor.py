@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dagma.lib import processes
 from dagma.services import postgres
 from dagma.services.config import ServicesConfig
 from dagma.services.procs import (
@@ -207,3 +208,28 @@ def test_a_process_caught_before_its_arguments_appear_is_still_ours(monkeypatch)
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_services_down_leaves_alone_a_program_that_got_a_recorded_pid(tmp_path):
+    """After a reboot a recorded pid can be another program of the same name: told apart by its
+    start time, it is neither reported alive nor stopped. A state file from before start times
+    were recorded still loads."""
+    other = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    try:
+        config = ServicesConfig(dagma_home=tmp_path)
+        topology = Topology(config)
+        started = processes.start_time(other.pid)
+        record = ProcRecord("daemon", other.pid, "sleep", "", 0.0, start_ticks=started - 1)
+        topology.state.put(record)
+        assert not record_alive(record)
+        terminate([record], timeout=1)
+        topology.down(progress=lambda line: None, timeout=1)
+        assert other.poll() is None
+        assert topology.state.load() == {}
+        (config.state_dir / "state.json").write_text(
+            '{"mlflow": {"name": "mlflow", "pid": 1, "argv0": "mlflow", "log": "", "started": 0}}'
+        )
+        assert topology.state.load()["mlflow"].start_ticks is None
+    finally:
+        other.kill()
+        other.wait()
