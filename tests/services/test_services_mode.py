@@ -416,18 +416,42 @@ def test_a_killed_run_worker_fails_its_run_and_reexecution_from_the_failure_succ
     lab.runs["reexecuted"] = again
 
 
-def test_backup_then_restore_into_an_empty_home_brings_back_runs_models_and_vectors(lab):
+def test_backup_then_restore_into_an_empty_home_brings_back_runs_models_and_vectors(
+    lab, monkeypatch
+):
     import numpy as np
+    from mlflow.server import get_app_client
 
     from dagma.lib.vectors import EmbeddedStore
     from dagma.services.backup import counts
+
+    # A user of the live MLflow, whose password hash must not travel in the archive.
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", lab.mlflow_password())
+    alice = ("alice", "alice-password-for-tests-1234")  # pragma: allowlist secret
+    get_app_client("basic-auth", tracking_uri=lab.config.mlflow_url).create_user(*alice)
+    experiment = "/api/2.0/mlflow/experiments/get-by-name?experiment_name=dagma"
+    assert lab.mlflow_get(experiment, alice) == 200
+    signed = {"DAGMA_BACKUP_KEY": "backup-key-for-tests-0123456789"}  # pragma: allowlist secret
 
     scratch = Path(tempfile.mkdtemp(prefix="dagma-restore-"))
     scratch.chmod(0o755)  # the restored cluster's Postgres runs unprivileged
     try:
         archive = scratch / "lab.tar.gz"
-        done = lab.cli("backup", str(archive))
+        done = subprocess.run(
+            [sys.executable, "-m", "dagma.services.cli", "backup", str(archive)],
+            env={**lab.env, **signed},
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=400,
+            check=False,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
+        with tarfile.open(archive, "r:gz") as tar:
+            names = set(tar.getnames())
+        assert {"lab/postgres/dagster.dump", "lab/manifest.sig"} <= names
+        assert not [n for n in names if "mlflow_auth" in n], "MLflow's users are in the archive"
         live = counts(lab.config, json.loads(lab.config.secrets_file.read_text())["postgres"])
         assert (
             live["dagster.runs"] >= 3
@@ -436,7 +460,7 @@ def test_backup_then_restore_into_an_empty_home_brings_back_runs_models_and_vect
         )
 
         home = scratch / "home"
-        env = {**lab.env, "DAGMA_HOME": str(home), "DAGMA_PG_PORT": str(free_port())}
+        env = {**lab.env, **signed, "DAGMA_HOME": str(home), "DAGMA_PG_PORT": str(free_port())}
         restored = subprocess.run(
             [sys.executable, "-m", "dagma.services.cli", "restore", str(archive), "--json"],
             env=env,
@@ -471,13 +495,21 @@ def test_backup_then_restore_into_an_empty_home_brings_back_runs_models_and_vect
         # and Dagster's events name the new home's files, as in the embedded restore.
         old_paths = _events_naming(lab.config, str(lab.home))
         assert old_paths > 0, "Dagster stores no path of the home: nothing to move"
-        moved = ServicesConfig(dagma_home=home, dagma_pg_port=int(env["DAGMA_PG_PORT"]))
+        moved = ServicesConfig(
+            dagma_home=home,
+            dagma_pg_port=int(env["DAGMA_PG_PORT"]),
+            dagma_mlflow_port=free_port(),
+        )
         topology = Topology(moved)
         try:
-            topology.up(progress=lambda _: None, only={"postgres"})
+            topology.up(progress=lambda _: None, only={"postgres", "mlflow"})
             assert counts(moved, moved.passwords()["postgres"]) == live
             assert _events_naming(moved, str(lab.home)) == 0
             assert _events_naming(moved, str(home)) == old_paths
+            # Its MLflow made its admin from the new home's password and knows no one else.
+            copy = Lab(home=home, env=env, config=moved)
+            assert copy.mlflow_get(experiment, ("admin", moved.passwords()["mlflow_admin"])) == 200
+            assert copy.mlflow_get(experiment, alice) == 401
         finally:
             topology.down(progress=lambda _: None)
         assert not marked_pids(str(home))
