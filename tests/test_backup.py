@@ -279,16 +279,19 @@ def test_restore_writes_dagster_yaml_afresh_and_never_takes_the_archives(
     fresh = (tiny / "dagster" / "dagster.yaml").read_text()
     archive = backup_of(tiny, tmp_path / "lab.tar.gz", monkeypatch, None)
     evil = "run_launcher:\n  module: evil_module\n  class: Evil\n"
-    changed = forged(
-        archive,
-        tmp_path / "changed.tar.gz",
-        lambda lab: (lab / "dagster" / "dagster.yaml").write_text(evil),
-    )
+
+    def plant(lab: Path) -> None:
+        (lab / "dagster" / "dagster.yaml").write_text(evil)
+        (lab / "dagster" / "workspace.yaml").write_text("load_from:\n  - python_module: evil\n")
+
+    changed = forged(archive, tmp_path / "changed.tar.gz", plant)
     home = tmp_path / "restored"
     result = restore_into(home, changed, monkeypatch, None)
     assert result.exit_code == 0, result.output
     assert (home / "dagster" / "dagster.yaml").read_text() == fresh
-    assert "dagster/dagster.yaml in" in said(result) and "were not restored" in said(result)
+    assert not (home / "dagster" / "workspace.yaml").exists()
+    assert "dagster/dagster.yaml, dagster/workspace.yaml in" in said(result)
+    assert "were not restored" in said(result)
     assert (home / "runs" / "r1" / "report.html").read_text() == "<p>the report</p>"
 
 

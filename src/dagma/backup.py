@@ -430,7 +430,8 @@ def restore(settings: Settings, archive: Path, progress: Callable[[str], None] =
             (staging / name).unlink()
         # The same code that writes a new lab's instance config writes this one.
         Settings(dagma_home=staging, dagster_home=None, dagma_qdrant_path=None).ensure_dirs()
-        changed = [n for n, text in taken.items() if (staging / n).read_bytes() != text]
+        fresh = {n: (staging / n).read_bytes() for n in REGENERATED if (staging / n).is_file()}
+        changed = [name for name, text in taken.items() if fresh.get(name) != text]
         if changed:
             progress(
                 f"note: {', '.join(changed)} in {archive} differ from a new lab's and were not "
