@@ -44,7 +44,7 @@ INIT = (
 ONE_BY_HAND = "python3 -c 'import secrets; print(secrets.token_urlsafe(24))'"
 _ASSIGNMENT = re.compile(r"^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$")
 # A value written unquoted must survive compose's and python-dotenv's parsers unchanged.
-_PLAIN = re.compile(r"^[A-Za-z0-9_.,:/@+=~%^-]*$")
+_PLAIN = re.compile(r"[A-Za-z0-9_.,:/@+=~%^-]*")
 
 
 class SecretsError(DagmaError):
@@ -198,7 +198,7 @@ def refuse(found: Sequence[Placeholder], doing: str) -> None:
 
 
 def _line(name: str, value: str) -> str:
-    if _PLAIN.match(value):
+    if _PLAIN.fullmatch(value):
         return f"{name}={value}"
     if "'" in value or "\n" in value:
         raise SecretsError(
