@@ -197,3 +197,10 @@ def test_an_empty_override_means_generated(tmp_path: Path) -> None:
     assert len(config.passwords()["dagster"]) >= 32
     with pytest.raises(SecretsError, match="DAGMA_MLFLOW_ADMIN_PASSWORD"):
         ServicesConfig(dagma_home=tmp_path, dagma_mlflow_admin_password="change-me").passwords()
+
+
+def test_an_environment_value_ending_in_a_newline_is_refused_not_cut(tmp_path: Path) -> None:
+    env = tmp_path / ".env"
+    with pytest.raises(SecretsError, match=r"POSTGRES_PASSWORD .*newline"):
+        env_secrets.init(env, environ={"POSTGRES_PASSWORD": "s3cret-from-codespaces\n"})
+    assert not env.exists() or "s3cret" not in env.read_text()
