@@ -87,4 +87,5 @@ with ui.guard("Reading the MLflow runs"):
                 f"{len(diff)} of {len(set(a.params) | set(b.params))} parameters differ; "
                 "`—` means the run did not log it."
             )
-            st.table(diff.set_index("parameter"))
+            # A dataframe shows values as text; st.table would render markdown (images) in them.
+            st.dataframe(diff, hide_index=True)
