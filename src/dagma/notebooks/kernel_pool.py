@@ -117,6 +117,10 @@ class Ticket:
     modules: list[str] = field(default_factory=list)
     claimant: int | None = None
     run_id: str | None = None
+    # Start times (`processes.start_time`) of the kernel and its owner, so that another process
+    # given one of their pids is not taken for them. None in tickets written before.
+    started: int | None = None
+    owner_started: int | None = None
 
     @classmethod
     def read(cls, path: Path) -> Ticket | None:
@@ -128,6 +132,12 @@ class Ticket:
     def write(self, path: Path) -> None:
         write_atomic(path, json.dumps(asdict(self)))
 
+    def kernel_alive(self) -> bool:
+        return processes.same_process(self.pid, self.started)
+
+    def owner_alive(self) -> bool:
+        return processes.same_process(self.owner, self.owner_started)
+
 
 def _is_pooled_kernel(pid: int, owner: int) -> bool:
     """The pid is still the kernel that `owner` started, not a process that reused its pid."""
@@ -138,8 +148,8 @@ def _is_pooled_kernel(pid: int, owner: int) -> bool:
     return f"{POOL_ENV}={owner}".encode() in environ and processes.alive(pid)
 
 
-def _kill(pid: int, owner: int) -> None:
-    if _is_pooled_kernel(pid, owner):
+def _kill(pid: int, owner: int, started: int | None = None) -> None:
+    if _is_pooled_kernel(pid, owner) and processes.same_process(pid, started):
         processes.kill([pid], wait=5.0)
 
 
@@ -164,11 +174,10 @@ def sweep(folder: Path) -> list[int]:
         # A claimed ticket names its claimant a moment after the rename: until then it is
         # still its owner's, or a sweep would kill the kernel being adopted.
         claimant = ticket.claimant if path.parent == claimed else None
-        holder = claimant if claimant is not None else ticket.owner
-        if holder is not None and processes.alive(holder):
+        if processes.alive(claimant) if claimant is not None else ticket.owner_alive():
             in_use.add(ticket.pid)
             continue
-        if _is_pooled_kernel(ticket.pid, ticket.owner):
+        if _is_pooled_kernel(ticket.pid, ticket.owner) and ticket.kernel_alive():
             processes.kill([ticket.pid], wait=5.0)
             killed.append(ticket.pid)
         path.unlink(missing_ok=True)
@@ -203,7 +212,7 @@ def kernels_of_run(folder: Path, run_id: str) -> list[int]:
     found = []
     for path in (folder / "claimed").glob("*.json"):
         ticket = Ticket.read(path)
-        if ticket is not None and ticket.run_id == run_id and processes.alive(ticket.pid):
+        if ticket is not None and ticket.run_id == run_id and ticket.kernel_alive():
             found.append(ticket.pid)
     return found
 
@@ -220,10 +229,10 @@ class AdoptedKernelManager(KernelManager):
 
     @property
     def has_kernel(self) -> bool:
-        return processes.alive(self._ticket.pid)
+        return self._ticket.kernel_alive()
 
     def is_alive(self) -> bool:
-        return processes.alive(self._ticket.pid)
+        return self._ticket.kernel_alive()
 
     def interrupt_kernel(self) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -241,7 +250,7 @@ class AdoptedKernelManager(KernelManager):
 
 def discard(ticket: Ticket, path: Path) -> None:
     """Kill a claimed kernel and drop its ticket: it ran its one notebook."""
-    _kill(ticket.pid, ticket.owner)
+    _kill(ticket.pid, ticket.owner, ticket.started)
     path.unlink(missing_ok=True)
     _remove_files(path.parent.parent, ticket)
 
@@ -310,11 +319,11 @@ def take(
             ticket.write(claimed)
             km = AdoptedKernelManager(kernel_name="python3")
             km.adopt(ticket, claimed)
-            if processes.alive(ticket.pid) and _run_silently(km, _adopt_code(env, str(cwd)), 30):
+            if ticket.kernel_alive() and _run_silently(km, _adopt_code(env, str(cwd)), 30):
                 return km
             discard(ticket, claimed)
-        owners = {t.owner for t in _starting(folder, key)}
-        if time.monotonic() >= deadline or not any(processes.alive(o) for o in owners):
+        owners = _starting(folder, key)
+        if time.monotonic() >= deadline or not any(t.owner_alive() for t in owners):
             return None
         time.sleep(0.02)
 
@@ -348,7 +357,7 @@ def for_notebooks(
     run, or a live owner already keeps spares here."""
     wanted = pool_size()
     size = min(max(wanted, at_once), len(notebooks)) if wanted else 0
-    if size == 0 or any(processes.alive(t.owner) for t in _tickets(folder / "spare")):
+    if size == 0 or any(t.owner_alive() for t in _tickets(folder / "spare")):
         return None
     pool = KernelPool(folder, size=size, modules=imports_of(notebooks), cwd=cwd)
     pool.limit = len(notebooks)
@@ -406,7 +415,7 @@ class KernelPool:
                 ticket = Ticket.read(path)
                 unclaimed = ticket is not None and (sub != "claimed" or ticket.claimant is None)
                 if ticket is not None and unclaimed and ticket.owner == me:
-                    _kill(ticket.pid, me)
+                    _kill(ticket.pid, me, ticket.started)
                     path.unlink(missing_ok=True)
                     _remove_files(self.folder, ticket)
         self._reap()
@@ -459,10 +468,12 @@ class KernelPool:
             key=environment_key(),
             connection=_plain(km.get_connection_info()),
             modules=list(self.modules),
+            started=processes.start_time(pid),
+            owner_started=processes.start_time(me),
         )
         ticket.write(starting)
         if self._stop.is_set() or not _run_silently(km, warm_code(self.modules), 120):
-            _kill(pid, me)
+            _kill(pid, me, ticket.started)
             starting.unlink(missing_ok=True)
             return
         os.rename(starting, self.folder / "spare" / f"{kernel_id}.json")
