@@ -103,16 +103,28 @@ def stopped_by(proc: subprocess.Popen, sig: int, log: Path, home: Path, ports: d
     assert not any(port_open(p) for p in ports.values())
 
 
-def cleanup(proc: subprocess.Popen, home: Path) -> None:
+def cleanup(proc: subprocess.Popen, home: Path, keep_orphans: bool = False) -> None:
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
-    for pid in lab_pids(home):
-        os.kill(pid, signal.SIGKILL)
+    if sys.exc_info()[0] is not None or not keep_orphans:
+        for pid in lab_pids(home):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_dagma_lab_serves_everything_and_sigterm_stops_it_all(tmp_path: Path):
-    home, log = tmp_path / "home", tmp_path / "lab.log"
+    """It serves; killed outright (SIGKILL, no time to stop anything), it leaves its processes,
+    and the next `dagma lab` stops them and takes their ports; SIGTERM stops everything."""
+    home, log = tmp_path / "home", tmp_path / "killed.log"
     ports = {name: free_port() for name in ("dagster", "mlflow", "jupyter", "app")}
+    proc = start_lab(Path(sys.executable).parent, home, ports, log)
+    try:
+        wait_ready(proc, log)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        assert lab_pids(home)  # orphans, holding the ports
+    finally:
+        cleanup(proc, home, keep_orphans=True)
+    log = tmp_path / "lab.log"
     proc = start_lab(Path(sys.executable).parent, home, ports, log)
     try:
         output = wait_ready(proc, log)
@@ -125,6 +137,7 @@ def test_dagma_lab_serves_everything_and_sigterm_stops_it_all(tmp_path: Path):
         assert get_ok(f"http://127.0.0.1:{ports['app']}/_stcore/health")
         if not Path(sys.executable).with_name("jupyter-lab").exists():
             assert "jupyter not started: JupyterLab is not installed: run `make lab`" in output
+        assert "processes a killed `dagma lab` left running" in output
         stopped_by(proc, signal.SIGTERM, log, home, ports)
     finally:
         cleanup(proc, home)

@@ -40,6 +40,16 @@ def same_process(pid: int, started: int | None, proc: Path = Path("/proc")) -> b
     return started is None or start_time(pid, proc) == started
 
 
+def environ(pid: int, proc: Path = Path("/proc")) -> dict[str, str]:
+    """A process's environment as it started; empty when it is gone or another user's."""
+    try:
+        raw = (proc / str(pid) / "environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.decode(errors="replace").partition("=") for item in raw.split(b"\0") if item)
+    return {name: value for name, _, value in pairs}
+
+
 def tagged(name: str, value: str, proc: Path = Path("/proc")) -> list[int]:
     """Live pids (not this process) whose environment has `name=value`."""
     needle = f"{name}={value}".encode()

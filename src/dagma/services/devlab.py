@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import signal
 import sys
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dagma.lib import processes
 from dagma.services import health
 from dagma.services.procs import (
     MARKER,
@@ -36,6 +38,7 @@ from dagma.settings import PROJECT_ROOT, Settings
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORTS = {"dagster": 3000, "mlflow": 5000, "jupyter": 8888, "app": 8501}
+LAB_MARKER = re.compile(r"lab-(?P<pid>\d+)-(?P<started>\d+)-\w+")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 ROOT_WARNING = (
     "warning: running as root, so JupyterLab starts with --allow-root and every notebook, "
@@ -167,7 +170,9 @@ class Lab:
     def __init__(self, settings: Settings, lab_plan: LabPlan) -> None:
         self.settings = settings
         self.plan = lab_plan
-        self.marker = f"lab-{uuid.uuid4().hex[:12]}"
+        # Names this process (pid and start time), so a later lab can tell its leftovers.
+        me = os.getpid()
+        self.marker = f"lab-{me}-{processes.start_time(me)}-{uuid.uuid4().hex[:8]}"
         self.records: dict[str, ProcRecord] = {}
         self.logs = settings.home / "logs" / "lab"
         self.stopping = False
@@ -181,6 +186,10 @@ class Lab:
 
     def start(self, progress: Callable[[str], None], timeout: float = 120.0) -> None:
         """Start every process and wait until each answers its health URL."""
+        left = leftovers(self.settings.home)
+        if left:
+            terminate(left, timeout=10)
+            progress(f"stopped {len(left)} processes a killed `dagma lab` left running: {left}")
         busy = [p for p in self.plan.processes if port_in_use(p.port)]
         if busy:
             names = ", ".join(f"{p.name} ({p.port})" for p in busy)
@@ -258,3 +267,14 @@ class Lab:
         leftovers = marked_pids(self.marker)
         terminate(leftovers, timeout=5)
         return leftovers
+
+
+def leftovers(home: Path) -> list[int]:
+    """What a `dagma lab` on `home` started and left running when it was killed (SIGKILL gives
+    it no time to stop them): processes with its marker whose lab process is gone."""
+    found = []
+    for pid in processes.tagged("DAGMA_HOME", str(home)):
+        lab = LAB_MARKER.fullmatch(processes.environ(pid).get(MARKER, ""))
+        if lab and not processes.same_process(int(lab["pid"]), int(lab["started"])):
+            found.append(pid)
+    return found
