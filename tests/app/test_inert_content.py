@@ -8,8 +8,7 @@ import pytest
 from markdown_it import MarkdownIt
 from streamlit.testing.v1 import AppTest
 
-from dagma.app.ui import inert_markdown
-from dagma.lib.inert_html import CSP
+from dagma.lib.inert_html import CSP, inert_markdown
 from tests.app._support import APP
 from tests.notebooks.test_inert_html import HOSTILE, active_parts
 

@@ -142,7 +142,8 @@ def test_a_hand_written_dagstermill_asset_materializes_through_dagma_run(lab: Pa
     run = materialize(get_settings(), selection=["wine_report"], console=QUIET)
     assert run.success, run.error
     metadata = _latest("wine_report").asset_materialization.metadata
-    assert isinstance(metadata["executed_notebook"], dg.NotebookMetadataValue)
+    assert isinstance(metadata["notebook"], dg.NotebookMetadataValue)  # the UI's "View Notebook"
+    assert metadata["notebook"].value.endswith("wine_report.view.ipynb")  # its inert copy
     kept = Path(metadata["executed_notebook"].value)
     assert kept.parent.parent.name == run.run_id and kept.is_file()
     executed = nbformat.read(kept, as_version=4)
@@ -376,7 +377,7 @@ def test_the_dagster_ui_opens_the_executed_notebooks_of_both_engines(
                 continue
             page = client.get(
                 "/notebook",
-                params={"path": metadata["executed_notebook"].value, "repoLocName": "dagma"},
+                params={"path": metadata["notebook"].value, "repoLocName": "dagma"},
             )
             assert page.status_code == 200, page.text[:500]
             assert text in page.text  # the executed notebook, rendered by the webserver

@@ -6,10 +6,12 @@ import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import nbformat
 import pytest
+from nbconvert import HTMLExporter
 
 from dagma.lib.inert_html import CSP, inert_document
-from dagma.notebooks.runner import execute
+from dagma.notebooks.runner import execute, viewer_copy
 from dagma.notebooks.spec import parse_notebook
 from tests.notebooks.test_runner import target
 from tests.notebooks.test_spec import write_nb
@@ -109,6 +111,15 @@ def test_the_stored_html_keeps_plots_and_tables_and_drops_everything_active(tmp_
     assert html.count("<style") >= 1 and "click</a>" in html
     assert f'<meta http-equiv="Content-Security-Policy" content="{CSP}">' in html
     assert inert_document(html) == html  # cleaning again (as the app does) changes nothing
+
+    # Dagster's notebook viewer renders the `.ipynb` it is given with plain nbconvert, scripts
+    # and all, on Dagster's origin: the copy it is given renders inert there too.
+    viewed, _ = HTMLExporter().from_notebook_node(nbformat.read(viewer_copy(run.ipynb), 4))
+    plain, _ = HTMLExporter().from_notebook_node(nbformat.read(run.ipynb, 4))
+    assert "<script>" in active_parts(plain.partition("<main>")[2])
+    assert active_parts(viewed.partition("<main>")[2]) == []
+    assert re.search(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', viewed)
+    assert "<td>white</td>" in viewed and "<strong>bold</strong>" in viewed
 
 
 def test_a_page_written_before_cleaning_is_made_inert_too():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,20 +102,6 @@ def notebooks(runs_dir: str) -> list[data.ExecutedNotebook]:
 @st.cache_data(max_entries=8, show_spinner=False)
 def file_bytes(path: str, mtime: float) -> bytes:
     return Path(path).read_bytes()
-
-
-# `<` before what could open a tag, comment or autolink; `![`, which opens an image.
-_ACTIVE_MARKDOWN = re.compile(r"<(?=[A-Za-z/!?])|!(?=\[)")
-
-
-def inert_markdown(text: str) -> str:
-    """Model or corpus text as markdown that shows no image and no raw HTML.
-
-    An image would be fetched as soon as the text is shown, so a link planted in the corpus
-    could send the conversation away in its URL. `![` and `<tag` are escaped and read as
-    written; emphasis, lists, code and links stay.
-    """
-    return _ACTIVE_MARKDOWN.sub(lambda m: "\\<" if m[0] == "<" else "!\\", text)
 
 
 @st.cache_data(max_entries=8, show_spinner=False)

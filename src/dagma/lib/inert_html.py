@@ -11,7 +11,14 @@ refuses scripts and remote loads in the browser as well.
 
 from __future__ import annotations
 
+import copy
+import re
+from typing import TYPE_CHECKING
+
 import nh3
+
+if TYPE_CHECKING:
+    from nbformat import NotebookNode
 
 # What the browser may load or run for the page: inline styles and data: images, nothing else.
 CSP = (
@@ -117,3 +124,55 @@ def inert_document(html: str) -> str:
         + inert_cells(cells).strip()
         + _TAIL
     )
+
+
+# `<` before what could open a tag, comment or autolink; `![`, which opens an image.
+_ACTIVE_MARKDOWN = re.compile(r"<(?=[A-Za-z/!?])|!(?=\[)")
+
+
+def inert_markdown(text: str) -> str:
+    """Model or corpus text as markdown that shows no image and no raw HTML.
+
+    An image would be fetched as soon as the text is shown, so a link planted in the corpus
+    could send the conversation away in its URL. `![` and `<tag` are escaped and read as
+    written; emphasis, lists, code and links stay.
+    """
+    return _ACTIVE_MARKDOWN.sub(lambda m: "\\<" if m[0] == "<" else "!\\", text)
+
+
+# What an output may show in a viewer we do not control: text and raster images.
+_SHOWN = ("text/plain", "image/png", "image/jpeg", "image/gif")
+
+
+def inert_notebook(notebook: NotebookNode) -> NotebookNode:
+    """A copy of an executed notebook that renders inert in any nbconvert, such as the one in
+    Dagster's notebook viewer (which shows outputs as they are, on Dagster's own origin).
+
+    HTML outputs are cleaned as in the HTML copy and markdown is escaped as in the app;
+    scripts, widgets, SVG and raw cells are left out, each output keeping its text.
+    """
+    notebook = copy.deepcopy(notebook)
+    for cell in notebook.cells:
+        if cell.cell_type == "markdown":
+            cell.source = inert_markdown(cell.source)
+            cell.pop("attachments", None)
+        elif cell.cell_type == "raw":
+            cell.metadata.pop("format", None)
+            cell.metadata.pop("raw_mimetype", None)
+        for output in cell.get("outputs", []):
+            data = output.get("data")
+            if data is None:
+                continue
+            kept = {mime: data[mime] for mime in _SHOWN if mime in data}
+            if "text/html" in data:
+                kept["text/html"] = inert_cells(_text(data["text/html"]))
+            if "text/markdown" in data:
+                kept["text/markdown"] = inert_markdown(_text(data["text/markdown"]))
+            if not kept:
+                kept["text/plain"] = f"(not shown here: {', '.join(sorted(data))})"
+            output["data"] = kept
+    return notebook
+
+
+def _text(value: str | list[str]) -> str:
+    return value if isinstance(value, str) else "".join(value)

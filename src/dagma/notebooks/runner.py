@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from dagma.errors import DagmaError
-from dagma.lib.inert_html import inert_document
+from dagma.lib.atomic import write_atomic
+from dagma.lib.inert_html import inert_document, inert_notebook
 from dagma.lib.run_folder import PickleFile, RunFolder, pickle_paths, write_pickle
 from dagma.nb import CONTEXT_VAR, NotebookContext, RunTarget
 from dagma.notebooks import parameterize
@@ -160,17 +161,25 @@ def warm_html_exporter() -> None:
 
 
 def render_html(ipynb: Path) -> Path:
-    """A self-contained, inert HTML copy (images inlined, no scripts) next to the notebook."""
+    """A self-contained, inert HTML copy (images inlined, no scripts) next to the notebook, and
+    an inert `.view.ipynb` for Dagster's notebook viewer; each replaced whole."""
     import warnings
 
     import nbformat
 
+    notebook = nbformat.read(ipynb, as_version=4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. dagstermill's scraps: not shown
-        body, _ = _html_exporter().from_notebook_node(nbformat.read(ipynb, as_version=4))
+        body, _ = _html_exporter().from_notebook_node(notebook)
     html = ipynb.with_suffix(".html")
-    html.write_text(inert_document(body), encoding="utf-8")
+    write_atomic(html, inert_document(body))
+    write_atomic(viewer_copy(ipynb), nbformat.writes(inert_notebook(notebook)))
     return html
+
+
+def viewer_copy(ipynb: Path) -> Path:
+    """Where `render_html` puts the notebook Dagster's viewer may open."""
+    return ipynb.with_suffix(".view.ipynb")
 
 
 def _failure_summary(exc: Exception) -> str:

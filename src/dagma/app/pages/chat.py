@@ -9,6 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from dagma.app import data, ui
+from dagma.lib.inert_html import inert_markdown
 from dagma.settings import get_settings
 
 HISTORY = "chat_history"
@@ -19,7 +20,7 @@ def show_sources(rows: list[dict[str, Any]]) -> None:
         st.caption("Sources")
         table = pd.DataFrame(rows).set_index("rank")
         for column in ("source", "snippet"):  # corpus text: st.table renders markdown
-            table[column] = table[column].astype(str).map(ui.inert_markdown)
+            table[column] = table[column].astype(str).map(inert_markdown)
         st.table(table.style.format({"score": "{:.3f}"}))
 
 
@@ -28,7 +29,7 @@ def show_answer(chunks: Iterable[str]) -> str:
     shown, text = st.empty(), ""
     for chunk in chunks:
         text += chunk
-        shown.markdown(ui.inert_markdown(text))
+        shown.markdown(inert_markdown(text))
     return text
 
 
@@ -62,9 +63,9 @@ st.caption(
 history: list[dict[str, Any]] = st.session_state.setdefault(HISTORY, [])
 for turn in history:
     with st.chat_message("user"):
-        st.markdown(ui.inert_markdown(turn["question"]))
+        st.markdown(inert_markdown(turn["question"]))
     with st.chat_message("assistant"):
-        st.markdown(ui.inert_markdown(turn["answer"]))
+        st.markdown(inert_markdown(turn["answer"]))
         show_sources(turn["sources"])
 
 with ui.guard("Answering"):
@@ -75,7 +76,7 @@ with ui.guard("Answering"):
     question = st.chat_input("Ask about Python, e.g. how do I catch an exception?")
     if question:
         with st.chat_message("user"):
-            st.markdown(ui.inert_markdown(question))
+            st.markdown(inert_markdown(question))
         with st.chat_message("assistant"):
             try:
                 text, rows = answer(chat, question)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dagma.app import ui
+from dagma.lib.inert_html import inert_markdown
 from dagma.settings import get_settings
 
 settings = get_settings()
@@ -35,7 +36,7 @@ with ui.guard("Searching the collection"):
             st.info(f"No chunk matches{f' in {source}' if source else ''}.")
         for hit in hits:
             # A label renders markdown, images too; source and title come from the corpus.
-            label = ui.inert_markdown(f"{hit.rank}. {hit.score:.3f} · {hit.source} · {hit.title}")
+            label = inert_markdown(f"{hit.rank}. {hit.score:.3f} · {hit.source} · {hit.title}")
             with st.expander(label, expanded=hit.rank == 1):
                 st.text(hit.text)
                 st.json(hit.payload)

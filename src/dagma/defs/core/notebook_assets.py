@@ -10,7 +10,13 @@ import dagster as dg
 from dagma.defs.core.resources import MLflowResource, QdrantResource, service_retry_policy
 from dagma.lib.run_folder import PickleFile, loaded
 from dagma.nb import VALUE_METADATA, RunTarget, value_preview
-from dagma.notebooks.runner import KernelError, NotebookFailed, PapermillEngine, execute
+from dagma.notebooks.runner import (
+    KernelError,
+    NotebookFailed,
+    PapermillEngine,
+    execute,
+    viewer_copy,
+)
 from dagma.notebooks.spec import NotebookError, NotebookSpec
 from dagma.settings import get_settings
 
@@ -122,9 +128,15 @@ def _file_metadata(path: Path | None) -> dg.MetadataValue | None:
     return dg.MetadataValue.path(str(path)) if path is not None else None
 
 
-def _notebook_metadata(path: Path | None) -> dg.MetadataValue | None:
-    """Opens in the Dagster UI's notebook viewer, as dagstermill's executed notebooks do."""
-    return dg.MetadataValue.notebook(str(path)) if path is not None else None
+def notebook_metadata(ipynb: Path | None) -> dict[str, dg.MetadataValue]:
+    """The executed notebook's path, and its inert copy for the UI's notebook viewer (which
+    renders whatever it opens with scripts, on Dagster's own origin)."""
+    if ipynb is None:
+        return {}
+    found: dict[str, dg.MetadataValue] = {"executed_notebook": dg.MetadataValue.path(str(ipynb))}
+    if viewer_copy(ipynb).is_file():
+        found["notebook"] = dg.MetadataValue.notebook(str(viewer_copy(ipynb)))
+    return found
 
 
 def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
@@ -224,7 +236,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
                 description=str(exc),
                 allow_retries=False,  # the notebook's own error: running it again changes nothing
                 metadata={
-                    "executed_notebook": _notebook_metadata(failed.ipynb),
+                    **notebook_metadata(failed.ipynb),
                     "html": _file_metadata(failed.html),
                     "error": failed.error or "",
                 },
@@ -240,7 +252,7 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
                 allow_retries=False,
             ) from exc
         common: dict[str, Any] = {
-            "executed_notebook": _notebook_metadata(run.ipynb),
+            **notebook_metadata(run.ipynb),
             "html": _file_metadata(run.html),
             "parameters": dg.MetadataValue.json(run.params),
             "seconds": round(run.seconds, 2),

@@ -30,6 +30,7 @@ class _LabNotebooks(LocalOutputNotebookIOManager):
         self.settings = settings
 
     def handle_output(self, context: dg.OutputContext, obj: bytes) -> None:
+        from dagma.defs.core.notebook_assets import notebook_metadata
         from dagma.notebooks.runner import render_html
 
         # Where downstream steps load it from (dagstermill's path); replaced whole, never torn.
@@ -42,7 +43,7 @@ class _LabNotebooks(LocalOutputNotebookIOManager):
         write_atomic(kept, obj)
         html = render_html(kept)
         metadata: dict[str, Any] = {
-            "executed_notebook": dg.MetadataValue.notebook(str(kept)),
+            **notebook_metadata(kept),
             "html": dg.MetadataValue.path(str(html)),
             "dagster_ui": dg.MetadataValue.url(
                 f"{self.settings.dagster_ui_url}/runs/{context.run_id}"
