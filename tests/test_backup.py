@@ -3,6 +3,8 @@
 import gzip
 import io
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -413,3 +415,40 @@ def test_a_short_backup_key_is_refused(tiny: Path, tmp_path: Path, monkeypatch):
     assert result.exit_code == 2 and "DAGMA_BACKUP_KEY is 5 characters" in said(result)
     assert "secrets.token_urlsafe(32)" in said(result)
     assert not (tmp_path / "x.tar.gz").exists()
+
+
+def test_the_next_restore_removes_what_a_killed_restore_left_and_keeps_a_running_ones(
+    tiny: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A restore unpacks a whole copy of a lab beside the home; a killed one must not leave it."""
+    from dagma.backup import RESTORE_PREFIX
+
+    archive = backup_of(tiny, tmp_path / "lab.tar.gz", monkeypatch, None)
+    holders = tmp_path / "homes"
+    holders.mkdir()
+    hold = (
+        "import sys, time; from pathlib import Path; from dagma.lib.staging import staging_folder\n"
+        f"with staging_folder(Path(sys.argv[1]), {RESTORE_PREFIX!r}) as tmp:\n"
+        "    (tmp / 'lab').mkdir(); print(tmp, flush=True); time.sleep(120)\n"
+    )
+    killed, running = (
+        subprocess.Popen(
+            [sys.executable, "-c", hold, str(holders)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    )
+    try:
+        killed_dir, running_dir = (Path(p.stdout.readline().strip()) for p in (killed, running))
+        killed.kill()
+        killed.wait(10)
+        assert killed_dir.is_dir()  # SIGKILL ran no cleanup
+        result = restore_into(holders / "lab", archive, monkeypatch, None)
+        assert result.exit_code == 0, result.output
+        assert not killed_dir.exists()
+        assert f"removed {killed_dir}, left by a restore that was killed" in said(result)
+        assert running_dir.is_dir()  # its restore is still going
+        assert sorted(p.name for p in holders.iterdir()) == sorted(["lab", running_dir.name])
+    finally:
+        for proc in (killed, running):
+            proc.kill()
+            proc.wait(10)

@@ -9,6 +9,9 @@ MLflow and Dagster keep (artifact locations, executed notebooks) to the new home
 With `DAGMA_BACKUP_KEY` set, a backup signs its manifest (HMAC-SHA256, `manifest.sig`) and a
 restore refuses an archive whose signature is missing or wrong. A restore takes only data:
 files of the parts a backup writes, never `dagster.yaml` (regenerated), nothing else.
+
+Longer than 450 lines because the archive format (manifest, signature, the parts it may hold)
+sits beside the embedded backup and restore that write and read it.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from urllib.parse import quote
 
 from dagma.errors import DagmaError
 from dagma.lib.run_folder import RunFolder
+from dagma.lib.staging import abandoned, staging_folder
 from dagma.settings import Settings
 
 FORMAT = 1
@@ -43,6 +47,9 @@ PARTS = ("dagster", "mlflow", "qdrant", "runs", "reports")
 # Configuration that names code to import: regenerated on restore, never taken from an archive.
 REGENERATED = ("dagster/dagster.yaml", "dagster/workspace.yaml")
 KEY_VARIABLE = "DAGMA_BACKUP_KEY"
+# Restores unpack beside the home; `.dagma-restore-` alone is services mode's, whose sweep
+# (which also stops a killed restore's Postgres) finds both.
+RESTORE_PREFIX = ".dagma-restore-lab-"
 MIN_KEY_LENGTH = 16
 
 
@@ -419,9 +426,12 @@ def restore(settings: Settings, archive: Path, progress: Callable[[str], None] =
     archive = check_target(archive, home)
     key = signing_key(settings)
     home.parent.mkdir(parents=True, exist_ok=True)
+    for left in abandoned(home.parent, RESTORE_PREFIX):  # a killed restore's copy of a lab
+        shutil.rmtree(left, ignore_errors=True)
+        progress(f"removed {left}, left by a restore that was killed")
     # Unpacked beside the home, so the final move is a rename on the same file system.
-    with tempfile.TemporaryDirectory(prefix=".dagma-restore-", dir=home.parent) as tmp:
-        staging, manifest, checked = unpack_verified(archive, Path(tmp), key, "embedded", PARTS)
+    with staging_folder(home.parent, RESTORE_PREFIX) as tmp:
+        staging, manifest, checked = unpack_verified(archive, tmp, key, "embedded", PARTS)
         progress(checked)
         if any((staging / name).is_dir() for name in REGENERATED):
             raise _unexpected(archive, f"a folder named {' or '.join(REGENERATED)}")

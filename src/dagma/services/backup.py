@@ -15,7 +15,6 @@ Signing and the parts a restore takes are as in `dagma.backup`.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import signal
@@ -42,6 +41,7 @@ from dagma.backup import (
     write_archive,
 )
 from dagma.lib.run_folder import RunFolder
+from dagma.lib.staging import abandoned, staging_folder
 from dagma.services import postgres
 from dagma.services.config import LOOPBACK, ServicesConfig
 from dagma.services.procs import MARKER, ServiceError, marked_pids, terminate
@@ -58,7 +58,6 @@ DUMPED = ("dagster", "mlflow")
 COUNTED = {"dagster": ("runs", "event_logs"), "mlflow": ("runs", "metrics", "model_versions")}
 # A restore's temporary folder (beside the target home) holds this lock while the restore runs.
 RESTORE_PREFIX = ".dagma-restore-"
-RESTORE_LOCK = "restore.lock"
 
 
 def _pg(config: ServicesConfig, tool: str, *args: str) -> list[str]:
@@ -220,45 +219,28 @@ def rehome_databases(config: ServicesConfig, password: str, old: str, new: str) 
 def _restore_folder(parent: Path) -> Iterator[Path]:
     """A new temporary folder beside the target home, locked while this restore runs and
     removed when it ends; a killed restore's folder is found by its free lock."""
-    tmp = Path(tempfile.mkdtemp(prefix=RESTORE_PREFIX, dir=parent))
-    # Locked under another name first, then renamed: a sweep never sees the lock unheld.
-    fd = os.open(tmp / (RESTORE_LOCK + ".new"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.rename(tmp / (RESTORE_LOCK + ".new"), tmp / RESTORE_LOCK)
-        yield tmp
-    finally:
-        _remove(tmp)
-        os.close(fd)
+    with staging_folder(parent, RESTORE_PREFIX) as tmp:
+        try:
+            yield tmp
+        finally:
+            _stop(tmp)
 
 
-def _remove(tmp: Path) -> list[int]:
-    """Stop what a restore started in `tmp` (its Postgres, pg_restore), then delete `tmp`."""
+def _stop(tmp: Path) -> list[int]:
+    """Stop what a restore started in `tmp` (its Postgres, pg_restore)."""
     pids = marked_pids(str(tmp / "home"))
     if pids:
         terminate(pids, sig=signal.SIGINT, timeout=20)  # SIGINT: Postgres' fast shutdown
-    shutil.rmtree(tmp, ignore_errors=True)
     return pids
 
 
 def sweep_killed_restores(parent: Path, progress: Callable[[str], None] = print) -> list[Path]:
-    """Remove the folders (and stop the Postgres) of services restores into `parent` that were
-    killed: their lock is free. A running restore holds its lock and is left alone; an
-    embedded restore's folder has no lock and holds no process."""
+    """Remove the folders (and stop the Postgres) of restores into `parent` that were killed,
+    embedded or services: their lock is free. A running restore holds its lock."""
     removed = []
-    for tmp in sorted(parent.glob(RESTORE_PREFIX + "*")):
-        try:
-            fd = os.open(tmp / RESTORE_LOCK, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue
-            pids = _remove(tmp)
-        finally:
-            os.close(fd)
+    for tmp in abandoned(parent, RESTORE_PREFIX):
+        pids = _stop(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         progress(
             f"removed {tmp}, left by a restore that was killed"
             + (f" (stopped its processes {pids})" if pids else "")
