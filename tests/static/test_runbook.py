@@ -32,6 +32,11 @@ CASES = [
     "runs/ fills the disk",
     "Inbox file from the future or with a raw name",
     "Re-saved inbox file",
+    "Placeholder secret",
+    "Parameter type not allowed",
+    "Archive signature refused",
+    "Archive holds what no backup writes",
+    "MLflow reader could write",
 ]
 
 
