@@ -284,3 +284,30 @@ def test_a_kernel_being_claimed_is_not_swept_before_its_claimant_is_named(tmp_pa
         assert processes.alive(pid)
         wait_for(lambda: len(spare_pids(pool_dir)) == 1)  # the owner replaced it meanwhile
     assert not processes.alive(pid), "closing the pool kills a claim nobody finished"
+
+
+def test_a_claimed_kernel_whose_claimant_pid_was_reused_is_swept(tmp_path: Path):
+    """After a reboot (or a long run) the dead claimant's pid can belong to another process:
+    its start time tells them apart, so the kernel is not kept for a claimant that is gone."""
+    pool_dir = tmp_path / "kernels"
+    stranger = subprocess.Popen(["sleep", "60"])  # the process now holding the claimant's pid
+    try:
+        with KernelPool(pool_dir, size=1, modules=[], cwd=tmp_path, poll=0.05):
+            [pid] = wait_for(lambda: spare_pids(pool_dir))
+            [ticket_path] = (pool_dir / "spare").glob("*.json")
+            claimed = pool_dir / "claimed" / ticket_path.name
+            ticket_path.rename(claimed)
+            ticket = Ticket.read(claimed)
+            assert ticket is not None
+            ticket.claimant = stranger.pid
+            ticket.claimant_started = processes.start_time(stranger.pid)
+            ticket.write(claimed)
+            assert kernel_pool.sweep(pool_dir) == []  # the claimant is alive: kept
+            ticket.claimant_started = (ticket.claimant_started or 0) - 100  # its pid, reused
+            ticket.write(claimed)
+            wait_for(lambda: not processes.alive(pid), timeout=20)
+            assert not claimed.exists()
+        assert stranger.poll() is None, "the process that reused the pid is left alone"
+    finally:
+        stranger.kill()
+        stranger.wait()

@@ -121,6 +121,7 @@ class Ticket:
     # given one of their pids is not taken for them. None in tickets written before.
     started: int | None = None
     owner_started: int | None = None
+    claimant_started: int | None = None
 
     @classmethod
     def read(cls, path: Path) -> Ticket | None:
@@ -137,6 +138,11 @@ class Ticket:
 
     def owner_alive(self) -> bool:
         return processes.same_process(self.owner, self.owner_started)
+
+    def claimant_alive(self) -> bool:
+        return self.claimant is not None and processes.same_process(
+            self.claimant, self.claimant_started
+        )
 
 
 def _is_pooled_kernel(pid: int, owner: int) -> bool:
@@ -174,7 +180,7 @@ def sweep(folder: Path) -> list[int]:
         # A claimed ticket names its claimant a moment after the rename: until then it is
         # still its owner's, or a sweep would kill the kernel being adopted.
         claimant = ticket.claimant if path.parent == claimed else None
-        if processes.alive(claimant) if claimant is not None else ticket.owner_alive():
+        if ticket.claimant_alive() if claimant is not None else ticket.owner_alive():
             in_use.add(ticket.pid)
             continue
         if _is_pooled_kernel(ticket.pid, ticket.owner) and ticket.kernel_alive():
@@ -316,6 +322,7 @@ def take(
             except FileNotFoundError:  # another claimant won it
                 continue
             ticket.claimant, ticket.run_id = os.getpid(), run_id
+            ticket.claimant_started = processes.start_time(os.getpid())
             ticket.write(claimed)
             km = AdoptedKernelManager(kernel_name="python3")
             km.adopt(ticket, claimed)
