@@ -15,9 +15,9 @@ import pytest
 
 from dagma.settings import PROJECT_ROOT
 from tests.app._support import APP, free_port, running
+from tests.app.conftest import CHROMIUM
 from tests.conftest import require
 
-CHROMIUM = Path(os.environ.get("DAGMA_CHROMIUM") or "/usr/bin/chromium")
 QUESTION = "How do I catch an exception?"
 ANSWER_TIMEOUT_MS = 180_000
 PAGE_TIMEOUT_MS = 90_000
@@ -66,23 +66,6 @@ def app_url(demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
     with running(argv, env, log, f"{url}/_stcore/health", timeout=90):
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    playwright = sync_api.sync_playwright().start()
-    try:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-    finally:
-        playwright.stop()
 
 
 @pytest.fixture

@@ -12,10 +12,8 @@ import pytest
 
 from dagma.lib.inert_html import CSP
 from tests.app._support import APP, free_port, running
-from tests.conftest import require
 from tests.notebooks.test_inert_html import HOSTILE
 
-CHROMIUM = Path(os.environ.get("DAGMA_CHROMIUM") or "/usr/bin/chromium")
 TIMEOUT_MS = 90_000
 # Each would mark the window it ran in; none may.
 SCRIPTS = (
@@ -25,24 +23,6 @@ SCRIPTS = (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    require(CHROMIUM.exists(), f"no Chromium at {CHROMIUM}")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    playwright = sync_api.sync_playwright().start()
-    try:
-        chromium = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            args=["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],
-        )
-        try:
-            yield chromium
-        finally:
-            chromium.close()
-    finally:
-        playwright.stop()
 
 
 @pytest.fixture
