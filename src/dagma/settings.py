@@ -56,6 +56,19 @@ class Settings(BaseSettings):
         description="Key (16+ characters) that `dagma backup` signs archives with and that "
         "restore requires a valid signature from; unset: unsigned, restored with a notice.",
     )
+    dagma_api_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs and checks the API's local HS256 tokens (`dagma token issue`); 32+ "
+        "bytes, written into .env by `dagma secrets init`. Unused when DAGMA_OIDC_ISSUER is set.",
+    )
+    dagma_api_audience: str = Field(
+        default="dagma-api", description="The `aud` every API token must carry."
+    )
+    dagma_oidc_issuer: str | None = Field(
+        default=None,
+        description="An OpenID Connect issuer's base URL; when set, the API accepts only its "
+        "RS256/ES256 tokens, checked against the keys its discovery document publishes.",
+    )
     dagma_collection: str = Field(default="dagma_docs", description="Vector collection name.")
     dagma_experiment: str = Field(default="dagma", description="MLflow experiment name.")
     dagma_seed: int = Field(default=42, description="Seed used by every notebook and model.")
