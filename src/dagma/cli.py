@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dagma.api.token_cli import app as token_app
 from dagma.cli_errors import DagmaCommands, InputError
 from dagma.notebooks import kernel_pool
 from dagma.secrets_cli import app as secrets_app
@@ -32,6 +33,7 @@ app.add_typer(notebook_app, name="notebook")
 app.add_typer(llm_app, name="llm")
 app.add_typer(services_app, name="services")
 app.add_typer(secrets_app, name="secrets")
+app.add_typer(token_app, name="token")
 console = Console()
 Processes = Annotated[
     int | None,

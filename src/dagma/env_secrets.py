@@ -35,6 +35,7 @@ REQUIRED = (
     "QDRANT_READ_ONLY_API_KEY",
     "MINIO_ROOT_PASSWORD",
     "CLICKHOUSE_PASSWORD",
+    "DAGMA_API_SECRET",
 )
 PLACEHOLDER_PREFIX = "change-me"
 EXAMPLE = Path(__file__).resolve().parents[2] / ".env.example"

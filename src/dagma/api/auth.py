@@ -105,9 +105,9 @@ def local_secret(settings: Settings) -> bytes:
     if len(secret) < MIN_SECRET_BYTES:
         raise AuthSettingsError(
             f"DAGMA_API_SECRET has {len(secret)} bytes; HS256 needs at least {MIN_SECRET_BYTES} "
-            f"(256 bits). Replace it with a random one: remove it from .env and run "
-            "`dagma secrets init`, or set python3 -c 'import secrets; "
-            "print(secrets.token_urlsafe(32))'"
+            "(256 bits). Replace it with a random one: remove it from .env and run "
+            "`dagma secrets init`, or set it to the output of "
+            "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
         )
     return secret
 
