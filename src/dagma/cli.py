@@ -22,6 +22,7 @@ from dagma.cli_errors import DagmaCommands, InputError
 from dagma.notebooks import kernel_pool
 from dagma.secrets_cli import app as secrets_app
 from dagma.services.cli import app as services_app
+from dagma.services.gateway import app as gateway_app
 from dagma.settings import get_settings
 
 app = typer.Typer(
@@ -34,6 +35,7 @@ app.add_typer(llm_app, name="llm")
 app.add_typer(services_app, name="services")
 app.add_typer(secrets_app, name="secrets")
 app.add_typer(token_app, name="token")
+app.add_typer(gateway_app, name="gateway")
 console = Console()
 Processes = Annotated[
     int | None,
