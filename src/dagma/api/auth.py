@@ -36,7 +36,7 @@ LEEWAY = datetime.timedelta(seconds=30)
 COOKIE = "dagma_token"
 SUBJECT_HEADER = "X-Dagma-Subject"
 REALM = "dagma-api"
-SECRET_FIX = (
+SETUP_FIX = (
     "run `dagma secrets init` (writes a random DAGMA_API_SECRET into .env), "
     "or set DAGMA_OIDC_ISSUER to use your identity provider's tokens"
 )
@@ -97,10 +97,10 @@ def local_secret(settings: Settings) -> bytes:
     """`DAGMA_API_SECRET` as bytes, refused when unset, a placeholder or shorter than 32 bytes."""
     raw = settings.dagma_api_secret.get_secret_value() if settings.dagma_api_secret else ""
     if not raw.strip():
-        raise AuthSettingsError(f"DAGMA_API_SECRET is not set; {SECRET_FIX}")
+        raise AuthSettingsError(f"DAGMA_API_SECRET is not set; {SETUP_FIX}")
     why = placeholder_reason(raw)
     if why:
-        raise AuthSettingsError(f"DAGMA_API_SECRET {why}, known to everyone; {SECRET_FIX}")
+        raise AuthSettingsError(f"DAGMA_API_SECRET {why}, known to everyone; {SETUP_FIX}")
     secret = raw.encode("utf-8")
     if len(secret) < MIN_SECRET_BYTES:
         raise AuthSettingsError(
@@ -172,7 +172,7 @@ class TokenVerifier:
         if not settings.dagma_api_secret or not settings.dagma_api_secret.get_secret_value():
             raise AuthSettingsError(
                 "the API has no way to check tokens: neither DAGMA_API_SECRET nor "
-                f"DAGMA_OIDC_ISSUER is set; {SECRET_FIX}"
+                f"DAGMA_OIDC_ISSUER is set; {SETUP_FIX}"
             )
         return cls(audience=audience, secret=local_secret(settings))
 
@@ -180,29 +180,26 @@ class TokenVerifier:
     def oidc(self) -> bool:
         return self.issuer is not None
 
-    def _token_fix(self, scopes: str = "predict") -> str:
+    def _token_fix(self, scope: str) -> str:
         if self.oidc:
             return (
                 f"get a token from {self.issuer} for audience {self.audience!r} with the "
-                f"scope(s) you need ({', '.join(SCOPES)})"
+                f"scope {scope!r}"
             )
-        return f"make one with `dagma token issue --scope {scopes} --ttl 1h`"
+        return f"make one with `dagma token issue --scope {scope} --ttl 1h`"
 
     def verify(self, token: str, scope: str | None = None) -> Principal:
         """The token's principal; raises AuthError (401, 403 or 503) saying what is wrong."""
         token = token.strip()
+        fix = self._token_fix(scope or UI_SCOPE)
         if not token:
-            raise AuthError(
-                "no bearer token: send `Authorization: Bearer <token>`",
-                self._token_fix(scope or "predict"),
-                code=None,
-            )
+            raise AuthError("no bearer token: send `Authorization: Bearer <token>`", fix, code=None)
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError as exc:
             raise AuthError(
                 f"the bearer token is not a JWT ({exc})",
-                f"send the whole token; {self._token_fix(scope or 'predict')}",
+                f"send the whole token; {fix}",
             ) from exc
         allowed = OIDC_ALGORITHMS if self.oidc else (LOCAL_ALGORITHM,)
         alg = header.get("alg")
@@ -211,12 +208,15 @@ class TokenVerifier:
             raise AuthError(
                 f"the token is signed with alg {alg!r}; this API accepts only "
                 f"{'/'.join(allowed)} {where}",
-                self._token_fix(scope or "predict"),
+                fix,
             )
-        claims = self._decode_oidc(token, header) if self.oidc else self._decode_local(token)
+        if self.oidc:
+            claims = self._decode_oidc(token, header, fix)
+        else:
+            claims = self._decode(token, self._secret or b"", [LOCAL_ALGORITHM], LOCAL_ISSUER, fix)
         subject = claims.get("sub")
         if not isinstance(subject, str) or not subject:
-            raise AuthError("the token's `sub` claim is not a string", self._token_fix())
+            raise AuthError("the token's `sub` claim is not a string", fix)
         principal = Principal(subject=subject, scopes=_scopes(claims))
         if scope is not None and scope not in principal.scopes:
             held = ", ".join(sorted(principal.scopes)) or "none"
@@ -230,31 +230,27 @@ class TokenVerifier:
             )
         return principal
 
-    def _decode_local(self, token: str) -> dict[str, Any]:
-        return self._decode(token, self._secret or b"", [LOCAL_ALGORITHM], LOCAL_ISSUER)
-
-    def _decode_oidc(self, token: str, header: Mapping[str, Any]) -> dict[str, Any]:
+    def _decode_oidc(self, token: str, header: Mapping[str, Any], fix: str) -> dict[str, Any]:
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise AuthError(
                 "the token names no signing key (`kid` header); this API checks only tokens "
                 f"signed with a key that {self.issuer} publishes",
-                self._token_fix(),
+                fix,
             )
         if self._keys is None:
-            raise AuthError("this API checks local tokens only", self._token_fix())
+            raise AuthError("this API checks local tokens only", fix)
         try:
             key = self._keys.signing_key(kid)
             issuer = self._keys.token_issuer
         except IssuerError as exc:
             status = 503 if exc.unavailable else 401
             raise AuthError(str(exc), exc.fix, status=status) from exc
-        return self._decode(token, key, list(OIDC_ALGORITHMS), issuer)
+        return self._decode(token, key, list(OIDC_ALGORITHMS), issuer, fix)
 
     def _decode(
-        self, token: str, key: jwt.PyJWK | bytes, algorithms: list[str], issuer: str
+        self, token: str, key: jwt.PyJWK | bytes, algorithms: list[str], issuer: str, fix: str
     ) -> dict[str, Any]:
-        fix = self._token_fix()
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
