@@ -68,8 +68,9 @@ def _discovery_problem(doc: object, issuer: str) -> str | None:
     if not isinstance(named, str) or named.rstrip("/") != issuer:
         return f"names issuer {named!r}, not {issuer!r}"
     jwks_uri = doc.get("jwks_uri")
-    if not isinstance(jwks_uri, str) or urlparse(jwks_uri).scheme not in ("http", "https"):
-        return f"has no http(s) `jwks_uri` (found {jwks_uri!r})"
+    url = urlparse(jwks_uri if isinstance(jwks_uri, str) else "")
+    if url.scheme != "https" and not (url.scheme == "http" and _loopback(url.hostname or "")):
+        return f"has no https `jwks_uri` (found {jwks_uri!r})"
     return None
 
 
