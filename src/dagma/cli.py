@@ -411,6 +411,41 @@ def _print_sources(answer: Any) -> None:
     console.print(f"confidence {answer.confidence:.2f}")
 
 
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; loopback unless a gateway fronts it.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+) -> None:
+    """Serve the API (predict, search, ask) with uvicorn until Ctrl-C; OpenAPI docs at /docs."""
+    import ipaddress
+
+    import uvicorn
+
+    from dagma.api.app import create_app
+
+    api = create_app(get_settings())  # no token secret or issuer: fails here, naming the fix
+    shown = f"[{host}]" if ":" in host else host
+    url = f"http://{shown}:{port}"
+    say: dict[str, Any] = {"markup": False, "highlight": False, "soft_wrap": True}
+    console.print(f"Serving the Dagma API on {url} (Ctrl-C stops it)", **say)
+    console.print(f"  docs  {url}/docs", **say)
+    console.print("  token dagma token issue --scope predict --scope search --scope ask", **say)
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        console.print(
+            f"warning: {host} is reachable from other machines over plain HTTP; put the "
+            "gateway (TLS) in front of it.",
+            style="bold yellow",
+            **say,
+        )
+    uvicorn.run(api, host=host, port=port, log_level="info")
+
+
 @llm_app.command("serve")
 def llm_serve(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",

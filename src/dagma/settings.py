@@ -69,6 +69,24 @@ class Settings(BaseSettings):
         description="An OpenID Connect issuer's base URL; when set, the API accepts only its "
         "RS256/ES256 tokens, checked against the keys its discovery document publishes.",
     )
+    dagma_api_max_rows: int = Field(
+        default=1000, gt=0, description="Rows one `POST /v1/predict` may score."
+    )
+    dagma_api_max_k: int = Field(
+        default=50, gt=0, description="The largest `k` of `GET /v1/search` (ask: at most 20)."
+    )
+    dagma_api_ask_timeout: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds `POST /v1/ask` may take, waiting for the model included, before "
+        "it answers 504 (a stream ends with an error event).",
+    )
+    dagma_api_model_ttl: float = Field(
+        default=1.0,
+        ge=0,
+        description="Seconds the API trusts the champion version it knows before asking MLflow "
+        "again (0: every request); a changed version is loaded then.",
+    )
     dagma_collection: str = Field(default="dagma_docs", description="Vector collection name.")
     dagma_experiment: str = Field(default="dagma", description="MLflow experiment name.")
     dagma_seed: int = Field(default=42, description="Seed used by every notebook and model.")
