@@ -20,6 +20,7 @@ from dagma.lib.evaluation import (
     answer_questions,
     citation_numbers,
     citation_precision,
+    citation_recall,
     citation_valid,
     content_tokens,
     evaluate_answers,
@@ -337,6 +338,45 @@ def test_evaluate_answers_scores_citations_faithfulness_and_latency() -> None:
     assert evaluate_answers(questions, pipeline, limit=0)["answered"] == 0
     with pytest.raises(ValueError, match="limit"):
         evaluate_answers(questions, pipeline, limit=-1)
+
+
+UNMARKED = {
+    "try": "The finally clause always runs. Loops repeat a suite. I hope this helps!",
+    "loop": "A while loop repeats. It keeps going until the",
+}
+
+
+class UnmarkedPipeline(FakePipeline):
+    """A model that never writes [n], like SmolLM2-135M; the second answer was cut short."""
+
+    def answer(self, question: str, docs: Any = None) -> Any:
+        reason = "length" if question == "loop" else "stop"
+        return assemble_answer(question, docs, UNMARKED[question], finish_reason=reason)
+
+
+def test_citations_are_measured_without_a_single_marker() -> None:
+    questions = [
+        {"id": "a", "question": "try", "sources": ["pydoc:try"], "chunks": ["pydoc:try#2"]},
+        {"id": "b", "question": "loop", "sources": ["pydoc:while"], "chunks": ["pydoc:while#0"]},
+    ]
+    res = evaluate_answers(questions, UnmarkedPipeline(), limit=2)
+    rows = {r["id"]: r for r in res["rows"]}
+    assert rows["a"]["cited"] == ["pydoc:try#2", "pydoc:for#0"] and rows["a"]["marked"] == []
+    assert rows["b"]["cited"] == ["pydoc:while#1"] and rows["b"]["relevant_given"] == []
+    assert res["citation_precision"] == pytest.approx(1 / 3)  # was 0 with markers alone
+    assert res["marker_citation_precision"] == 0.0
+    assert res["citation_recall"] == 1.0  # the one relevant passage given was cited
+    assert res["citation_validity"] == 1.0
+    assert (rows["a"]["sentences"], rows["a"]["supported"]) == (3, 2)
+    assert (rows["b"]["sentences"], rows["b"]["supported"]) == (1, 1)  # after trimming
+    assert res["supported_sentences"] == pytest.approx(3 / 4)
+    assert res["trimmed"] == 0.5 and rows["b"]["answer"] == "A while loop repeats."
+
+
+def test_citation_recall_counts_the_relevant_passages_given() -> None:
+    answers = [(["a", "b"], ["a", "c"]), ([], ["d"]), (["x"], [])]
+    assert citation_recall(answers) == pytest.approx(1 / 3)
+    assert citation_recall([(["x"], [])]) == 0.0
 
 
 class BlockingPipeline(FakePipeline):

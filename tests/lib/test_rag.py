@@ -214,14 +214,20 @@ def test_answer(first: Answer) -> None:
 def test_stream_matches_answer(pipeline: RagPipeline, first: Answer) -> None:
     chunks = list(pipeline.stream(QUESTION))
     assert len(chunks) >= 2 and all(chunks)  # no empty chunk is passed on
-    assert "".join(chunks) == first.text
+    assert "".join(chunks) == first.raw_text  # as generated; first.text may be trimmed
     docs = pipeline.retrieve(QUESTION)
     assert "".join(pipeline.stream(QUESTION, docs=docs)) == "".join(chunks)
+    streamed = pipeline.assemble(QUESTION, docs, "".join(chunks))
+    assert (streamed.text, streamed.trimmed, streamed.attributions) == (
+        first.text,
+        first.trimmed,
+        first.attributions,
+    )
 
 
 def test_lcel_chain_matches_pipeline(pipeline: RagPipeline, first: Answer) -> None:
     chain = build_rag_chain(pipeline.retriever, pipeline.model)
-    assert chain.invoke(QUESTION) == first.text
+    assert chain.invoke(QUESTION) == first.raw_text
 
 
 TIMINGS = {"latency_s", "generation_s"}
@@ -240,7 +246,7 @@ def test_local_generation_is_serialised_across_threads(
     with ThreadPoolExecutor(max_workers=3) as pool:
         answers = list(pool.map(lambda _: pipeline.answer(QUESTION).text, range(2)))
         streamed = pool.submit(lambda: "".join(pipeline.stream(QUESTION)))
-        assert answers == [first.text] * 2 and streamed.result() == first.text
+        assert answers == [first.text] * 2 and streamed.result() == first.raw_text
 
 
 def test_deterministic_across_processes(first: Answer) -> None:

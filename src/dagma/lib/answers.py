@@ -3,7 +3,9 @@
 :class:`Answer` (with its :class:`Source` passages) is what :class:`dagma.lib.rag.RagPipeline`
 returns. A reply is read as a :class:`Draft` when the backend filled one through structured
 output or when its text is JSON, else as plain text whose ``[n]`` citations are parsed
-(:mod:`dagma.lib.citations`). :func:`assemble_answer` marks the cited sources and scores the
+(:mod:`dagma.lib.citations`). :func:`assemble_answer` trims an answer the token limit cut to
+its last complete sentence (:mod:`dagma.lib.sentences`), attributes each sentence to the passage
+that supports it best (:mod:`dagma.lib.attribution`), marks the cited sources and scores the
 answer's confidence.
 """
 
@@ -20,16 +22,22 @@ from langchain_core.outputs import Generation
 from langchain_core.utils.json import parse_json_markdown
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
+from dagma.lib.attribution import SUPPORT_THRESHOLD, Attribution, attribute
 from dagma.lib.citations import citation_numbers, draft_citations
+from dagma.lib.embeddings import Embedder, get_embedder
+from dagma.lib.sentences import split_sentences, trim_to_sentence
 
 __all__ = [
     "SNIPPET_CHARS",
     "Answer",
     "AnswerOutputParser",
+    "Attribution",
     "Draft",
     "ModelOutput",
     "Source",
+    "answer_lines",
     "assemble_answer",
+    "finish_reason",
     "parse_draft",
     "parse_structured_result",
     "truncate",
@@ -59,6 +67,11 @@ class Answer(BaseModel):
     ``output_tokens`` the tokens it generated (0 when the backend does not say).
     ``confidence`` is the retrieval heuristic of :func:`assemble_answer`, lowered to
     ``model_confidence`` when the model reports a lower one (structured output only).
+    ``finish_reason`` is why generation stopped (``stop``, ``length``; ``None`` when unknown).
+    ``trimmed`` says the token limit cut the answer and ``text`` ends at its last complete
+    sentence (or, when none was complete, with ``…``); ``raw_text`` is the text as generated.
+    ``attributions`` hold each sentence of ``text`` with the source (1-based, into
+    ``sources``) that supports it best and the score, ``None`` below ``support_threshold``.
     """
 
     question: str
@@ -70,11 +83,30 @@ class Answer(BaseModel):
     latency_s: float = Field(default=0.0, ge=0.0)
     generation_s: float = Field(default=0.0, ge=0.0)
     output_tokens: int = Field(default=0, ge=0)
+    finish_reason: str | None = None
+    trimmed: bool = False
+    raw_text: str = ""
+    attributions: list[Attribution] = Field(default_factory=list)
+    support_threshold: float = SUPPORT_THRESHOLD
 
     @property
     def cited_sources(self) -> list[Source]:
         """Sources the answer cites, or all sources when it cites none."""
         return [s for s in self.sources if s.cited] or list(self.sources)
+
+    def cited_text(self) -> str:
+        """``text`` with each attributed sentence followed by its ``[n]``, unless it cites it."""
+        sentences = split_sentences(self.text)
+        if len(sentences) != len(self.attributions):
+            return self.text
+        out, at = [], 0
+        for sentence, attribution in zip(sentences, self.attributions, strict=True):
+            out.append(self.text[at : sentence.end])
+            n = attribution.source
+            if n is not None and n not in citation_numbers(sentence.text):
+                out.append(f" [{n}]")
+            at = sentence.end
+        return "".join(out) + self.text[at:]
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -122,6 +154,7 @@ class ModelOutput(BaseModel):
     confidence: float | None = None
     raw_text: str = ""
     output_tokens: int | None = None
+    finish_reason: str | None = None
 
 
 def parse_draft(text: str) -> Draft | None:
@@ -174,6 +207,7 @@ class AnswerOutputParser(BaseOutputParser[ModelOutput]):
         out = self.parse(result[0].text)
         message = getattr(result[0], "message", None)
         out.output_tokens = _output_tokens(message)
+        out.finish_reason = finish_reason(message)
         return out
 
     @property
@@ -207,7 +241,18 @@ def parse_structured_result(result: Mapping[str, Any] | BaseModel) -> ModelOutpu
         out = AnswerOutputParser().parse(content or (answer if isinstance(answer, str) else ""))
         out.raw_text = raw_text
     out.output_tokens = _output_tokens(message)
+    out.finish_reason = finish_reason(message)
     return out
+
+
+def finish_reason(message: Any) -> str | None:
+    """Why a reply stopped, as its backend reports it: ``stop``, ``length``...; else ``None``.
+
+    llama.cpp and OpenAI-compatible servers say ``finish_reason``, Ollama ``done_reason``.
+    """
+    metadata = getattr(message, "response_metadata", None) or {}
+    reason = metadata.get("finish_reason") or metadata.get("done_reason")
+    return str(reason) if reason else None
 
 
 def _invalid_call_args(message: AIMessage) -> str:
@@ -234,6 +279,36 @@ def truncate(text: str, limit: int) -> str:
     return cut + "…"
 
 
+def answer_lines(answer: Answer) -> list[str]:
+    """``answer`` in plain lines: the question, each sentence with its ``[n]`` and score, the
+    sources.
+
+    A sentence attributed to no passage is marked ``[?]``; a trimmed answer says so. A cited
+    source shows the best score of the sentences attributed to it.
+    """
+    lines = [f"Q: {answer.question}", "A:"]
+    for a in answer.attributions:
+        mark = f"[{a.source}]" if a.source is not None else "[?]"
+        lines.append(f"  {_collapse(a.sentence)} {mark} ({a.score:.2f})")
+    if not answer.attributions:
+        lines.append(f"  {_collapse(answer.text)}")
+    if answer.trimmed:
+        lines.append(
+            "  (trimmed: the model reached its token limit; its unfinished last sentence is "
+            "left out)"
+        )
+    support: dict[int, float] = {}
+    for a in answer.attributions:
+        if a.source is not None:
+            support[a.source] = max(support.get(a.source, 0.0), a.score)
+    lines.append("Sources:")
+    for s in answer.sources:
+        cited = f", cited, support {support[s.rank]:.2f}" if s.rank in support else ""
+        cited = cited or (", cited" if s.cited else "")
+        lines.append(f"  [{s.rank}] {s.source} (retrieval {s.score:.3f}{cited})")
+    return lines
+
+
 def assemble_answer(
     question: str,
     docs: Sequence[Document],
@@ -241,16 +316,33 @@ def assemble_answer(
     *,
     citations: Sequence[int] = (),
     model_confidence: float | None = None,
+    finish_reason: str | None = None,
+    embedder: Embedder | None = None,
+    threshold: float = SUPPORT_THRESHOLD,
 ) -> Answer:
     """Build an :class:`Answer` from retrieved docs, the answer text and the draft's fields.
 
-    Cited passages: ``[n]`` in the text plus ``citations``, within 1..len(docs).
+    When ``finish_reason`` is ``length`` the text is trimmed to its last complete sentence
+    (:func:`dagma.lib.sentences.trim_to_sentence`); an unknown reason trims nothing.
+    Each sentence is attributed to a passage (:func:`dagma.lib.attribution.attribute`) with
+    ``embedder``, by default the lab's offline model2vec embedder.
+    Cited passages: ``[n]`` in the text, ``citations``, and the passages sentences are
+    attributed to, within 1..len(docs).
     Confidence heuristic: the best retrieval score among cited passages (or among all
     passages if none is cited), clipped to [0, 1]; halved when nothing is cited; 0 without docs.
     A model's own ``model_confidence`` can only lower it (the minimum of the two is kept); both
     are reported.
     """
+    raw_text = text
+    trimmed = False
+    if finish_reason == "length":
+        text, trimmed = trim_to_sentence(text)
+    attributions: list[Attribution] = []
+    if docs:
+        embedder = embedder or get_embedder("model2vec")
+        attributions = attribute(text, [d.page_content for d in docs], embedder, threshold)
     cited = set(citation_numbers(text, len(docs))) | {c for c in citations if 1 <= c <= len(docs)}
+    cited |= {a.source for a in attributions if a.source is not None}
     sources = [
         Source(
             id=str(d.metadata.get("id", "")),
@@ -278,4 +370,9 @@ def assemble_answer(
         sources=sources,
         confidence=confidence,
         model_confidence=model_confidence,
+        finish_reason=finish_reason,
+        trimmed=trimmed,
+        raw_text=raw_text,
+        attributions=attributions,
+        support_threshold=threshold,
     )

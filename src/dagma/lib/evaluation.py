@@ -8,7 +8,6 @@ A hit is relevant by source when its payload ``source`` is one of the question's
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from functools import partial
@@ -20,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dagma.errors import DagmaError
 from dagma.lib.answering import Answered, AnsweringPipeline, answer_questions
-from dagma.lib.citations import citation_numbers, citation_valid, strip_citations
+from dagma.lib.attribution import STOPWORDS, content_tokens
+from dagma.lib.citations import citation_numbers, citation_valid
 
 __all__ = [
     "STOPWORDS",
@@ -31,6 +31,7 @@ __all__ = [
     "answer_questions",
     "citation_numbers",
     "citation_precision",
+    "citation_recall",
     "citation_valid",
     "content_tokens",
     "evaluate_answers",
@@ -203,22 +204,13 @@ def evaluate_retrieval(
     }
 
 
+def _ratio(part: int, whole: int) -> float:
+    return part / whole if whole else 0.0
+
+
 def _mean(values: Iterable[float]) -> float:
     vals = list(values)
     return sum(vals) / len(vals) if vals else 0.0
-
-
-_WORD = re.compile(r"[a-z0-9_]+(?:'[a-z]+)?")
-_STOPWORDS = """a about above after again against all am an and any are as at be because been before
-    being below between both but by can can't cannot could did do does doing don't down during
-    each few for from further had has have having he her here hers herself him himself his how
-    i if in into is isn't it it's its itself just let's me more most my myself no nor not of off
-    on once only or other ought our ours ourselves out over own same she should so some such
-    than that that's the their theirs them themselves then there there's these they this those
-    through to too under until up very was we were what what's when where which while who whom
-    why will with would you your yours yourself yourselves also may might must shall use used
-    using s t"""
-STOPWORDS = frozenset(_STOPWORDS.split())
 
 
 def citation_precision(answers: Iterable[tuple[Sequence[str], Collection[str]]]) -> float:
@@ -234,10 +226,18 @@ def citation_precision(answers: Iterable[tuple[Sequence[str], Collection[str]]])
     return relevant / cited if cited else 0.0
 
 
-def content_tokens(text: str) -> list[str]:
-    """Lowercased words of ``text`` without ``[n]`` citation markers and English stopwords."""
-    text = strip_citations(text.lower().replace("\u2019", "'"))
-    return [w for w in _WORD.findall(text) if w not in STOPWORDS]
+def citation_recall(answers: Iterable[tuple[Sequence[str], Collection[str]]]) -> float:
+    """Share of the relevant passages an answer was given that it cites, over all answers.
+
+    ``answers`` holds one ``(cited, relevant_given)`` pair per answer: the keys of the passages
+    it cites and the keys of the labelled relevant passages among those it was given. 0.0 when
+    no answer was given a relevant passage.
+    """
+    given = found = 0
+    for keys, rel in answers:
+        given += len(rel)
+        found += sum(k in keys for k in rel)
+    return found / given if given else 0.0
 
 
 def faithfulness(answer: str, passages: Iterable[str]) -> float:
@@ -274,31 +274,41 @@ def _doc_key(doc: Any) -> str:
 def score_answer(q: EvalQuestion, docs: Sequence[Any], answer: Any) -> dict[str, Any]:
     """Citation and faithfulness measures of one answer over the passages it was given.
 
-    Cited passages are the sources flagged ``cited`` plus in-range ``[n]`` markers; citations
-    outside 1..len(docs) make the answer's citations invalid. A cited chunk is relevant when it
-    is one of the question's ``chunks``, so questions without chunk labels have none.
+    Cited passages are the sources flagged ``cited`` (the model's citations and the passages
+    its sentences are attributed to) plus in-range ``[n]`` markers; citations outside
+    1..len(docs) make the answer's citations invalid. A cited chunk is relevant when it is one
+    of the question's ``chunks``, so questions without chunk labels have none.
+    ``marked`` are the passages the model cited itself with ``[n]``.
     """
     numbers = citation_numbers(answer.text)
     numbers += [s.rank for s in answer.sources if s.cited and s.rank not in numbers]
     cited = [docs[n - 1] for n in sorted(numbers) if 1 <= n <= len(docs)]
     cited_keys = [_doc_key(d) for d in cited]
     cited_sources = [str(d.metadata.get("source")) for d in cited]
+    retrieved = [_doc_key(d) for d in docs]
+    attributions = list(getattr(answer, "attributions", []) or [])
+    marked = citation_numbers(answer.text, len(docs))
     return {
         "id": q.id,
         "question": q.question,
         "answer": answer.text,
         "parsed": getattr(answer, "parsed", None),
         "confidence": answer.confidence,
-        "retrieved": [_doc_key(d) for d in docs],
+        "retrieved": retrieved,
         "sources": list(q.sources),
         "relevant": list(q.chunks),
+        "relevant_given": [k for k in q.chunks if k in retrieved],
         "citations": numbers,
+        "marked": [retrieved[n - 1] for n in marked],
         "cited": cited_keys,
         "cited_sources": cited_sources,
         "citation_valid": citation_valid(numbers, len(docs)),
         "cited_relevant": sum(k in q.chunks for k in cited_keys),
         "cited_relevant_source": sum(s in q.sources for s in cited_sources),
         "faithfulness": faithfulness(answer.text, [d.page_content for d in cited or docs]),
+        "sentences": len(attributions),
+        "supported": sum(a.source is not None for a in attributions),
+        "trimmed": bool(getattr(answer, "trimmed", False)),
     }
 
 
@@ -307,8 +317,11 @@ def score_answers(
 ) -> dict[str, Any]:
     """Score ``answered[i]``, the answer to ``questions[i]``: ``answered``,
     ``citation_precision`` (cited passages whose chunk is labelled relevant),
-    ``citation_source_precision`` (same, by source), ``citation_validity`` (share of answers
-    with valid citations), mean ``faithfulness``, ``latency_p50_s``/``latency_p95_s`` (wall
+    ``citation_source_precision`` (same, by source), ``citation_recall`` (labelled relevant
+    passages given to the model that the answer cites), ``marker_citation_precision`` (the
+    precision of the model's own ``[n]`` alone), ``citation_validity`` (share of answers with
+    valid citations), ``supported_sentences`` (share of answer sentences attributed to a
+    passage), ``trimmed`` (share of answers cut by the token limit), mean ``faithfulness``, ``latency_p50_s``/``latency_p95_s`` (wall
     time of retrieval plus answer), ``tokens_per_s`` and the per-question ``rows``."""
     if len(questions) != len(answered):
         raise ValueError(f"{len(answered)} answers for {len(questions)} questions: give one each")
@@ -328,7 +341,13 @@ def score_answers(
         "citation_source_precision": citation_precision(
             (r["cited_sources"], r["sources"]) for r in rows
         ),
+        "citation_recall": citation_recall((r["cited"], r["relevant_given"]) for r in rows),
+        "marker_citation_precision": citation_precision((r["marked"], r["relevant"]) for r in rows),
         "citation_validity": _mean(float(r["citation_valid"]) for r in rows),
+        "supported_sentences": _ratio(
+            sum(r["supported"] for r in rows), sum(r["sentences"] for r in rows)
+        ),
+        "trimmed": _mean(float(r["trimmed"]) for r in rows),
         "faithfulness": _mean(r["faithfulness"] for r in rows),
         "latency_p50_s": p50,
         "latency_p95_s": p95,

@@ -214,8 +214,11 @@ class RagPipeline:
     ``stream`` yields the raw text chunks. ``answer`` returns an :class:`Answer`; with
     ``structured_method="auto"`` it uses the backend's native structured output (see
     :func:`dagma.lib.llm.structured_output_method`), ``None`` forces plain text, or name a
-    ``with_structured_output`` method. In plain text, ``answer(q).text`` equals the streamed
-    text unless the reply is JSON. With the local model (temperature 0, i.e. greedy) the same
+    ``with_structured_output`` method. In plain text, ``answer(q).raw_text`` equals the streamed
+    text unless the reply is JSON, and ``answer(q).text`` is the same text trimmed to its last
+    complete sentence when the token limit cut it; :meth:`assemble` makes the same
+    :class:`Answer` from a streamed text. ``embedder`` attributes sentences to passages
+    (default: the lab's model2vec embedder). With the local model (temperature 0, i.e. greedy) the same
     question over the same store gives the same text; generation on one llama.cpp context is
     serialised across threads by :func:`dagma.lib.llm.model_lock`. Unreachable remote backends
     raise :class:`dagma.lib.llm.LLMError` naming the setting to fix.
@@ -230,9 +233,11 @@ class RagPipeline:
         max_question_chars: int = MAX_QUESTION_CHARS,
         context_chars: int = CONTEXT_CHARS,
         max_passages: int = MAX_PASSAGES,
+        embedder: Embedder | None = None,
     ) -> None:
         self.retriever = retriever
         self.model = model
+        self.embedder = embedder
         self.max_question_chars = max_question_chars
         self.max_passages = max_passages
         if structured_method == "auto":
@@ -284,7 +289,13 @@ class RagPipeline:
                 tokens += _count(self.model, out)
             generation_s = time.perf_counter() - generation_start
         ans = assemble_answer(
-            q, docs, out.text, citations=out.citations, model_confidence=out.confidence
+            q,
+            docs,
+            out.text,
+            citations=out.citations,
+            model_confidence=out.confidence,
+            finish_reason=out.finish_reason or self._limit_reached(tokens),
+            embedder=self.embedder,
         )
         return ans.model_copy(
             update={
@@ -295,10 +306,39 @@ class RagPipeline:
             }
         )
 
+    def assemble(self, question: str, docs: Sequence[Document], text: str) -> Answer:
+        """The :class:`Answer` for ``text`` streamed by :meth:`stream` over ``docs``.
+
+        The stream does not say why it stopped; with the local model the tokens are counted,
+        and reaching ``max_tokens`` trims the answer to its last complete sentence.
+        """
+        reason = None
+        tokens = count_output_tokens(self.model, text) if docs else None
+        if tokens is not None:
+            reason = self._limit_reached(tokens) or "stop"
+        return assemble_answer(
+            question, docs, text, finish_reason=reason, embedder=self.embedder
+        ).model_copy(update={"output_tokens": tokens or 0})
+
+    def _limit_reached(self, tokens: int) -> str | None:
+        limit = _max_tokens(self.model)
+        return "length" if limit is not None and tokens >= limit else None
+
     @contextmanager
     def _generating(self) -> Iterator[None]:
         with model_lock(self.model), backend_errors(self.model), _context_overflow_as_value_error():
             yield
+
+
+def _max_tokens(model: BaseChatModel) -> int | None:
+    """The model's token limit per reply, as each backend's LangChain class names it."""
+    for name in ("max_tokens", "num_predict"):
+        value = getattr(model, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    extra = getattr(model, "extra_body", None) or {}
+    value = extra.get("max_tokens") if isinstance(extra, dict) else None
+    return value if isinstance(value, int) and value > 0 else None
 
 
 def _count(model: BaseChatModel, out: ModelOutput) -> int:
