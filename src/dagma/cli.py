@@ -374,8 +374,11 @@ def ask(
     ] = False,
 ) -> None:
     """Answer a question from the document collection: streams the answer, then its sources."""
+    from functools import partial
+
     from dagma.lib import rag
     from dagma.lib.llm import LLMSettings, chat_model, check_backend
+    from dagma.lib.sentences import settled_prefix
     from dagma.qa import open_pipeline
 
     try:
@@ -389,18 +392,29 @@ def ask(
                 typer.echo(pipeline.answer(question).model_dump_json(indent=2))
                 return
             docs = pipeline.retrieve(question)
-            chunks = []
+            text = shown = ""
+            say = partial(console.print, end="", markup=False, highlight=False, soft_wrap=True)
             for chunk in pipeline.stream(question, docs):
-                chunks.append(chunk)
-                console.print(chunk, end="", markup=False, highlight=False, soft_wrap=True)
+                text += chunk
+                settled = settled_prefix(text)  # sentence by sentence: none is shown cut
+                say(settled[len(shown) :])
+                shown = settled
+            answer = pipeline.assemble(question, docs, text)
+            start = shown.strip()
+            say(answer.text[len(start) :] if answer.text.startswith(start) else answer.text)
             console.print()
-            answer = rag.assemble_answer(question, docs, "".join(chunks))
     except ValueError as exc:  # an empty question, or one the model's context cannot hold
         raise InputError(str(exc)) from exc
     _print_sources(answer)
 
 
 def _print_sources(answer: Any) -> None:
+    from dagma.lib.answers import answer_lines
+
+    lines = answer_lines(answer)
+    console.print("Each sentence, the passage that supports it ([?]: none) and the score:")
+    for line in lines[2 : lines.index("Sources:")]:
+        console.print(line, markup=False, highlight=False)
     table = Table(title="Sources", title_justify="left")
     for col in ("", "source", "score", "passage"):
         table.add_column(col)

@@ -176,10 +176,7 @@ def print_summary(run: LabRun, settings: Settings, console: Console) -> None:
         console.print(
             f"RAG retrieval: hit@1 {m['hit_at_1']:.2f}, hit@5 {m['hit_at_5']:.2f}, MRR {m['mrr']:.2f}"
         )
-        sample = evaluation["sample"]
-        console.print(f"\n[bold]Q:[/bold] {sample['question']}\n[bold]A:[/bold] {sample['text']}")
-        for i, src in enumerate(sample["sources"], 1):
-            console.print(f"  [{i}] {src['source']} (score {src['score']:.3f})")
+        print_answer(evaluation["sample"], console)
     for name, passed in run.checks.items():
         console.print(
             f"Check {name}: " + ("[green]passed[/green]" if passed else "[red]failed[/red]")
@@ -188,6 +185,17 @@ def print_summary(run: LabRun, settings: Settings, console: Console) -> None:
         console.print(run.error, style="red", markup=False)
     console.print(f"\nDagster UI: {settings.dagster_ui_url}  (run `make dagster`)")
     console.print(f"MLflow UI:  {settings.mlflow_ui}  (run `make mlflow`)")
+
+
+def print_answer(answer: dict[str, Any], console: Console) -> None:
+    """An answer (an ``Answer`` as a dict): each sentence with its source and score, then the
+    sources (:func:`dagma.lib.answers.answer_lines`)."""
+    from dagma.lib.answers import Answer, answer_lines
+
+    console.print()
+    for line in answer_lines(Answer.model_validate(answer)):
+        bold = line.startswith(("Q:", "A:", "Sources:"))
+        console.print(line, style="bold" if bold else None, markup=False, highlight=False)
 
 
 def _experiment_id(settings: Settings) -> str | None:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
 from dagma.app import data, ui
+from dagma.lib.answers import Answer
 from dagma.lib.inert_html import inert_markdown
+from dagma.lib.sentences import settled_prefix
 from dagma.settings import get_settings
 
 HISTORY = "chat_history"
@@ -24,12 +27,23 @@ def show_sources(rows: list[dict[str, Any]]) -> None:
         st.table(table.style.format({"score": "{:.3f}"}))
 
 
-def show_answer(chunks: Iterable[str]) -> str:
-    """The answer as it streams, shown inert (no image, no raw HTML), and its whole text."""
+def show_answer(chunks: Iterable[str], finish: Callable[[str], Answer] | None = None) -> str:
+    """The answer as it streams, shown inert (no image, no raw HTML), and its whole text.
+
+    With ``finish`` it streams sentence by sentence (none is shown cut by the token limit),
+    then shows the finished answer with each sentence's ``[n]``.
+    """
     shown, text = st.empty(), ""
     for chunk in chunks:
         text += chunk
-        shown.markdown(inert_markdown(text))
+        shown.markdown(inert_markdown(text if finish is None else settled_prefix(text)))
+    if finish is None:
+        return text
+    answer = finish(text)
+    text = answer.cited_text()
+    shown.markdown(inert_markdown(text))
+    if answer.trimmed:
+        st.caption("Trimmed to its last complete sentence: the model reached its token limit.")
     return text
 
 
@@ -41,7 +55,9 @@ def answer(chat: data.Chat, question: str) -> tuple[str, list[dict[str, Any]]]:
     try:
         with st.spinner("Retrieving…"):
             docs = chat.pipeline.retrieve(question)
-        text = show_answer(chat.pipeline.stream(question, docs))
+        assemble = getattr(chat.pipeline, "assemble", None)  # a RagPipeline's, not every client's
+        finish = partial(assemble, question, docs) if assemble is not None else None
+        text = show_answer(chat.pipeline.stream(question, docs), finish)
     finally:
         chat.lock.release()
     rows = data.source_rows(docs)
@@ -57,7 +73,7 @@ settings = get_settings()
 st.title("Chat")
 st.caption(
     "Answers from the chat model (DAGMA_LLM, default the local SmolLM2) grounded in the "
-    "retrieved passages; the numbers in brackets cite the sources below each answer."
+    "retrieved passages; the number after each sentence is the source below that supports it."
 )
 
 history: list[dict[str, Any]] = st.session_state.setdefault(HISTORY, [])
