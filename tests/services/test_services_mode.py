@@ -152,9 +152,10 @@ def lab() -> Iterator[Lab]:
         "DAGMA_MLFLOW_PORT": free_port(),
         "DAGMA_DAGSTER_PORT": free_port(),
         "DAGMA_GRPC_PORT": free_port(),
+        "DAGMA_API_PORT": free_port(),
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "MLFLOW_"))}
-    for name in ("QDRANT_URL", "QDRANT_API_KEY", "DAGMA_QDRANT_PATH"):
+    for name in ("QDRANT_URL", "QDRANT_API_KEY", "DAGMA_QDRANT_PATH", "DAGMA_API_SECRET"):
         env.pop(name, None)
     env.update({k: str(v) for k, v in ports.items()})
     notebooks = home / "notebooks"
@@ -178,6 +179,7 @@ def lab() -> Iterator[Lab]:
         dagma_mlflow_port=ports["DAGMA_MLFLOW_PORT"],
         dagma_dagster_port=ports["DAGMA_DAGSTER_PORT"],
         dagma_grpc_port=ports["DAGMA_GRPC_PORT"],
+        dagma_api_port=ports["DAGMA_API_PORT"],
         dagster_max_concurrent_runs=1,
     )
     lab = Lab(home=home, env=env, config=config)
@@ -246,11 +248,46 @@ def test_up_reports_every_service_healthy_and_the_embedded_vector_store(lab):
         "code-server",
         "webserver",
         "daemon",
+        "api",
     }
     assert status["vector_store"]["kind"] == "embedded"
     assert status["vector_store"]["location"] == str(lab.home / "qdrant")
     secrets = lab.config.secrets_file
     assert secrets.stat().st_mode & 0o777 == 0o600
+
+
+def api_get(lab: Lab, path: str, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    """Status and headers of a GET on the services' API, with a bearer token or without."""
+    import urllib.error
+
+    request = urllib.request.Request(f"{lab.config.api_url}{path}")
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return int(response.status), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers)
+
+
+def test_the_api_serves_on_its_port_and_checks_tokens_signed_with_the_generated_secret(lab):
+    api = next(s for s in lab.status()["services"] if s["name"] == "api")
+    assert api["healthy"] and api["url"] == lab.config.api_url, api
+    assert api_get(lab, "/healthz")[0] == 200
+    assert api_get(lab, "/v1/search?q=wine")[0] == 401
+    # No DAGMA_API_SECRET anywhere: `up` generated one, and `dagma token issue` finds it.
+    secret = json.loads(lab.config.secrets_file.read_text())["api_secret"]
+    assert len(secret) >= 32 and lab.config.secrets_file.stat().st_mode & 0o777 == 0o600
+    issued = dagma(lab, "token", "issue", "--scope", "search", "--ttl", "5m")
+    assert issued.returncode == 0, issued.stderr
+    status, headers = api_get(lab, "/v1/auth/check?scope=search", issued.stdout.strip())
+    assert status == 200 and headers["X-Dagma-Subject"] == "dagma-cli", headers
+    forged = dagma(
+        lab, "token", "issue", "--scope", "search",
+        env={**lab.env, "DAGMA_API_SECRET": "another-secret-of-at-least-32-bytes!"},
+    )  # fmt: skip
+    assert forged.returncode == 0, forged.stderr
+    assert api_get(lab, "/v1/auth/check?scope=search", forged.stdout.strip())[0] == 401
 
 
 def test_demo_job_runs_through_the_queue_and_the_daemon(lab):

@@ -53,8 +53,10 @@ def test_passwords_are_generated_once_into_a_private_file(tmp_path, monkeypatch)
     monkeypatch.delenv("DAGMA_MLFLOW_ADMIN_PASSWORD", raising=False)
     config = ServicesConfig(dagma_home=tmp_path)
     first = config.passwords()
-    assert set(first) == {"postgres", "dagster", "mlflow", "mlflow_admin", "mlflow_flask_secret"}
-    assert len(set(first.values())) == 5
+    assert set(first) == {
+        "postgres", "dagster", "mlflow", "mlflow_admin", "mlflow_flask_secret", "api_secret"
+    }  # fmt: skip
+    assert len(set(first.values())) == 6
     assert config.secrets_file.stat().st_mode & 0o777 == 0o600
     assert ServicesConfig(dagma_home=tmp_path).passwords() == first
 

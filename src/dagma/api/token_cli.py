@@ -67,4 +67,14 @@ def issue(
     from dagma.settings import get_settings
 
     lifetime = parse_ttl(ttl)
-    typer.echo(issue_token(get_settings(), scope, lifetime, subject=subject))
+    settings = get_settings()
+    if not (settings.dagma_api_secret and settings.dagma_api_secret.get_secret_value()):
+        # Services mode generates the secret when none is set; its API checks with that one.
+        from pydantic import SecretStr
+
+        from dagma.services.config import stored_api_secret
+
+        stored = stored_api_secret(settings.dagma_home)
+        if stored:
+            settings = settings.model_copy(update={"dagma_api_secret": SecretStr(stored)})
+    typer.echo(issue_token(settings, scope, lifetime, subject=subject))

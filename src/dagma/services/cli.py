@@ -50,6 +50,7 @@ def up() -> None:
     c = topology.config
     console.print(
         f"\nDagster UI  {c.dagster_url}\nMLflow      {c.mlflow_url} (user admin, basic auth)\n"
+        f"API         {c.api_url} (a token: dagma token issue --scope search --ttl 1h)\n"
         f"Use it from a shell: export MLFLOW_TRACKING_URI={c.mlflow_url} "
         "MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=<mlflow_admin in "
         f"{c.secrets_file}>",

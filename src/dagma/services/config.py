@@ -15,6 +15,7 @@ from dagma.env_secrets import Placeholder, placeholder_reason, refuse
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 LOOPBACK = "127.0.0.1"
+API_SECRET = "api_secret"  # its key in services/secrets.json
 
 
 class ServicesConfig(BaseSettings):
@@ -29,6 +30,7 @@ class ServicesConfig(BaseSettings):
     dagma_mlflow_port: int = Field(default=55000, description="MLflow server port.")
     dagma_dagster_port: int = Field(default=53000, description="Dagster webserver port.")
     dagma_grpc_port: int = Field(default=54000, description="Dagster gRPC code server port.")
+    dagma_api_port: int = Field(default=58000, description="The API's port (`dagma serve`).")
     dagster_max_concurrent_runs: int = Field(
         default=4, ge=1, description="Runs the daemon launches at once; the rest stay QUEUED."
     )
@@ -46,6 +48,14 @@ class ServicesConfig(BaseSettings):
     )
     dagma_mlflow_flask_secret: SecretStr | None = Field(
         default=None, description="MLflow's Flask secret key (CSRF); the same on every server."
+    )
+    dagma_api_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs and checks the API's local tokens; unset: generated into "
+        "services/secrets.json, where `dagma token issue` finds it.",
+    )
+    dagma_oidc_issuer: str | None = Field(
+        default=None, description="An OpenID Connect issuer whose tokens the API accepts."
     )
     dagma_services_timeout: float = Field(
         default=180.0, description="Seconds `up` waits for each health check."
@@ -96,6 +106,10 @@ class ServicesConfig(BaseSettings):
     def dagster_url(self) -> str:
         return self.url(self.dagma_dagster_port)
 
+    @property
+    def api_url(self) -> str:
+        return self.url(self.dagma_api_port)
+
     def refuse_placeholders(self) -> None:
         """Raise `SecretsError` naming each password override set to a value everyone knows."""
         found = []
@@ -118,9 +132,13 @@ class ServicesConfig(BaseSettings):
             "mlflow": self.dagma_pg_mlflow_password,
             "mlflow_admin": self.dagma_mlflow_admin_password,
             "mlflow_flask_secret": self.dagma_mlflow_flask_secret,
+            API_SECRET: self.dagma_api_secret,
         }
         result = {
-            role: (env.get_secret_value() if env else stored.get(role) or secrets.token_urlsafe(24))
+            # HS256 wants a key of 32 bytes or more: the API's gets 43 characters.
+            role: env.get_secret_value()
+            if env
+            else stored.get(role) or secrets.token_urlsafe(32 if role == API_SECRET else 24)
             for role, env in wanted.items()
         }
         if result != stored:
@@ -142,3 +160,13 @@ SECRET_OVERRIDES = tuple(
 
 def get_config() -> ServicesConfig:
     return ServicesConfig()
+
+
+def stored_api_secret(home: Path) -> str | None:
+    """The API secret services mode generated for the lab at `home`, if it did."""
+    path = home.expanduser().resolve() / "services" / "secrets.json"
+    try:
+        value = json.loads(path.read_text()).get(API_SECRET)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagma.services import health, postgres
-from dagma.services.config import LOOPBACK, PROJECT_ROOT, ServicesConfig
+from dagma.services.config import API_SECRET, LOOPBACK, PROJECT_ROOT, ServicesConfig
 from dagma.services.procs import (
     MARKER,
     ProcRecord,
@@ -199,7 +199,32 @@ class Topology:
                 env=env,
                 wave=2,
             ),
+            Service(
+                name="api",
+                argv=[
+                    venv_bin("dagma"),
+                    "serve",
+                    "--host",
+                    LOOPBACK,
+                    "--port",
+                    str(c.dagma_api_port),
+                ],
+                port=c.dagma_api_port,
+                check=lambda: health.http_ok(f"{c.api_url}/healthz"),
+                url=c.api_url,
+                env=self.api_env(env, passwords),
+                wave=2,
+            ),
         ]
+
+    def api_env(self, env: dict[str, str], passwords: dict[str, str]) -> dict[str, str]:
+        """The API's environment: the services' MLflow and the token settings that
+        `dagma token issue` reads too; no database password, as it reads only through MLflow."""
+        api_env = {k: v for k, v in env.items() if not k.startswith("DAGSTER_PG")}
+        api_env["DAGMA_API_SECRET"] = passwords[API_SECRET]
+        if self.config.dagma_oidc_issuer:
+            api_env["DAGMA_OIDC_ISSUER"] = self.config.dagma_oidc_issuer
+        return api_env
 
     def _grpc_health(self, env: dict[str, str]) -> health.Health:
         port = self.config.dagma_grpc_port
@@ -293,6 +318,7 @@ class Topology:
             "mlflow": "DAGMA_MLFLOW_PORT",
             "code-server": "DAGMA_GRPC_PORT",
             "webserver": "DAGMA_DAGSTER_PORT",
+            "api": "DAGMA_API_PORT",
         }.get(name, "")
 
     def _wait_healthy(self, service: Service, progress: Progress) -> None:
@@ -323,7 +349,7 @@ class Topology:
     def down(self, progress: Progress = print, timeout: float = 20.0) -> list[int]:
         """Stop, in reverse order, exactly what `up` started (and their descendants)."""
         records = self.state.load()
-        order = ["daemon", "webserver", "code-server", "mlflow", "postgres"]
+        order = ["api", "daemon", "webserver", "code-server", "mlflow", "postgres"]
         for name in order + [n for n in records if n not in order]:
             record = records.get(name)
             if record is None:
@@ -464,6 +490,6 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 def iter_logs(config: ServicesConfig, name: str | None) -> Iterator[Path]:
-    names = [name] if name else ["postgres", "mlflow", "code-server", "webserver", "daemon"]
+    names = [name] if name else ["postgres", "mlflow", "code-server", "webserver", "daemon", "api"]
     for n in names:
         yield config.logs_dir / f"{n}.log"
