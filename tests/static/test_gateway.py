@@ -325,6 +325,45 @@ def test_gateway_cert_keeps_the_ca_so_a_trusted_ca_stays_trusted(tmp_path):
     assert handshake(files, f"app.{DOMAIN}") == f"*.{DOMAIN}"
 
 
+def test_the_ca_vouches_only_for_the_gateway_domain(tmp_path):
+    """A certificate for another site, signed with the CA's own key, is refused by a client
+    that trusts the CA: the CA carries a name constraint, so its key is worth one domain."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    files = CertFiles(tmp_path)
+    ensure_certificates(tmp_path)
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    ca_key: Any = serialization.load_pem_private_key(files.ca_key.read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    foreign = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bank.example")]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("bank.example")]), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files.cert.write_bytes(foreign.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    with pytest.raises(ssl.SSLCertVerificationError, match="subtree"):
+        handshake(files, "bank.example")
+
+
 def test_the_default_certificate_folder_is_git_ignored():
     done = subprocess.run(
         ["git", "check-ignore", "-q", CERTS_DIR / "dagma.key"], cwd=ROOT, check=False

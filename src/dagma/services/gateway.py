@@ -122,6 +122,12 @@ def _new_ca(domain: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        # The CA can vouch only for names under the domain: its key, if stolen, cannot make a
+        # certificate another site's name that a browser trusting the CA would accept.
+        .add_extension(
+            x509.NameConstraints(permitted_subtrees=[x509.DNSName(domain)], excluded_subtrees=None),
+            critical=True,
+        )
         .add_extension(
             x509.KeyUsage(
                 digital_signature=False,
