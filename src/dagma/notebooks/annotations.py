@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
+from dagma.errors import DagmaError
+
 _NAMES: dict[str, Any] = {"int": int, "float": float, "str": str, "bool": bool}
 _CONTAINERS: dict[str, Any] = {"list": list, "dict": dict}
 # The constraints `Field(...)` may carry: ranges, lengths, a pattern and the description.
@@ -37,7 +39,7 @@ ALLOWED = (
 )
 
 
-class UnsupportedType(ValueError):
+class UnsupportedType(DagmaError, ValueError):
     """An annotation outside the allowed forms; the message names the part that is not allowed."""
 
 
