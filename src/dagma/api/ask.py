@@ -6,7 +6,8 @@ a time: a question waits for the one before it, within `DAGMA_API_ASK_TIMEOUT` i
 HTTP backends (DAGMA_LLM=openai|ollama) are not serialised here.
 
 A stream sends `sources` (the retrieved passages), then `token` events of text as it is
-generated, then one `answer` event with the whole `Answer`; a failure after the stream began
+generated, then one `answer` event with the whole `Answer`, whose text is trimmed to its last
+complete sentence when the token limit cut the tokens short; a failure after the stream began
 is an `error` event with `{"error", "fix", "status"}`.
 """
 
@@ -174,13 +175,10 @@ class Asker:
         finally:
             if chunks is not None:
                 chunks.close()  # frees the model for the next question
-        answer = assemble_answer(req.question, docs, text)
+        # Trimmed to its last complete sentence if the token limit cut it, with attributions.
+        answer = pipeline.assemble(req.question, docs, text)
         answer = answer.model_copy(
-            update={
-                "latency_s": time.perf_counter() - start,
-                "generation_s": generation_s,
-                "output_tokens": _tokens(pipeline.model, text),
-            }
+            update={"latency_s": time.perf_counter() - start, "generation_s": generation_s}
         )
         yield ServerSentEvent(answer.model_dump_json(), event="answer")
 
@@ -193,12 +191,6 @@ class Asker:
             yield
         except LLMError as exc:
             raise unavailable("the chat model", exc, self._fix()) from exc
-
-
-def _tokens(model: Any, text: str) -> int:
-    from dagma.lib.llm import count_output_tokens
-
-    return count_output_tokens(model, text) or 0
 
 
 def _error_event(status: int, error: str, fix: str) -> ServerSentEvent:

@@ -193,15 +193,14 @@ class Champions:
         self.ttl = ttl
         self.max_rows = max_rows
         self._entries: dict[str, _Entry] = {}
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
+        self._lock = threading.Lock()
         self._client: Any = None
 
     def get(self, name: str) -> Served:
         """The loaded champion of `name`; 404 without one, 503 when MLflow cannot be reached."""
-        with self._guard:
-            lock = self._locks.setdefault(name, threading.Lock())
-        with lock:  # one reload per model at a time; readers of a fresh entry wait briefly
+        # One lock (not one per name a caller invents): held for a registry look-up at most
+        # every `ttl` seconds, and for a load when the version changed; scoring runs outside.
+        with self._lock:
             entry = self._entries.get(name)
             now = time.monotonic()
             if entry is None or now - entry.checked >= self.ttl:
