@@ -21,6 +21,7 @@ import jwt
 import pytest
 from pydantic import SecretStr
 
+from dagma import env_secrets
 from dagma.api.auth import (
     COOKIE,
     SUBJECT_HEADER,
@@ -34,7 +35,8 @@ from tests.api.auth_servers import api_app, problem, serving
 from tests.app._support import free_port
 
 SECRET = secrets.token_urlsafe(32)
-SETTINGS = Settings(_env_file=None, dagma_api_secret=SecretStr(SECRET), dagma_oidc_issuer=None)
+# model_validate reads neither the environment nor a .env: these settings and nothing else.
+SETTINGS = Settings.model_validate({"dagma_api_secret": SecretStr(SECRET)})
 HOUR = datetime.timedelta(hours=1)
 
 
@@ -114,6 +116,23 @@ def test_another_authorization_scheme_is_named(api: str) -> None:
     assert response.status_code == 401
     assert "scheme 'Basic'" in problem(response)["error"]
     assert 'error="invalid_request"' in response.headers["WWW-Authenticate"]
+    empty = httpx.get(api + "/v1/ask", headers={"Authorization": "Bearer"})
+    assert empty.status_code == 401 and "no bearer token" in problem(empty)["error"]
+
+
+def test_the_secret_dagma_secrets_init_writes_signs_tokens_the_api_accepts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("DAGMA_API_SECRET=change-me-api-secret\n")
+    for name in ("DAGMA_API_SECRET", "DAGMA_OIDC_ISSUER", "DAGMA_API_AUDIENCE"):
+        monkeypatch.delenv(name, raising=False)
+    report = env_secrets.init(env_file, environ={})
+    assert "DAGMA_API_SECRET" in report.generated
+    monkeypatch.chdir(tmp_path)
+    written = Settings()  # reads ./.env
+    token = issue_token(written, ["search"], HOUR)
+    assert TokenVerifier.from_settings(written).verify(token, "search").subject == "dagma-cli"
 
 
 def test_a_token_without_the_scope_gets_403_naming_the_scope_and_how_to_get_it(api: str) -> None:
@@ -198,9 +217,7 @@ def test_dagma_token_issue_refuses_bad_input_on_stderr(
 
 
 def settings(**values: Any) -> Settings:
-    return Settings(
-        _env_file=None, **{"dagma_api_secret": None, "dagma_oidc_issuer": None} | values
-    )
+    return Settings.model_validate(values)
 
 
 @pytest.mark.parametrize(

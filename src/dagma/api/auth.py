@@ -365,10 +365,10 @@ def require_scope(scope: str) -> Callable[..., Principal]:
     ) -> Principal:
         verifier = _verifier(request)
         header = request.headers.get("authorization", "")
-        if credentials is None and header:
+        scheme = header.split(maxsplit=1)[0] if header.strip() else ""
+        if credentials is None and scheme and scheme.lower() != "bearer":
             err = AuthError(
-                f"the Authorization header does not hold a bearer token "
-                f"(scheme {header.split()[0]!r})",
+                f"the Authorization header does not hold a bearer token (scheme {scheme!r})",
                 "send `Authorization: Bearer <token>`",
                 code="invalid_request",
             )
