@@ -154,3 +154,14 @@ def test_an_unusable_discovery_document_gets_503_naming_it(
     assert response.status_code == 503, response.text
     assert message in problem(response)["error"]
     assert "WWW-Authenticate" not in response.headers
+
+
+def test_tokens_with_made_up_kids_do_not_make_the_api_hammer_the_issuer(issuer: Issuer) -> None:
+    verifier = TokenVerifier(audience="dagma-api", issuer=issuer.url)  # the default cooldown
+    with serving(api_app(verifier)) as api:
+        assert call(api, "/v1/search", issuer.token("rsa-1", scope="search")).status_code == 200
+        for n in range(5):
+            issuer.add_key(f"made-up-{n}", publish=False)
+            forged = call(api, "/v1/search", issuer.token(f"made-up-{n}", scope="search"))
+            assert forged.status_code == 401
+    assert issuer.jwks_fetches == 1
