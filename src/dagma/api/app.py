@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 
 from dagma.api import errors
-from dagma.api.ask import TIMEOUT_FIX, Asker, AskRequest
+from dagma.api.ask import TIMEOUT_FIX, Asker, AskRequest, hang_up_safe
 from dagma.api.auth import AuthError, Principal, TokenVerifier, auth_router, require_scope
 from dagma.api.errors import ApiError, Problem
 from dagma.api.predict import Champions, Prediction
@@ -230,7 +230,8 @@ def _router(settings: Settings) -> APIRouter:
         accept = request.headers.get("accept", "")
         if stream or body.stream or "text/event-stream" in accept:
             pipeline, docs = await run_in_threadpool(asker.retrieve, body)
-            return EventSourceResponse(asker.events(body, pipeline, docs, deadline), ping=15)
+            events = asker.events(body, pipeline, docs, deadline)
+            return EventSourceResponse(hang_up_safe(events), ping=15)
         try:
             with anyio.fail_after(asker.timeout):
                 # Abandoned on timeout: the worker finishes its (token-capped) answer alone.

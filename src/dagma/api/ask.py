@@ -17,9 +17,10 @@ import contextlib
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from typing import Any
 
+import anyio
 from pydantic import BaseModel, Field, field_validator
 from sse_starlette import ServerSentEvent
 
@@ -145,7 +146,7 @@ class Asker:
 
     def events(
         self, req: AskRequest, pipeline: Any, docs: list[Any], deadline: float
-    ) -> Iterator[ServerSentEvent]:
+    ) -> Generator[ServerSentEvent, None, None]:
         """`sources`, `token`s, then `answer` (or an `error`): iterated in worker threads."""
         from dagma.lib.rag import assemble_answer
 
@@ -191,6 +192,26 @@ class Asker:
             yield
         except LLMError as exc:
             raise unavailable("the chat model", exc, self._fix()) from exc
+
+
+async def hang_up_safe(
+    events: Generator[ServerSentEvent, None, None],
+) -> AsyncIterator[ServerSentEvent]:
+    """`events` advanced in worker threads and closed however the stream ends.
+
+    A client that hangs up cancels the response: closing `events` then stops the generation
+    and frees the model for the next question (left to the garbage collector, it did not).
+    """
+    done = ServerSentEvent(comment="done")
+    try:
+        while True:
+            event = await anyio.to_thread.run_sync(next, events, done)
+            if event is done:
+                return
+            yield event
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(events.close)
 
 
 def _error_event(status: int, error: str, fix: str) -> ServerSentEvent:
