@@ -9,10 +9,13 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from dagma.cli import app
-from dagma.lab import materialize
+from dagma.lab import materialize, print_summary
+from dagma.lib.answers import Answer
+from dagma.lib.sentences import ELLIPSIS, split_sentences
 from dagma.lib.vectors import open_store
 from dagma.settings import Settings
 from tests.conftest import QUIET, stored_value
@@ -127,11 +130,41 @@ def test_rag_eval_logs_retrieval_measures_and_answers_with_sources(demo):
     assert 0 < metrics["hit_at_1"] <= metrics["hit_at_5"] <= 1
     assert metrics["hit_at_5"] >= 0.4
     sample = evaluation["sample"]
-    assert sample["text"].strip()
+    assert sample["text"].strip() and sample["attributions"]
     assert sample["sources"] and all(s["source"] for s in sample["sources"])
     mlflow.set_tracking_uri(settings.tracking_uri)
     logged = mlflow.get_run(evaluation["mlflow_run_id"])
     assert logged.data.metrics["hit_at_5"] == pytest.approx(metrics["hit_at_5"])
+
+
+def test_the_demo_summary_prints_the_attributed_answer_and_no_cut_sentence(demo):
+    settings, run = demo
+    answer = Answer.model_validate(run.values["rag_eval"]["sample"])
+    sentences = split_sentences(answer.text)
+    assert sentences and all(s.complete for s in sentences[:-1])
+    # the last sentence ended, or the limit cut the only one and the text says so
+    assert sentences[-1].complete or (answer.trimmed and answer.text.endswith(ELLIPSIS))
+    assert answer.finish_reason in ("stop", "length")
+    if answer.trimmed:
+        assert answer.raw_text.strip().startswith(answer.text.removesuffix(ELLIPSIS))
+    else:
+        assert answer.text == answer.raw_text
+    attributed = [a for a in answer.attributions if a.source is not None]
+    assert attributed and [a.sentence for a in answer.attributions] == [s.text for s in sentences]
+    assert {a.source for a in attributed} <= {s.rank for s in answer.sources if s.cited}
+    console = Console(record=True, width=400)
+    print_summary(run, settings, console)
+    lines = console.export_text().splitlines()
+    start, end = lines.index(f"Q: {answer.question}"), lines.index("Sources:")
+    said = lines[start + 2 : end]
+    for a in answer.attributions:  # each sentence, its passage and its score
+        mark = f"[{a.source}]" if a.source is not None else "[?]"
+        assert f"  {' '.join(a.sentence.split())} {mark} ({a.score:.2f})" in said
+    assert ("trimmed" in " ".join(said)) == answer.trimmed
+    cited = [line for line in lines[end + 1 :] if ", cited, support 0." in line]
+    assert len(cited) == len({a.source for a in attributed})
+    if answer.trimmed:
+        assert answer.raw_text.strip()[len(answer.text) :].strip() not in " ".join(said)
 
 
 def test_scorecard_chart_is_written(demo):

@@ -53,6 +53,8 @@ def test_explicit_citations_win_and_carry_their_score(embedder) -> None:
 def test_a_sentence_without_content_words_is_not_attributed(embedder) -> None:
     [it] = attribute("It is so.", PASSAGES, embedder)
     assert (it.source, it.score) == (None, 0.0)
+    [intro] = attribute("The finally clause is executed like this:", PASSAGES, embedder)
+    assert intro.source is None and intro.score >= SUPPORT_THRESHOLD  # it claims nothing yet
     assert attribute("", PASSAGES, embedder) == []
     assert lexical_support("finally always executed", PASSAGES[1]) == 1.0
 

@@ -11,7 +11,8 @@ attributed. A sentence's score against a passage is the mean of two measures in 
 The sentence goes to the passage it scores best against, or to none (unsupported) below
 :data:`SUPPORT_THRESHOLD`. A sentence that cites ``[n]`` itself keeps the cited passage it
 scores best against (explicit citations win), even below the threshold: its score then says
-how well the text backs the model's claim. A sentence without content words is not attributed.
+how well the text backs the model's claim. A sentence without content words is not attributed,
+nor is one that only introduces what follows (it ends in ``:``).
 """
 
 from __future__ import annotations
@@ -114,7 +115,8 @@ def attribute(
             out.append(_made(sentence, best, row[best - 1], explicit=True))
         else:
             best = int(np.argmax(row)) + 1
-            supported = row[best - 1] >= threshold
+            # "Here's how it works:" introduces what follows and claims nothing itself
+            supported = row[best - 1] >= threshold and not sentence.endswith(":")
             out.append(_made(sentence, best if supported else None, row[best - 1]))
     return out
 
