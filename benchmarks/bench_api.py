@@ -54,6 +54,10 @@ DIRECT = {
     "search": "`StoreRetriever(search=make_search(store, ...), k=4).invoke(q)`",
     "predict": "champion pyfunc `model.predict(pd.DataFrame(rows))`",
 }
+HANDLER = {  # what the route calls, in this process: the API's own code without HTTP
+    "search": "`Collection.search(q, 4, None, False)`",
+    "predict": '`Champions.get(name).predict({"rows": rows}, max_rows)`',
+}
 Call = Callable[[int], None]  # one request or call; the argument picks the query
 Worker = Callable[[], tuple[Call, Callable[[], None]]]  # a worker's call and its cleanup
 
@@ -112,7 +116,11 @@ def main() -> None:
             "`search` and `predict` scopes is issued. Each client is a thread with its own "
             "keep-alive `httpx.Client`, checking only the status; the direct rows call the same "
             "library functions in this process on as many threads: the retriever the API "
-            "builds over the read-only store, and the champion's pyfunc model. Untimed warm-up "
+            "builds over the read-only store, and the champion's pyfunc model. The in-process "
+            "handler rows call what the routes call (`Collection.search`, `Champions.get(...)"
+            ".predict`), so API - handler is HTTP, auth and FastAPI, and handler - direct is "
+            "the API's own code (the collection's version looked up per search, the rows "
+            "validated against the signature, the response model). Untimed warm-up "
             "first, which also checks that the API and the direct call return the same hits "
             "and predictions. Each round runs every cell, the order rotated; rps is the median "
             "over rounds, p50/p95 pool every round's latencies, CPU is per request (the server "
@@ -202,6 +210,8 @@ def _measure(url: str, pid: int, args: argparse.Namespace) -> dict[tuple[str, st
     import pandas as pd
 
     from dagma.api.auth import issue_token
+    from dagma.api.predict import Champions
+    from dagma.api.search import Collection
     from dagma.lib import tracking
     from dagma.lib.embeddings import get_embedder
     from dagma.lib.models import REGISTERED_MODEL
@@ -229,6 +239,19 @@ def _measure(url: str, pid: int, args: argparse.Namespace) -> dict[tuple[str, st
 
     def direct_predict(i: int) -> Any:
         return model.predict(pd.DataFrame(rows))
+
+    collection = Collection(settings)
+    champions = Champions(
+        settings.tracking_uri,
+        ttl=settings.dagma_api_model_ttl,
+        max_rows=settings.dagma_api_max_rows,
+    )
+
+    def handler_search(i: int) -> Any:
+        return collection.search(QUERIES[i % len(QUERIES)], 4, None, False)
+
+    def handler_predict(i: int) -> Any:
+        return champions.get(REGISTERED_MODEL).predict({"rows": rows}, champions.max_rows)
 
     def api(target: str) -> Worker:
         def worker() -> tuple[Call, Callable[[], None]]:
@@ -260,8 +283,10 @@ def _measure(url: str, pid: int, args: argparse.Namespace) -> dict[tuple[str, st
     plans: dict[tuple[str, str], Worker] = {
         ("search", "api"): api("search"),
         ("search", "direct"): direct(direct_search),
+        ("search", "handler"): direct(handler_search),
         ("predict", "api"): api("predict"),
         ("predict", "direct"): direct(direct_predict),
+        ("predict", "handler"): direct(handler_predict),
         ("healthz", "api"): api("healthz"),
     }
     server = psutil.Process(pid)
@@ -288,6 +313,7 @@ def _measure(url: str, pid: int, args: argparse.Namespace) -> dict[tuple[str, st
                 flush=True,
             )
     store.close()
+    collection.close()
     return cells
 
 
@@ -394,7 +420,11 @@ def _report_body(
         rps = statistics.median(cell.rps)
         p50, p95 = _pct(cell.latencies, 0.5) * 1e3, _pct(cell.latencies, 0.95) * 1e3
         stats[(target, mode, clients)] = (rps, p50, p95)
-        label = f"API {TARGETS[target]}" if mode == "api" else f"direct: {DIRECT[target]}"
+        label = {
+            "api": f"API {TARGETS[target]}",
+            "direct": f"direct: {DIRECT.get(target)}",
+            "handler": f"in-process handler: {HANDLER.get(target)}",
+        }[mode]
         server = f"{cell.cpu_server / cell.requests * 1e3:.2f}" if mode == "api" else ""
         lines.append(
             f"| {label} | {clients} | {rps:,.0f} | {p50:.2f} | {p95:.2f} | {server} | "
@@ -402,17 +432,21 @@ def _report_body(
         )
     lines += [
         "",
-        "| The API's overhead | Clients | p50 API / direct | p50 API - direct ms | "
-        "Requests/s API / direct |",
-        "|---|---|---|---|---|",
+        "| The API's overhead | Clients | p50 API / direct | Requests/s API / direct | "
+        "p50 API - direct ms | of which in the handler's code ms | "
+        "CPU/req API server / direct |",
+        "|---|---|---|---|---|---|---|",
     ]
     for target in DIRECT:
         for clients in CONCURRENCY:
             rps_a, p50_a, _ = stats[(target, "api", clients)]
             rps_d, p50_d, _ = stats[(target, "direct", clients)]
+            p50_h = stats[(target, "handler", clients)][1]
+            api, direct = cells[(target, "api", clients)], cells[(target, "direct", clients)]
+            cpu = (api.cpu_server / api.requests) / (direct.cpu_client / direct.requests)
             lines.append(
-                f"| {target} | {clients} | {p50_a / p50_d:.2f}x | {p50_a - p50_d:.2f} | "
-                f"{rps_a / rps_d:.2f}x |"
+                f"| {target} | {clients} | {p50_a / p50_d:.2f}x | {rps_a / rps_d:.2f}x | "
+                f"{p50_a - p50_d:.2f} | {p50_h - p50_d:.2f} | {cpu:.2f}x |"
             )
     return "\n".join(lines)
 
