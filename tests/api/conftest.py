@@ -26,6 +26,7 @@ class LabApi:
     url: str
     settings: Settings
     pid: int
+    log: Path
 
     def token(self, scopes: Sequence[str] = SCOPES) -> str:
         return issue_token(self.settings, list(scopes), datetime.timedelta(minutes=30), "tests")
@@ -58,4 +59,4 @@ def lab_api(
         api_settings = settings.model_copy(
             update={"dagma_api_secret": SecretStr(secret), "dagma_oidc_issuer": None}
         )
-        yield LabApi(url, api_settings, proc.pid)
+        yield LabApi(url, api_settings, proc.pid, log)

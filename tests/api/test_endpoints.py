@@ -33,6 +33,13 @@ def champion(api: LabApi) -> str:
     return version
 
 
+def test_serve_prints_its_url_and_docs(lab_api: LabApi) -> None:
+    printed = lab_api.log.read_text()
+    assert f"Serving the Dagma API on {lab_api.url}" in printed
+    assert f"docs  {lab_api.url}/docs" in printed
+    assert "warning" not in printed.split("Uvicorn running")[0].lower()  # loopback: no warning
+
+
 def test_healthz_is_open_and_readyz_reports_each_backend(lab_api: LabApi) -> None:
     assert httpx.get(f"{lab_api.url}/healthz").json() == {"status": "ok"}
     assert httpx.get(f"{lab_api.url}/readyz").status_code == 401
