@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,9 @@ FRAME = pd.DataFrame(
         "organic": [True, False],
     }
 )
-SIGNATURE = infer_signature(FRAME, np.array([0, 1]))
+with warnings.catch_warnings():  # MLflow's hint that int columns cannot hold missing values
+    warnings.simplefilter("ignore", UserWarning)
+    SIGNATURE = infer_signature(FRAME, np.array([0, 1]))
 ROW = {"od280/od315": 1.5, "count": 3, "grape": "merlot", "organic": True}
 
 
