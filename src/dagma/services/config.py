@@ -15,7 +15,7 @@ from dagma.env_secrets import Placeholder, placeholder_reason, refuse
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 LOOPBACK = "127.0.0.1"
-API_SECRET = "api_secret"  # its key in services/secrets.json
+API_SECRET = "api_secret"  # nosec B105 # a key name in services/secrets.json, not a secret
 
 
 class ServicesConfig(BaseSettings):
