@@ -448,7 +448,40 @@ def _report_body(
                 f"| {target} | {clients} | {p50_a / p50_d:.2f}x | {rps_a / rps_d:.2f}x | "
                 f"{p50_a - p50_d:.2f} | {p50_h - p50_d:.2f} | {cpu:.2f}x |"
             )
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *_summary(cells, stats)])
+
+
+def _summary(
+    cells: dict[tuple[str, str, int], Cell],
+    stats: dict[tuple[str, str, int], tuple[float, float, float]],
+) -> list[str]:
+    """The overhead in words, from this run's numbers."""
+
+    def cpu(target: str, mode: str) -> float:  # ms per request over every concurrency
+        own = [cells[(target, mode, c)] for c in CONCURRENCY]
+        spent = sum(c.cpu_server if mode == "api" else c.cpu_client for c in own)
+        return spent / sum(c.requests for c in own) * 1e3
+
+    floor = cpu("healthz", "api")
+    lines = ["The API's overhead, from this run:", ""]
+    for target in DIRECT:
+        one = {mode: stats[(target, mode, 1)] for mode in ("api", "direct", "handler")}
+        best = {
+            mode: max(stats[(target, mode, c)][0] for c in CONCURRENCY)
+            for mode in ("api", "direct")
+        }
+        lines.append(
+            f"- {target}: at 1 client the API's p50 is {one['api'][1]:.2f} ms against "
+            f"{one['direct'][1]:.2f} ms for the direct call ({one['api'][1] / one['direct'][1]:.1f}x, "
+            f"{one['api'][1] - one['direct'][1]:+.2f} ms; the handler's own code "
+            f"{one['handler'][1] - one['direct'][1]:+.2f} ms of it). The server spends "
+            f"{cpu(target, 'api'):.2f} ms of CPU per request against {cpu(target, 'direct'):.2f} "
+            f"ms for the direct call ({cpu(target, 'api') / cpu(target, 'direct'):.1f}x; an "
+            f"unauthenticated `/healthz` costs it {floor:.2f} ms). Best throughput "
+            f"{best['api']:,.0f} requests/s through the API against {best['direct']:,.0f} "
+            f"direct ({best['api'] / best['direct']:.2f}x)."
+        )
+    return lines
 
 
 if __name__ == "__main__":
