@@ -386,7 +386,8 @@ def require_scope(scope: str) -> Callable[..., Principal]:
 auth_router = APIRouter(tags=["auth"])
 
 
-@auth_router.api_route("/v1/auth/check", methods=["GET", "HEAD"])
+@auth_router.get("/v1/auth/check")
+@auth_router.head("/v1/auth/check", include_in_schema=False)  # one operation in the OpenAPI
 def check(
     request: Request,
     scope: Annotated[
