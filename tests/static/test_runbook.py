@@ -37,6 +37,7 @@ CASES = [
     "Archive signature refused",
     "Archive holds what no backup writes",
     "MLflow reader could write",
+    "Gateway without its certificate",
 ]
 
 
