@@ -126,7 +126,10 @@ def main() -> None:
             "over rounds, p50/p95 pool every round's latencies, CPU is per request (the server "
             "process's, and this process's: the clients, or the direct calls). The machine has "
             "2 cores shared by the server and its clients, so 4 and 16 clients measure "
-            "queueing, not parallelism; the CPU columns are the least load-sensitive."
+            "queueing, not parallelism, and their ratios compare two different queues: "
+            "requests waiting for the server's one event loop and its thread pool, against "
+            "threads waiting for one process's GIL. The cost of the layer itself is the "
+            "1-client rows and the CPU columns, the least load-sensitive figures."
         )
         section = "\n".join(
             [
