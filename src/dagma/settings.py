@@ -87,6 +87,16 @@ class Settings(BaseSettings):
         description="Seconds the API trusts the champion version it knows before asking MLflow "
         "again (0: every request); a changed version is loaded then.",
     )
+    dagma_api_url: str | None = Field(
+        default=None,
+        description="A Dagma API (`dagma serve`) the app's Model, Search and Chat pages use "
+        "instead of reading the stores themselves.",
+    )
+    dagma_api_token: SecretStr | None = Field(
+        default=None,
+        description="The app's bearer token for DAGMA_API_URL (`dagma token issue --scope "
+        "predict --scope search --scope ask`).",
+    )
     dagma_collection: str = Field(default="dagma_docs", description="Vector collection name.")
     dagma_experiment: str = Field(default="dagma", description="MLflow experiment name.")
     dagma_seed: int = Field(default=42, description="Seed used by every notebook and model.")

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from dagma.settings import PROJECT_ROOT
+from tests.api.conftest import LabApi, lab_api  # noqa: F401 - the session's served API
 from tests.app._support import APP, free_port, running
 from tests.app.conftest import CHROMIUM
 from tests.conftest import require
@@ -65,6 +66,29 @@ def app_url(demo, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     }
     log = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
     with running(argv, env, log, f"{url}/_stcore/health", timeout=90):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def api_app_url(lab_api: LabApi, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:  # noqa: F811
+    """The app in API mode: DAGMA_API_URL at `dagma serve`, and a DAGMA_HOME with no lab."""
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true"]
+    argv += ["--server.address", "127.0.0.1", "--server.port", url.rsplit(":", 1)[1]]
+    argv += ["--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none"]
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "QDRANT_URL", "DAGSTER_HOME")
+    }
+    folder = tmp_path_factory.mktemp("streamlit-api")
+    env |= {
+        "DAGMA_HOME": str(folder / "no-lab"),
+        "DAGSTER_UI_URL": f"http://127.0.0.1:{free_port()}",
+        "DAGMA_API_URL": lab_api.url,
+        "DAGMA_API_TOKEN": lab_api.token(["search"]),
+    }
+    with running(argv, env, folder / "streamlit.log", f"{url}/_stcore/health", timeout=90):
         yield url
 
 
@@ -155,3 +179,27 @@ def test_chat_streams_an_answer_with_sources_in_a_browser(app_url: str, page: An
     sources = messages.nth(1).get_by_test_id("stTable").inner_text()
     assert "source" in sources and "pydoc:" in sources
     screenshot(page, artifacts / "07-chat-answer.png")
+
+
+def test_search_goes_through_the_api_in_a_browser(
+    api_app_url: str,
+    lab_api: LabApi,  # noqa: F811
+    page: Any,
+    artifacts: Path,
+) -> None:
+    """The app has no lab of its own here: every hit comes from `dagma serve`."""
+    page.goto(f"{api_app_url}/search")
+    page.get_by_text("Searched through the Dagma API").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    query = page.get_by_label("Query")
+    query.fill(QUESTION)
+    query.press("Enter")
+    page.get_by_test_id("stExpander").first.wait_for(timeout=PAGE_TIMEOUT_MS)
+    wait_until_idle(page)
+    assert_no_error(page)
+    with lab_api.client(["search"]) as api:
+        hits = api.search(QUESTION, k=5).hits
+    labels = page.get_by_test_id("stExpander").all_inner_texts()
+    assert len(labels) == 5
+    assert all(f"{h.score:.3f}" in label for h, label in zip(hits, labels, strict=True))
+    assert hits[0].id in page.get_by_test_id("stJson").first.inner_text()
+    screenshot(page, artifacts / "08-search-over-the-api.png")

@@ -11,6 +11,8 @@ from typing import Any
 import streamlit as st
 
 from dagma.app import data
+from dagma.client import DagmaApiError
+from dagma.lib.inert_html import inert_markdown
 from dagma.settings import Settings, get_settings
 
 # --------------------------------------------------------------------------- clients
@@ -144,6 +146,12 @@ def sidebar(settings: Settings) -> None:
     """Where the lab lives, the other UIs and a refresh button."""
     with st.sidebar:
         st.caption(f"Lab home `{settings.home}`")
+        if settings.dagma_api_url:
+            st.caption(
+                f"Model, Search and Chat go through the Dagma API at `{settings.dagma_api_url}`; "
+                "Overview, Experiments and Notebooks read the lab's stores (the API has no "
+                "endpoint for them)."
+            )
         st.link_button("Dagster UI", settings.dagster_ui_url, icon=":material/hub:")
         st.link_button("MLflow UI", settings.mlflow_ui, icon=":material/science:")
         st.button(
@@ -161,6 +169,15 @@ def guard(what: str) -> Iterator[None]:
         yield
     except data.NotReady as exc:
         st.info(str(exc), icon=":material/info:")
+    except DagmaApiError as exc:
+        # The API's own words, kept inert: an error may quote the request.
+        message = inert_markdown(f"The API answered {exc.status}: {exc.error.rstrip('.')}.")
+        text = f"{message} Fix: {inert_markdown(exc.fix)}"
+        if exc.status == 404:  # no model or no champion yet: like a store not built yet
+            st.info(text, icon=":material/info:")
+        else:
+            lock = exc.status in (401, 403)
+            st.warning(text, icon=":material/lock:" if lock else ":material/cloud_off:")
     except data.Unavailable as exc:
         st.warning(str(exc), icon=":material/cloud_off:")
     except Exception as exc:

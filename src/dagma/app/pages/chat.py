@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from functools import partial
 from typing import Any
 
 import pandas as pd
 import streamlit as st
 
-from dagma.app import data, ui
+from dagma.app import backend, ui
 from dagma.lib.answers import Answer
 from dagma.lib.inert_html import inert_markdown
 from dagma.lib.sentences import settled_prefix
@@ -47,20 +46,11 @@ def show_answer(chunks: Iterable[str], finish: Callable[[str], Answer] | None = 
     return text
 
 
-def answer(chat: data.Chat, question: str) -> tuple[str, list[dict[str, Any]]]:
-    """Stream the answer into the page; the model is shared, so one answer at a time."""
-    if not chat.lock.acquire(blocking=False):
-        with st.spinner("Waiting for another answer to finish…"):
-            chat.lock.acquire()
-    try:
-        with st.spinner("Retrieving…"):
-            docs = chat.pipeline.retrieve(question)
-        assemble = getattr(chat.pipeline, "assemble", None)  # a RagPipeline's, not every client's
-        finish = partial(assemble, question, docs) if assemble is not None else None
-        text = show_answer(chat.pipeline.stream(question, docs), finish)
-    finally:
-        chat.lock.release()
-    rows = data.source_rows(docs)
+def answer(lab: backend.Backend, question: str) -> tuple[str, list[dict[str, Any]]]:
+    """Stream the answer into the page, then show the passages it was given."""
+    with lab.ask(question) as reply:
+        text = show_answer(reply.chunks, reply.finish)
+    rows = reply.rows()
     show_sources(rows)
     return str(text), rows
 
@@ -85,9 +75,8 @@ for turn in history:
         show_sources(turn["sources"])
 
 with ui.guard("Answering"):
-    url, root = ui.store_key(settings)
-    ui.collection(url, root, settings.dagma_collection)
-    chat = ui.chat(url, root, settings.dagma_collection, ui.llm_key())
+    lab = backend.for_settings(settings)
+    lab.prepare_chat()
     st.sidebar.button("Clear the conversation", icon=":material/delete:", on_click=clear)
     question = st.chat_input("Ask about Python, e.g. how do I catch an exception?")
     if question:
@@ -95,7 +84,7 @@ with ui.guard("Answering"):
             st.markdown(inert_markdown(question))
         with st.chat_message("assistant"):
             try:
-                text, rows = answer(chat, question)
+                text, rows = answer(lab, question)
             except ValueError as exc:
                 st.warning(str(exc), icon=":material/warning:")
             else:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dagma.app import data, ui
-from dagma.lib import tracking
+from dagma.app import backend, ui
 from dagma.lib.models import REGISTERED_MODEL
 from dagma.settings import get_settings
 
@@ -18,32 +17,25 @@ st.caption(
 )
 
 with ui.guard("Loading the model"):
-    ref = ui.model_ref(settings.tracking_uri, REGISTERED_MODEL)
-    chosen = "alias `champion`"
-    run = f" · trained by run `{ref.run_id[:8]}`" if ref.run_id else ""
-    run += f" · registered {ref.created:%Y-%m-%d %H:%M}" if ref.created else ""
-    st.markdown(
-        f"Using **{ref.name} v{ref.version}** ({chosen}){run} · "
-        f"[open in MLflow]({tracking.model_url(settings.mlflow_ui, ref.name, ref.version)})"
-    )
-    loaded = ui.model(settings.tracking_uri, ref.name, ref.version)
+    form = backend.for_settings(settings).model_form()
+    st.markdown(form.heading)
     with st.form("features"):
         st.caption("Defaults are the medians of the wine data.")
         cols = st.columns(3)
         values = {
             feature: cols[i % 3].number_input(
                 feature.replace("_", " "),
-                value=loaded.defaults[feature],
+                value=form.defaults[feature],
                 format="%.3f",
                 key=f"feature-{feature}",
             )
-            for i, feature in enumerate(loaded.features)
+            for i, feature in enumerate(form.features)
         }
         st.form_submit_button("Predict", type="primary", icon=":material/play_arrow:")
-    prediction = data.predict(loaded, values)
+    prediction = form.score(values)
     result, chart = st.columns([1, 2])
     result.metric("Predicted class", prediction.label)
-    result.caption(f"by {ref.name} v{ref.version} ({loaded.flavor})")
+    result.caption(prediction.by)
     if prediction.probabilities:
         probabilities = pd.DataFrame(
             {
@@ -53,4 +45,4 @@ with ui.guard("Loading the model"):
         )
         chart.bar_chart(probabilities, x="class", y="probability", horizontal=True, height=200)
     else:
-        chart.caption("This model gives no class probabilities.")
+        chart.caption("No class probabilities: the model (or the API) gives only the class.")
