@@ -17,7 +17,13 @@ report = importlib.util.module_from_spec(spec)
 sys.modules.setdefault("_report", report)  # its dataclass looks itself up there
 spec.loader.exec_module(report)
 
-SCRIPTS = ["bench_notebook.py", "bench_graph.py", "bench_vectors.py", "bench_backfill.py"]
+SCRIPTS = [
+    "bench_notebook.py",
+    "bench_graph.py",
+    "bench_vectors.py",
+    "bench_backfill.py",
+    "bench_api.py",
+]
 START, END = "<!-- x:start -->", "<!-- x:end -->"
 
 
