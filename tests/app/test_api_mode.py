@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from dagma.app.backend import TOKEN_FIX
+from dagma.app.backend import AUTHORIZE_FIX
 from tests.api.conftest import LabApi, lab_api  # noqa: F401 - the session's served API
 from tests.app._support import APP, free_port
 
@@ -110,7 +110,7 @@ def test_no_token_says_to_set_dagma_api_token(api_mode: LabApi, monkeypatch: pyt
     app.text_input[0].input(QUESTION).run()
     shown = warnings(app)
     assert "The API answered 401" in shown and "DAGMA_API_TOKEN" in shown
-    assert TOKEN_FIX.split("`")[1] in shown
+    assert AUTHORIZE_FIX.split("`")[1] in shown
 
 
 def test_an_api_that_does_not_answer_says_how_to_start_it(

@@ -24,7 +24,7 @@ from dagma.lib.answers import Answer
 from dagma.lib.models import REGISTERED_MODEL
 from dagma.settings import Settings
 
-TOKEN_FIX = (
+AUTHORIZE_FIX = (
     "Set DAGMA_API_TOKEN for the app to a token from "
     "`dagma token issue --scope predict --scope search --scope ask --ttl 30d`."
 )
@@ -170,7 +170,7 @@ class ApiBackend:
                 yield client
         except DagmaApiError as exc:
             if exc.status == 401 and not self.token:
-                raise DagmaApiError(exc.status, exc.error, TOKEN_FIX, exc.details) from exc
+                raise DagmaApiError(exc.status, exc.error, AUTHORIZE_FIX, exc.details) from exc
             raise
         except httpx.TransportError as exc:
             raise data.Unavailable(
