@@ -69,6 +69,16 @@ class Settings(BaseSettings):
         description="An OpenID Connect issuer's base URL; when set, the API accepts only its "
         "RS256/ES256 tokens, checked against the keys its discovery document publishes.",
     )
+    dagma_login_url: str | None = Field(
+        default=None,
+        description="The API's sign-in page as a browser reaches it through the gateway; when "
+        "set, the forward-auth check sends a browser without a token there instead of a 401.",
+    )
+    dagma_cookie_domain: str | None = Field(
+        default=None,
+        description="Domain of the sign-in cookie, so every UI host behind the gateway gets it "
+        "(e.g. dagma.localhost); unset: the API's own host only.",
+    )
     dagma_api_max_rows: int = Field(
         default=1000, gt=0, description="Rows one `POST /v1/predict` may score."
     )

@@ -256,6 +256,14 @@ def test_the_api_reads_only_and_takes_the_secret_from_env():
     assert env["DAGMA_API_SECRET"] == EXAMPLE["DAGMA_API_SECRET"]
     assert all(v.get("read_only") for v in api["volumes"])
     assert "ports" not in api
+    # The sign-in page is the API's, through the gateway; its cookie reaches every UI host.
+    login = urlsplit(env["DAGMA_LOGIN_URL"])
+    assert (login.scheme, login.hostname, login.path) == (
+        "https",
+        f"api.{DOMAIN}",
+        "/v1/auth/login",
+    )
+    assert env["DAGMA_COOKIE_DOMAIN"] == DOMAIN
     mlflow = compose()["services"]["mlflow"]["command"]
     hosts = next(a for a in mlflow if a.startswith("--allowed-hosts="))
     assert f"mlflow.{DOMAIN}" in hosts.split("=", 1)[1].split(",")

@@ -25,6 +25,7 @@ from dagma.api import errors
 from dagma.api.ask import TIMEOUT_FIX, Asker, AskRequest, hang_up_safe
 from dagma.api.auth import AuthError, Principal, TokenVerifier, auth_router, require_scope
 from dagma.api.errors import ApiError, Problem
+from dagma.api.login import login_router
 from dagma.api.predict import Champions, Prediction
 from dagma.api.search import Collection, SearchResult
 from dagma.lib.answers import Answer
@@ -109,6 +110,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.asker = Asker(collection, LLMSettings.from_env(), settings.dagma_api_ask_timeout)
     errors.install(app)
     app.include_router(auth_router)
+    app.include_router(login_router)
     app.include_router(_router(settings))
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     return app

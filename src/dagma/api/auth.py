@@ -426,6 +426,13 @@ def check(
                 err.fix,
                 code=None,
             )
+        settings = getattr(request.app.state, "settings", None)
+        if settings is not None and settings.dagma_login_url:
+            from dagma.api.login import login_redirect
+
+            redirect = login_redirect(request, settings.dagma_login_url)
+            if redirect is not None:
+                return redirect
         return JSONResponse(err.detail(), status_code=err.status, headers=err.headers)
     return JSONResponse(
         {"subject": principal.subject, "scopes": sorted(principal.scopes)},
