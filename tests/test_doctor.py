@@ -10,13 +10,8 @@ from pathlib import Path
 import pytest
 
 from dagma import doctor, env_secrets
+from dagma.services.procs import free_port
 from dagma.settings import PROJECT_ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

@@ -17,17 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from dagma.services.procs import free_port
 from dagma.settings import PROJECT_ROOT
 from tests.test_definitions import DEMO_ASSETS
 
 pytestmark = pytest.mark.integration
 QUERY = b'{"query": "{ assetNodes { assetKey { path } groupName } }"}'
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def asset_nodes(port: int) -> list[dict] | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -14,16 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from dagma.services.procs import free_port as free_port  # one picker for every test
 from dagma.settings import PROJECT_ROOT
 
 APP = PROJECT_ROOT / "src" / "dagma" / "app" / "streamlit_app.py"
 PAGES = ("overview", "experiments", "model", "search", "chat", "notebooks")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from dagma.lib.rag import (
     format_context,
     hit_to_document,
 )
+from dagma.services.procs import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -59,12 +59,6 @@ QUESTION = "What error is raised when you delete an unbound name?"
 
 def search(query: str, k: int, filter: dict[str, Any] | None = None) -> list[Hit]:
     return CORPUS[:k]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ once a real server is back it succeeds. The notebook's own errors are never retr
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import mlflow
 import pytest
 
 from dagma.lab import materialize
+from dagma.services.procs import free_port
 from dagma.settings import PROJECT_ROOT, get_settings
 from tests.conftest import QUIET
 from tests.notebooks.test_spec import write_nb
@@ -28,12 +28,6 @@ LOGS = (
     "from dagma import nb\nctx = nb.context()\nwith ctx.start_run():\n"
     "    import mlflow\n    mlflow.log_metric('answer', 42.0)\nctx.output({'answer': 42})"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture

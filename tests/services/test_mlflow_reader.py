@@ -5,7 +5,6 @@ MLflow image starts it (docker/mlflow/basic_auth.ini, `python -m dagma.services.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,12 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from dagma.services.mlflow_users import MlflowUsersError, ensure_reader
+from dagma.services.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ADMIN_PASSWORD = "admin-password-for-the-test"  # pragma: allowlist secret
 READER_PASSWORD = "reader-password-for-the-test"  # pragma: allowlist secret
 MODEL = "dagma-wine"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def auth_ini(folder: Path) -> Path:
