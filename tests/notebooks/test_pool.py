@@ -87,8 +87,9 @@ def test_two_runs_writing_one_collection_wait_for_each_other(tmp_path: Path):
     used = [cpu_seconds(p.pid) - b for p, b in zip(both, before, strict=True)]
     outputs = [p.communicate(timeout=300)[0] for p in both]
     assert [p.returncode for p in both] == [0, 0], outputs
-    # Waiting (and holding, while the kernel sleeps) costs the CLI almost no CPU.
-    assert max(used) < 1.0, used
+    # Waiting (and holding, while the kernel sleeps) costs the CLI almost no CPU: a polling
+    # loop would burn most of the 5 s window; a loaded CI machine adds up to a second of noise.
+    assert max(used) < 2.0, used
     waiting = [out for out in outputs if "waits for pool dagma_vectors" in out]
     assert len(waiting) == 1, outputs
     holder = next(out for out in outputs if out is not waiting[0])
