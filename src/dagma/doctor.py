@@ -122,11 +122,13 @@ def locked_requirements(lock_path: Path) -> dict[str, str]:
     seen: set[tuple[str, str, tuple[str, ...]]] = set()
     while todo:
         pkg, extras = todo.pop()
-        key = (_norm(pkg["name"]), pkg["version"], tuple(sorted(extras)))
+        # The project itself has no locked version: it comes from git (dagma.version).
+        key = (_norm(pkg["name"]), pkg.get("version", ""), tuple(sorted(extras)))
         if key in seen:
             continue
         seen.add(key)
-        wanted[key[0]] = pkg["version"]
+        if "version" in pkg:
+            wanted[key[0]] = pkg["version"]
         deps = list(pkg.get("dependencies", []))
         for extra in extras:
             deps += pkg.get("optional-dependencies", {}).get(extra, [])
@@ -139,7 +141,7 @@ def locked_requirements(lock_path: Path) -> dict[str, str]:
                 continue
             candidates = by_name.get(_norm(dep["name"]), [])
             if "version" in dep:
-                candidates = [c for c in candidates if c["version"] == dep["version"]]
+                candidates = [c for c in candidates if c.get("version") == dep["version"]]
             if candidates:
                 todo.append((candidates[0], list(dep.get("extra", []))))
     return wanted
