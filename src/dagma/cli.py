@@ -37,6 +37,31 @@ app.add_typer(secrets_app, name="secrets")
 app.add_typer(token_app, name="token")
 app.add_typer(gateway_app, name="gateway")
 console = Console()
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from dagma.version import describe
+
+        typer.echo(describe())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and the git commit, then exit.",
+        ),
+    ] = False,
+) -> None:
+    pass
+
+
 Processes = Annotated[
     int | None,
     typer.Option(
