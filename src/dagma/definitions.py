@@ -9,6 +9,7 @@ import dagster as dg
 
 from dagma.dagster_fixes import dagstermill_scratch_in_the_lab, sleep_while_waiting_for_a_pool
 from dagma.defs.core.notebook_assets import check_upstreams, with_lab_extras
+from dagma.defs.core.telemetry import observe_runs
 from dagma.notebooks.spec import NotebookError
 from dagma.settings import get_settings
 
@@ -40,6 +41,7 @@ def _team_definitions(folder: Path) -> list[dg.Definitions]:
 
 sleep_while_waiting_for_a_pool()  # every process that loads the lab: CLI, run workers, servers
 dagstermill_scratch_in_the_lab()
+observe_runs()
 
 
 # Environment variables the loaded code location may depend on.

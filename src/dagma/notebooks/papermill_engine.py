@@ -12,6 +12,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nbformat
@@ -21,9 +22,10 @@ from papermill.clientwrap import PapermillNotebookClient
 from papermill.engines import NBClientEngine, papermill_engines
 from papermill.log import logger
 from papermill.utils import merge_kwargs, remove_args
-from traitlets import Dict, Float, Integer
+from traitlets import Dict, Float, Integer, Unicode
 
 from dagma.errors import DagmaError
+from dagma.lib.telemetry import metrics, tracing
 
 ENGINE = "dagma"
 RUN_ENV = "DAGMA_KERNEL_RUN_ID"
@@ -42,9 +44,14 @@ class Limits:
     max_output: int | None = None  # bytes of output kept per cell
     run_id: str | None = None  # tags the kernel, so a dead run's kernel can be found
 
-    def papermill_kwargs(self) -> dict[str, Any]:
-        """For `papermill.execute_notebook` with one of Dagma's engines."""
+    def papermill_kwargs(self, trace_file: str = "", notebook: str = "") -> dict[str, Any]:
+        """For `papermill.execute_notebook` with one of Dagma's engines.
+
+        `trace_file` is where the kernel writes its cell spans while tracing is on.
+        """
         return {
+            "trace_file": trace_file,
+            "notebook_name": notebook,
             # nbclient takes whole seconds
             "execution_timeout": math.ceil(self.cell_timeout) if self.cell_timeout else None,
             "max_runtime": self.max_runtime or 0.0,
@@ -67,11 +74,26 @@ class LabClient(PapermillNotebookClient):
     max_runtime = Float(0.0, help="Seconds the whole notebook may run; 0: no limit.").tag(
         config=True
     )
+    trace_file = Unicode("", help="Where the kernel writes its spans while tracing is on.").tag(
+        config=True
+    )
+    notebook_name = Unicode("", help="The notebook, for its spans and metrics.").tag(config=True)
 
     async def async_start_new_kernel(self, **kwargs: Any) -> None:
         if self.kernel_env:
             kwargs["env"] = {**os.environ, **kwargs.get("env", {}), **self.kernel_env}
-        await super().async_start_new_kernel(**kwargs)
+        started = time.perf_counter()
+        with tracing.span("notebook.kernel_start", **{"dagma.kernel.spare": False}):
+            await super().async_start_new_kernel(**kwargs)
+        metrics.record("dagma_kernel_pool_claims", result="cold")
+        phase = "kernel_start"
+        seconds = time.perf_counter() - started
+        metrics.record(
+            "dagma_notebook_phase_duration_seconds",
+            seconds,
+            notebook=self.notebook_name,
+            phase=phase,
+        )
 
     # nbclient binds the sync form to its own coroutine at class creation: bind ours.
     start_new_kernel = run_sync(async_start_new_kernel)
@@ -80,6 +102,37 @@ class LabClient(PapermillNotebookClient):
         # A spare kernel from the pool (`km=`) runs this one notebook: shut it down after.
         kwargs.setdefault("cleanup_kc", True)
         return super().setup_kernel(**kwargs)
+
+    def papermill_execute_cells(self) -> None:
+        started = time.perf_counter()
+        with tracing.span("notebook.execute", **{"dagma.notebook": self.notebook_name}):
+            install = (
+                tracing.kernel_install_code(Path(self.trace_file)) if self.trace_file else None
+            )
+            if install is not None:  # silent: no execution count, no cell span, no output
+                self.wait_for_reply(self.kc.execute(install, silent=True, store_history=False))
+            try:
+                super().papermill_execute_cells()
+            finally:
+                self._account(time.perf_counter() - started)
+
+    def _account(self, seconds: float) -> None:
+        """Each cell's time and the execution's, and the kernel's spans handed to the exporter."""
+        name = self.notebook_name
+        metrics.record(
+            "dagma_notebook_phase_duration_seconds", seconds, notebook=name, phase="execute"
+        )
+        index: dict[int, int] = {}
+        for i, cell in enumerate(self.nb.cells):
+            if cell.get("cell_type") != "code":
+                continue
+            if cell.get("execution_count"):
+                index[cell["execution_count"]] = i
+            duration = cell.get("metadata", {}).get("papermill", {}).get("duration")
+            if isinstance(duration, int | float):
+                metrics.record("dagma_notebook_cell_duration_seconds", duration, notebook=name)
+        if self.trace_file:
+            tracing.import_kernel_spans(Path(self.trace_file), index)
 
     def __init__(self, nb_man: Any, **kwargs: Any) -> None:
         super().__init__(nb_man, **kwargs)
@@ -155,6 +208,8 @@ class LabEngine(NBClientEngine):
         max_output_bytes: int = 0,
         kernel_env: dict[str, str] | None = None,
         max_runtime: float = 0.0,
+        trace_file: str = "",
+        notebook_name: str = "",
         **kwargs: Any,
     ) -> Any:
         kwargs = remove_args(["input_path", "timeout", "startup_timeout"], **kwargs)
@@ -173,6 +228,8 @@ class LabEngine(NBClientEngine):
             max_output_bytes=max_output_bytes,
             kernel_env=kernel_env or {},
             max_runtime=max_runtime,
+            trace_file=trace_file,
+            notebook_name=notebook_name,
             **final,
         )
         return client.execute()

@@ -16,6 +16,7 @@ from dagma.errors import DagmaError
 from dagma.lib.atomic import write_atomic
 from dagma.lib.inert_html import inert_document, inert_notebook
 from dagma.lib.run_folder import PickleFile, RunFolder, pickle_paths, write_pickle
+from dagma.lib.telemetry import metrics, tracing
 from dagma.nb import CONTEXT_VAR, NotebookContext, RunTarget
 from dagma.notebooks import parameterize
 from dagma.notebooks.spec import NotebookSpec, read_notebook
@@ -79,16 +80,31 @@ class PapermillEngine:
 
         # papermill logs a warning per injected name not in the parameters cell; ours is expected.
         logging.getLogger("papermill").setLevel(logging.ERROR)
-        kwargs = self.limits.papermill_kwargs()
+        kwargs = self.limits.papermill_kwargs(
+            trace_file=str(output.parent / "kernel-spans.jsonl"), notebook=output.stem
+        )
         km = None
         if self.pool is not None:
-            km = kernel_pool.take(
-                self.pool,
-                cwd=cwd,
-                env={**os.environ, **(kwargs.get("kernel_env") or {})},
-                modules=kernel_warmup.first_cell_imports(source),
-                run_id=self.limits.run_id,
-            )
+            claimed = time.perf_counter()
+            with tracing.span("notebook.kernel_claim", **{"dagma.kernel.spare": True}) as span:
+                km = kernel_pool.take(
+                    self.pool,
+                    cwd=cwd,
+                    env={**os.environ, **(kwargs.get("kernel_env") or {})},
+                    modules=kernel_warmup.first_cell_imports(source),
+                    run_id=self.limits.run_id,
+                )
+                if span is not None and km is None:
+                    span.set_attribute("dagma.kernel.spare", False)
+            if km is not None:
+                metrics.record("dagma_kernel_pool_claims", result="warm")
+                seconds = time.perf_counter() - claimed
+                metrics.record(
+                    "dagma_notebook_phase_duration_seconds",
+                    seconds,
+                    notebook=output.stem,
+                    phase="kernel_start",
+                )
         self.pooled = km is not None
         try:
             papermill.execute_notebook(
@@ -286,6 +302,20 @@ def execute(
     its storage, so no value is unpickled here.
     """
     engine = engine or PapermillEngine()
+    attributes = {"dagma.notebook": spec.name, "dagster.run_id": target.run_id}
+    with tracing.span("notebook", **attributes) as span:
+        return _execute(spec, runs_dir, target, params, inputs, engine, span)
+
+
+def _execute(
+    spec: NotebookSpec,
+    runs_dir: Path,
+    target: RunTarget,
+    params: dict[str, Any] | None,
+    inputs: dict[str, Any] | None,
+    engine: Engine,
+    span: Any,
+) -> Execution:
     values = spec.validate_params(params)
     check_kernel()
     started = time.perf_counter()
@@ -320,12 +350,18 @@ def execute(
     execution.seconds = time.perf_counter() - started
     warm.join()
     if execution.ipynb.is_file():
-        execution.html = render_html(execution.ipynb)
+        rendering = time.perf_counter()
+        with tracing.span("notebook.render"):
+            execution.html = render_html(execution.ipynb)
+        _phase(spec.name, "render", rendering)
     try:
         execution.mlflow_run_id, execution.mlflow_experiment_id = mlflow_run.result()
     except Exception:
         if failure is None:
             raise
+    if span is not None and execution.mlflow_run_id:  # the trace's way to the MLflow run
+        span.set_attribute("mlflow.run_id", execution.mlflow_run_id)
+        span.set_attribute("mlflow.experiment_id", execution.mlflow_experiment_id or "")
     if failure is not None:
         execution.error = _failure_summary(failure)
         _finish_mlflow_run(execution, target, failed=True)
@@ -335,6 +371,23 @@ def execute(
             execution,
         ) from failure
 
+    handing = time.perf_counter()
+    with tracing.span("notebook.handover"):
+        _hand_over(spec, folder, execution, target)
+    _phase(spec.name, "handover", handing)
+    _finish_mlflow_run(execution, target, failed=False)
+    return execution
+
+
+def _phase(notebook: str, phase: str, since: float) -> None:
+    seconds = time.perf_counter() - since
+    metrics.record("dagma_notebook_phase_duration_seconds", seconds, notebook=notebook, phase=phase)
+
+
+def _hand_over(
+    spec: NotebookSpec, folder: RunFolder, execution: Execution, target: RunTarget
+) -> None:
+    """Each declared output's file (or the executed copy, for a notebook that hands none)."""
     for name in spec.asset_names:
         path = folder.output_file(name)
         if not path.is_file() and not spec.outputs:
@@ -355,5 +408,3 @@ def execute(
         execution.outputs[name] = PickleFile(str(path))
         meta = folder.output_metadata_file(name)
         execution.output_metadata[name] = json.loads(meta.read_text()) if meta.is_file() else {}
-    _finish_mlflow_run(execution, target, failed=False)
-    return execution

@@ -51,7 +51,12 @@ def _bound_dagstermill_calls() -> None:
     def bounded(*args: Any, **kwargs: Any) -> Any:
         limits = _LIMITS.get()
         if limits is not None and kwargs.get("engine_name") == "dagstermill":
-            kwargs.update(engine_name=ENGINE, **limits.papermill_kwargs())
+            output = Path(str(args[1] if len(args) > 1 else kwargs.get("output_path", "")))
+            trace_file = str(output.parent / "kernel-spans.jsonl") if output.name else ""
+            kwargs.update(
+                engine_name=ENGINE,
+                **limits.papermill_kwargs(trace_file=trace_file, notebook=output.stem),
+            )
         return execute(*args, **kwargs)
 
     bounded._dagma_bounded = True  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ import dagster as dg
 
 from dagma.defs.core.resources import MLflowResource, QdrantResource, service_retry_policy
 from dagma.lib.run_folder import PickleFile, loaded
+from dagma.lib.telemetry import tracing
 from dagma.nb import VALUE_METADATA, RunTarget, value_preview
 from dagma.notebooks.runner import (
     KernelError,
@@ -222,14 +223,16 @@ def notebook_asset(spec: NotebookSpec) -> dg.AssetsDefinition:
         else:
             engine = PapermillEngine(limits, pool=settings.kernels_dir)
         try:
-            run = execute(
-                spec,
-                runs_dir=settings.runs_dir,
-                target=target,
-                params=params,
-                inputs=inputs,
-                engine=engine,
-            )
+            step = context.get_step_execution_context().step.key
+            with tracing.under_step(context.run_id, step):
+                run = execute(
+                    spec,
+                    runs_dir=settings.runs_dir,
+                    target=target,
+                    params=params,
+                    inputs=inputs,
+                    engine=engine,
+                )
         except NotebookFailed as exc:
             failed = exc.execution
             raise dg.Failure(
