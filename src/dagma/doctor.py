@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from packaging.markers import Marker
 
 from dagma.settings import PROJECT_ROOT, Settings
+from dagma.version import describe
 
 Severity = Literal["blocking", "warning"]
 SYNC_FIX = "make install (or: UV_COMPILE_BYTECODE=1 uv sync --frozen)"
@@ -74,6 +75,11 @@ class Context:
     def get(self, name: str) -> str | None:
         value = os.environ.get(name, "").strip()
         return value or None
+
+
+def check_version(ctx: Context) -> Check:
+    """Which Dagma runs: the version from its git tag and the commit of its checkout."""
+    return Check("version", True, "warning", describe())
 
 
 def check_python(ctx: Context) -> Check:
@@ -428,7 +434,8 @@ def collect(ctx: Context | None = None, fix: bool = False) -> list[Check]:
     """Run every check, in the order they are printed; `fix` applies the fixes that are safe."""
     ctx = ctx or Context()
     settings = Settings(_env_file=ctx.dotenv if ctx.dotenv.exists() else None)  # type: ignore[call-arg]
-    results = [check_python(ctx), check_venv(ctx), check_bytecode(ctx), check_kernel(ctx)]
+    results = [check_version(ctx), check_python(ctx), check_venv(ctx), check_bytecode(ctx)]
+    results.append(check_kernel(ctx))
     results += check_services(ctx, settings)
     results.append(check_vector_store(ctx, settings))
     results.append(check_pool_slots(settings, fix))

@@ -1,0 +1,133 @@
+"""The version comes from the git tag; `dagma --version` and the doctor show it with the commit."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from packaging.version import Version
+
+from dagma import doctor, version
+
+ROOT = Path(__file__).resolve().parents[2]
+UV = shutil.which("uv") or str(ROOT / ".tools" / "bin" / "uv")
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.org",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.org",
+}
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = {**os.environ, **GIT_ENV}
+    done = subprocess.run(
+        ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def built_version(project: Path) -> str:
+    """What the build backend in pyproject.toml's [build-system] says the version is."""
+    requires = tomllib.loads((project / "pyproject.toml").read_text())["build-system"]["requires"]
+    withs = [arg for req in requires for arg in ("--with", req)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SETUPTOOLS_SCM", "VIRTUAL"))}
+    argv = [UV, "run", "--isolated", "--no-project", "--python", sys.executable, *withs]
+    done = subprocess.run(
+        [*argv, "python", "-m", "hatchling", "version"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture
+def clone(tmp_path: Path) -> Path:
+    """A clone of this repository with only pyproject.toml checked out (the working copy's)."""
+    path = tmp_path / "clone"
+    git(tmp_path, "clone", "--quiet", "--no-checkout", str(ROOT), str(path))
+    git(path, "sparse-checkout", "set", "--no-cone", "/pyproject.toml")
+    git(path, "checkout", "--quiet")
+    shutil.copy(ROOT / "pyproject.toml", path / "pyproject.toml")
+    if git(path, "status", "--porcelain", "--untracked-files=no"):
+        git(path, "commit", "--quiet", "-am", "chore: the working copy's pyproject.toml")
+    return path
+
+
+def test_the_version_comes_from_the_tag_and_grows_after_it(clone: Path) -> None:
+    git(clone, "tag", "v9.8.7")
+    assert built_version(clone) == "9.8.7"
+
+    git(clone, "commit", "--quiet", "--allow-empty", "-m", "fix: after the release")
+    after = Version(built_version(clone))
+    assert after > Version("9.8.7") and after.is_devrelease, after
+    assert after.local is None  # the commit is reported at run time, not in the version
+
+
+def head() -> str:
+    return git(ROOT, "rev-parse", "--short", "HEAD")
+
+
+def test_dagma_version_prints_the_version_and_the_commit() -> None:
+    before = head()  # and after: someone may commit meanwhile
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("dagma")), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    shas = "|".join({before, head()})
+    expected = re.escape(f"dagma {importlib.metadata.version('dagma')} (commit ")
+    assert re.fullmatch(expected + f"({shas})" + r"(-dirty)?\)", done.stdout.strip()), done.stdout
+
+
+def test_the_doctor_shows_the_version_and_the_commit(tmp_path: Path) -> None:
+    before = head()
+    checks = doctor.collect(doctor.Context(env_file=tmp_path / ".env", timeout=1.0))
+    assert checks[0].name == "version" and checks[0].ok
+    line = doctor.render(checks[:1])
+    assert line.startswith(f"✓ version: dagma {importlib.metadata.version('dagma')} (commit ")
+    assert before in line or head() in line, line
+
+
+def test_the_commit_of_a_checkout_is_short_and_says_dirty(tmp_path: Path) -> None:
+    package = tmp_path / "src" / "dagma"
+    package.mkdir(parents=True)
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'dagma'\n")
+    git(tmp_path, "init", "--quiet")
+    git(tmp_path, "add", "pyproject.toml")
+    git(tmp_path, "commit", "--quiet", "-m", "feat: first")
+    sha = git(tmp_path, "rev-parse", "--short", "HEAD")
+    assert version.commit(package) == sha
+    (package / "new.py").write_text("")  # untracked files leave the tree clean
+    assert version.commit(package) == sha
+    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'changed'\n")
+    assert version.commit(package) == f"{sha}-dirty"
+
+
+def test_without_a_checkout_the_commit_is_the_build_arg_or_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    installed = tmp_path / "site-packages" / "dagma"  # a wheel install, not src/dagma
+    installed.mkdir(parents=True)
+    monkeypatch.delenv(version.COMMIT_ENV, raising=False)
+    assert version.commit(installed) is None
+    copy = tmp_path / "app" / "src" / "dagma"  # the image: a source tree without .git
+    copy.mkdir(parents=True)
+    (tmp_path / "app" / "pyproject.toml").write_text("")
+    assert version.commit(copy) is None
+    monkeypatch.setenv(version.COMMIT_ENV, "abc1234")
+    assert version.commit(copy) == "abc1234"
