@@ -36,6 +36,7 @@ REQUIRED = (
     "MINIO_ROOT_PASSWORD",
     "CLICKHOUSE_PASSWORD",
     "DAGMA_API_SECRET",
+    "GRAFANA_ADMIN_PASSWORD",
 )
 PLACEHOLDER_PREFIX = "change-me"
 EXAMPLE = Path(__file__).resolve().parents[2] / ".env.example"
