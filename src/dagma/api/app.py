@@ -1,7 +1,8 @@
 """The FastAPI app behind `dagma serve`: predict, search and ask, each behind a token scope.
 
 `/healthz` is open; everything else needs a bearer token (`dagma.api.auth`). Errors are JSON
-(`dagma.api.errors`). The champion model, the collection version and the chat model are read
+(`dagma.api.errors`). `/metrics` is open to a direct scrape (Prometheus on the same host or
+network) and refused to anything a proxy forwards: the gateway routes every path of the API. The champion model, the collection version and the chat model are read
 when asked for, so a new champion or a newly published collection is served without a restart.
 """
 
@@ -20,6 +21,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
+from starlette.routing import Match, Route
 
 from dagma.api import errors
 from dagma.api.ask import TIMEOUT_FIX, Asker, AskRequest, hang_up_safe
@@ -32,6 +34,7 @@ from dagma.lib.answers import Answer
 from dagma.lib.llm import LLMSettings
 from dagma.lib.models import REGISTERED_MODEL
 from dagma.lib.rag import MAX_QUESTION_CHARS, validate_question
+from dagma.lib.telemetry import metrics, tracing
 from dagma.settings import Settings, get_settings
 
 DESCRIPTION = """\
@@ -113,7 +116,80 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(login_router)
     app.include_router(_router(settings))
     app.openapi = _openapi(app)  # type: ignore[method-assign]
+    metrics.enable()
+    # An ASGI app as the endpoint: Starlette calls it as is, at exactly /metrics.
+    app.router.routes.append(Route("/metrics", DirectOnly(metrics.asgi_app()), methods=["GET"]))
+    app.add_middleware(RequestMetrics)
+    if tracing.enabled():
+        from opentelemetry.instrumentation.fastapi import FastAPIInstrumentor
+
+        FastAPIInstrumentor.instrument_app(
+            app, tracer_provider=tracing.tracer_provider(), excluded_urls="/metrics,/healthz"
+        )
     return app
+
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Headers a reverse proxy adds (Traefik sets X-Forwarded-For on every request it forwards).
+FORWARDED = (b"x-forwarded-for", b"forwarded", b"x-real-ip")
+
+
+class RequestMetrics:
+    """Counts and times each request under its route template (`/v1/search`), never its raw
+    path: a path no route matches counts as "other", so scanners cannot grow the series."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]  # what the client gets when the app raises
+
+        async def sending(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route = route_template(scope)
+            method = scope["method"] if scope["method"] in METHODS else metrics.OTHER
+            metrics.record("dagma_api_requests", route=route, method=method, status=status[0])
+            metrics.record(
+                "dagma_api_request_duration_seconds",
+                time.perf_counter() - started,
+                route=route,
+                method=method,
+            )
+
+
+def route_template(scope: Any) -> str:
+    """The path template of the route that served the request; "other" when none matched."""
+    route = scope.get("route")  # set for FastAPI's own routes
+    if route is None:  # /metrics, /docs, /openapi.json: plain Starlette routes
+        route = next((r for r in scope["app"].routes if r.matches(scope)[0] is Match.FULL), None)
+    return getattr(route, "path", None) or metrics.OTHER
+
+
+class DirectOnly:
+    """The exposition for a direct scrape; 404 to a request a proxy forwarded."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if any(name in FORWARDED for name, _ in scope.get("headers", [])):
+            response = JSONResponse(
+                {"error": "not found", "fix": "Scrape /metrics on the API's own address."},
+                status_code=404,
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def _router(settings: Settings) -> APIRouter:

@@ -31,27 +31,45 @@ app = typer.Typer(
 console = Console()
 
 
-def _topology() -> Any:
+def _topology(extras: list[str] | None = None) -> Any:
     from dagma.services.config import get_config
     from dagma.services.supervisor import Topology
 
-    return Topology(get_config())
+    return Topology(get_config(), extras or ())
 
 
 @app.command()
-def up() -> None:
+def up(
+    extras: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--with",
+            metavar="observability",
+            help="Start more: `observability` runs Prometheus (Debian's `prometheus`) scraping "
+            "the services' metrics; a later `up` keeps it until `down`.",
+        ),
+    ] = None,
+) -> None:
     """Start what is not running and wait until every service is healthy."""
     from dagma.services.config import get_config
 
     get_config().refuse_placeholders()  # before anything is created or started
-    topology = _topology()
+    topology = _topology(extras)
     statuses = topology.up(progress=lambda line: console.print(f"  {line}"))
     _print_table(statuses)
     c = topology.config
+    watched = any(s.name == "prometheus" for s in statuses)
     console.print(
         f"\nDagster UI  {c.dagster_url}\nMLflow      {c.mlflow_url} (user admin, basic auth)\n"
         f"API         {c.api_url} (a token: dagma token issue --scope search --ttl 1h)\n"
-        f"Use it from a shell: export MLFLOW_TRACKING_URI={c.mlflow_url} "
+        f"Metrics     {c.metrics_url}/metrics (every service's, for Prometheus)\n"
+        + (
+            f"Prometheus  {c.prometheus_url} (the app's Metrics page: "
+            f"export DAGMA_PROMETHEUS_URL={c.prometheus_url})\n"
+            if watched
+            else ""
+        )
+        + f"Use it from a shell: export MLFLOW_TRACKING_URI={c.mlflow_url} "
         "MLFLOW_TRACKING_USERNAME=admin MLFLOW_TRACKING_PASSWORD=<mlflow_admin in "
         f"{c.secrets_file}>",
         soft_wrap=True,
@@ -103,7 +121,9 @@ def status(
 
 @app.command()
 def logs(
-    name: Annotated[str | None, typer.Argument(help="postgres, mlflow, code-server, …")] = None,
+    name: Annotated[
+        str | None, typer.Argument(help="postgres, mlflow, code-server, metrics, prometheus, …")
+    ] = None,
     lines: Annotated[int, typer.Option("-n", "--lines", help="Lines per log.")] = 40,
 ) -> None:
     """Print the last lines of each service's log."""

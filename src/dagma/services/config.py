@@ -31,6 +31,18 @@ class ServicesConfig(BaseSettings):
     dagma_dagster_port: int = Field(default=53000, description="Dagster webserver port.")
     dagma_grpc_port: int = Field(default=54000, description="Dagster gRPC code server port.")
     dagma_api_port: int = Field(default=58000, description="The API's port (`dagma serve`).")
+    dagma_metrics_port: int = Field(
+        default=58100, description="The metrics exporter's port (every service's figures)."
+    )
+    dagma_prometheus_port: int = Field(
+        default=59090, description="Prometheus' port (`up --with observability`)."
+    )
+    dagma_prometheus_bin: Path = Field(
+        default=Path("/usr/bin/prometheus"), description="Prometheus (Debian's `prometheus`)."
+    )
+    dagma_prometheus_scrape_interval: str = Field(
+        default="5s", description="How often Prometheus scrapes, a Prometheus duration (5s, 1m)."
+    )
     dagster_max_concurrent_runs: int = Field(
         default=4, ge=1, description="Runs the daemon launches at once; the rest stay QUEUED."
     )
@@ -87,6 +99,16 @@ class ServicesConfig(BaseSettings):
         return self.home / "mlflow" / "artifacts"
 
     @property
+    def metrics_dir(self) -> Path:
+        """The services' shared multiprocess folder of Prometheus figures."""
+        return self.state_dir / "metrics"
+
+    @property
+    def prometheus_dir(self) -> Path:
+        """Prometheus' generated config and, under `data`, its database."""
+        return self.state_dir / "prometheus"
+
+    @property
     def secrets_file(self) -> Path:
         return self.state_dir / "secrets.json"
 
@@ -109,6 +131,14 @@ class ServicesConfig(BaseSettings):
     @property
     def api_url(self) -> str:
         return self.url(self.dagma_api_port)
+
+    @property
+    def metrics_url(self) -> str:
+        return self.url(self.dagma_metrics_port)
+
+    @property
+    def prometheus_url(self) -> str:
+        return self.url(self.dagma_prometheus_port)
 
     def refuse_placeholders(self) -> None:
         """Raise `SecretsError` naming each password override set to a value everyone knows."""

@@ -9,11 +9,12 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dagma.services import health, postgres
+from dagma.lib.telemetry import metrics
+from dagma.services import health, postgres, prometheus
 from dagma.services.config import API_SECRET, LOOPBACK, PROJECT_ROOT, ServicesConfig
 from dagma.services.procs import (
     MARKER,
@@ -30,6 +31,10 @@ from dagma.services.procs import (
 
 Progress = Callable[[str], None]
 MLFLOW_ADMIN = "admin"
+OBSERVABILITY = "observability"  # `up --with observability`: Prometheus too
+EXTRAS = (OBSERVABILITY,)
+# Stopped first to last; any other recorded service before the metrics exporter.
+DOWN_ORDER = ["prometheus", "api", "daemon", "webserver", "code-server", "mlflow", "postgres"]
 
 
 @dataclass
@@ -56,11 +61,23 @@ class ServiceStatus:
 
 
 class Topology:
-    """Postgres, then MLflow and the gRPC code server, then the webserver and the daemon."""
+    """Postgres and the metrics exporter, then MLflow and the gRPC code server, then the
+    webserver, the daemon, the API and (with observability) Prometheus."""
 
-    def __init__(self, config: ServicesConfig) -> None:
+    def __init__(self, config: ServicesConfig, extras: Iterable[str] = ()) -> None:
         self.config = config
         self.state = StateFile(config.state_dir / "state.json")
+        unknown = sorted(set(extras) - set(EXTRAS))
+        if unknown:
+            raise ServiceError(
+                f"unknown --with {', '.join(unknown)}: the choices are {', '.join(EXTRAS)}."
+            )
+        self.extras = frozenset(extras)
+
+    def wanted_extras(self) -> frozenset[str]:
+        """The extras asked for now, and those an earlier `up` started and `down` has not
+        stopped: a later plain `up` restarts them like any other service."""
+        return self.extras | ({OBSERVABILITY} if "prometheus" in self.state.load() else set())
 
     @property
     def pg_bin(self) -> Path:
@@ -89,6 +106,8 @@ class Topology:
                 "MLFLOW_TRACKING_PASSWORD": passwords["mlflow_admin"],
                 "DAGMA_GRPC_PORT": str(c.dagma_grpc_port),
                 "PYTHONUNBUFFERED": "1",
+                # Every service and run worker writes its figures here; the exporter serves them.
+                metrics.MULTIPROC_ENV: str(c.metrics_dir),
             }
         )
         # The code server's run workers would otherwise inherit a test's or a shell's choice.
@@ -109,10 +128,15 @@ class Topology:
             "MLFLOW_AUTH_ADMIN_PASSWORD": passwords["mlflow_admin"],
             "MLFLOW_FLASK_SERVER_SECRET_KEY": passwords["mlflow_flask_secret"],
         }
-        for secret in ("DAGSTER_PG_PASSWORD",):
-            mlflow_env.pop(secret, None)
-        pg_env = {k: v for k, v in env.items() if not k.startswith(("DAGSTER_PG", "MLFLOW_"))}
+        for name in ("DAGSTER_PG_PASSWORD", metrics.MULTIPROC_ENV):
+            mlflow_env.pop(name, None)
+        pg_env = {
+            k: v
+            for k, v in env.items()
+            if not k.startswith(("DAGSTER_PG", "MLFLOW_")) and k != metrics.MULTIPROC_ENV
+        }
         hostport = f"{LOOPBACK}:{c.dagma_mlflow_port}"
+        extra = [self._prometheus()] if OBSERVABILITY in self.wanted_extras() else []
         return [
             Service(
                 name="postgres",
@@ -124,6 +148,23 @@ class Topology:
                 url=f"postgresql://127.0.0.1:{c.dagma_pg_port}",
                 env=pg_env,
                 user=postgres.os_user(c.dagma_pg_os_user),
+                wave=0,
+            ),
+            Service(
+                name="metrics",
+                argv=[
+                    venv_bin("python"),
+                    "-m",
+                    "dagma.services.metrics_exporter",
+                    "--host",
+                    LOOPBACK,
+                    "--port",
+                    str(c.dagma_metrics_port),
+                ],
+                port=c.dagma_metrics_port,
+                check=lambda: health.http_ok(f"{c.metrics_url}/metrics"),
+                url=f"{c.metrics_url}/metrics",
+                env={**pg_env, metrics.MULTIPROC_ENV: str(c.metrics_dir)},
                 wave=0,
             ),
             Service(
@@ -215,7 +256,22 @@ class Topology:
                 env=self.api_env(env, passwords),
                 wave=2,
             ),
+            *extra,
         ]
+
+    def _prometheus(self) -> Service:
+        """Debian's Prometheus on the config `up` writes, scraping the exporter and the API."""
+        c = self.config
+        return Service(
+            name="prometheus",
+            argv=prometheus.argv(c),
+            port=c.dagma_prometheus_port,
+            check=lambda: health.http_ok(f"{c.prometheus_url}/-/ready"),
+            url=c.prometheus_url,
+            # Nothing of the lab's secrets; the marker lets `down` find it.
+            env={MARKER: str(c.home), "PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            wave=2,
+        )
 
     def api_env(self, env: dict[str, str], passwords: dict[str, str]) -> dict[str, str]:
         """The API's environment: the services' MLflow and the token settings that
@@ -238,6 +294,8 @@ class Topology:
     def up(self, progress: Progress = print, only: set[str] | None = None) -> list[ServiceStatus]:
         """Start whatever is not running, wave by wave, waiting for each health check."""
         c = self.config
+        if OBSERVABILITY in self.wanted_extras():
+            prometheus.check(c)  # before anything is created or started
         c.home.mkdir(parents=True, exist_ok=True)
         passwords = c.passwords()
         services = self.services(passwords)
@@ -247,8 +305,15 @@ class Topology:
         if pg.user and c.home.stat().st_uid == os.geteuid():
             # Postgres runs unprivileged and must traverse $DAGMA_HOME to reach its folder.
             c.home.chmod(c.home.stat().st_mode | 0o011)
-        if postgres.initdb(self.pg_bin, c.pg_dir, passwords["postgres"], pg.user):
+        if any(s.name == "postgres" for s in services) and postgres.initdb(
+            self.pg_bin, c.pg_dir, passwords["postgres"], pg.user
+        ):
             progress(f"postgres: initialized a cluster in {c.pg_dir / 'data'}")
+        # Last session's figures go only when none of its processes can still write them.
+        fresh = not any(record_alive(r) for r in self.state.load().values())
+        metrics.shared_dir_env(c.metrics_dir, fresh=fresh)
+        if any(s.name == "prometheus" for s in services):
+            prometheus.write_config(c)
         c.dagster_home.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(
             PROJECT_ROOT / "deploy" / "services" / "dagster.yaml", c.dagster_home / "dagster.yaml"
@@ -262,7 +327,7 @@ class Topology:
                     self._restart_pooled(progress)
             for service in batch:
                 self._wait_healthy(service, progress)
-            if wave == 0:
+            if wave == 0 and any(s.name == "postgres" for s in batch):
                 postgres.bootstrap(c.dagma_pg_port, passwords)
             if wave == 1 and any(s.name == "mlflow" for s in batch):
                 ensure_experiment(
@@ -288,6 +353,8 @@ class Topology:
         if record and record_alive(record):
             progress(f"{service.name}: already running (pid {record.pid})")
             return False
+        if record:
+            mark_dead(self.config, record.pid)  # its live gauges leave the exposition
         if service.port is not None and port_in_use(service.port):
             raise ServiceError(
                 f"{service.name}: port {service.port} on 127.0.0.1 is already in use by another "
@@ -319,6 +386,8 @@ class Topology:
             "code-server": "DAGMA_GRPC_PORT",
             "webserver": "DAGMA_DAGSTER_PORT",
             "api": "DAGMA_API_PORT",
+            "metrics": "DAGMA_METRICS_PORT",
+            "prometheus": "DAGMA_PROMETHEUS_PORT",
         }.get(name, "")
 
     def _wait_healthy(self, service: Service, progress: Progress) -> None:
@@ -349,8 +418,8 @@ class Topology:
     def down(self, progress: Progress = print, timeout: float = 20.0) -> list[int]:
         """Stop, in reverse order, exactly what `up` started (and their descendants)."""
         records = self.state.load()
-        order = ["api", "daemon", "webserver", "code-server", "mlflow", "postgres"]
-        for name in order + [n for n in records if n not in order]:
+        rest = [n for n in records if n not in DOWN_ORDER and n != "metrics"]
+        for name in DOWN_ORDER + rest + ["metrics"]:
             record = records.get(name)
             if record is None:
                 continue
@@ -359,6 +428,7 @@ class Topology:
                 sig = signal.SIGINT if name == "postgres" else signal.SIGTERM
                 terminate([record], sig=sig, timeout=timeout)
                 progress(f"{name}: stopped (pid {record.pid})")
+            mark_dead(self.config, record.pid)
             self.state.drop(name)
         leftovers = marked_pids(str(self.config.home))
         if leftovers:
@@ -490,6 +560,18 @@ def tail(path: Path, lines: int = 40) -> str:
 
 
 def iter_logs(config: ServicesConfig, name: str | None) -> Iterator[Path]:
-    names = [name] if name else ["postgres", "mlflow", "code-server", "webserver", "daemon", "api"]
+    names = [name] if name else [*reversed(DOWN_ORDER[1:]), "metrics", "prometheus"]
     for n in names:
-        yield config.logs_dir / f"{n}.log"
+        path = config.logs_dir / f"{n}.log"
+        if name or n != "prometheus" or path.is_file():
+            yield path
+
+
+def mark_dead(config: ServicesConfig, pid: int) -> None:
+    """Drop a service's live gauges from the shared folder once it has exited."""
+    if config.metrics_dir.is_dir():
+        from prometheus_client import multiprocess
+
+        # metrics.mark_dead reads the folder from this process's environment, which the
+        # supervisor leaves alone (it records nothing itself).
+        multiprocess.mark_process_dead(pid, str(config.metrics_dir))
