@@ -18,6 +18,7 @@ page = st.navigation(
             st.Page(PAGES / "overview.py", title="Overview", icon=":material/hub:", default=True),
             st.Page(PAGES / "experiments.py", title="Experiments", icon=":material/science:"),
             st.Page(PAGES / "notebooks.py", title="Notebooks", icon=":material/menu_book:"),
+            st.Page(PAGES / "monitoring.py", title="Monitoring", icon=":material/monitoring:"),
         ],
         "Use it": [
             st.Page(PAGES / "model.py", title="Model", icon=":material/wine_bar:"),
