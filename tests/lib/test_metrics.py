@@ -36,7 +36,7 @@ def test_off_records_nothing_and_imports_no_prometheus_client():
 
 
 def test_an_unknown_metric_or_label_names_the_registry(monkeypatch):
-    monkeypatch.setattr(metrics, "_enabled", True)
+    monkeypatch.setenv(metrics.PUSH_ENV, "http://127.0.0.1:9")  # metrics on, as when pushing
     with pytest.raises(metrics.MetricsError, match="add it to METRICS"):
         metrics.record("dagma_nope")
     with pytest.raises(metrics.MetricsError, match="dagma_runs"):
@@ -45,10 +45,10 @@ def test_an_unknown_metric_or_label_names_the_registry(monkeypatch):
 
 def test_label_values_are_bounded_per_label():
     for i in range(metrics.MAX_LABEL_VALUES):
-        assert metrics._bounded("test_metric", "asset", f"a{i}") == f"a{i}"
-    assert metrics._bounded("test_metric", "asset", "one more") == metrics.OTHER
-    assert metrics._bounded("test_metric", "asset", "a3") == "a3"
-    assert metrics._bounded("other_metric", "x", "we<ird>\nvalue") == "we_ird__value"
+        assert metrics.bounded("test_metric", "asset", f"a{i}") == f"a{i}"
+    assert metrics.bounded("test_metric", "asset", "one more") == metrics.OTHER
+    assert metrics.bounded("test_metric", "asset", "a3") == "a3"
+    assert metrics.bounded("other_metric", "x", "we<ird>\nvalue") == "we_ird__value"
 
 
 def test_processes_of_one_session_share_one_exposition(tmp_path: Path):
@@ -89,7 +89,7 @@ def test_a_taken_port_is_named_with_the_fix():
 
 
 def test_a_push_to_nowhere_names_the_url_and_the_setting(monkeypatch):
-    monkeypatch.setattr(metrics, "_enabled", True)
+    monkeypatch.setenv(metrics.PUSH_ENV, "http://127.0.0.1:9")  # metrics on, as when pushing
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(metrics.MetricsError, match=rf"{url}.*DAGMA_METRICS_PUSH_URL"):
         metrics.push(url, job="dagma_run")

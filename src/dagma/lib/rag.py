@@ -40,6 +40,8 @@ from dagma.lib.answers import (
 )
 from dagma.lib.embeddings import Embedder
 from dagma.lib.llm import backend_errors, count_output_tokens, model_lock, structured_output_method
+from dagma.lib.telemetry import metrics
+from dagma.lib.telemetry.timing import timed
 
 __all__ = [
     "MAX_QUESTION_CHARS",
@@ -251,7 +253,11 @@ class RagPipeline:
     def retrieve(self, question: str) -> list[Document]:
         """Validated question -> the first ``max_passages`` retrieved documents, best first."""
         q = validate_question(question, self.max_question_chars)
-        return self.retriever.invoke(q)[: self.max_passages]
+        with timed("rag.retrieve", "dagma_rag_duration_seconds", stage="retrieve") as span:
+            docs = self.retriever.invoke(q)[: self.max_passages]
+            if span is not None:
+                span.set_attribute("dagma.rag.passages", len(docs))
+        return docs
 
     def stream(self, question: str, docs: Sequence[Document] | None = None) -> Iterator[str]:
         """Yield answer text chunks; pass ``docs`` (from :meth:`retrieve`) to skip retrieval.
@@ -266,13 +272,26 @@ class RagPipeline:
         if not docs:
             yield NO_CONTEXT_ANSWER
             return
+        started = time.perf_counter()
         with self._generating():
             for chunk in self.answer_chain.stream({"question": question, "docs": docs}):
                 if chunk:
                     yield chunk
+        # No span here: a generator's span would outlive the context of the caller that resumes it.
+        metrics.record(
+            "dagma_rag_duration_seconds", time.perf_counter() - started, stage="generate"
+        )
 
     def answer(self, question: str, docs: Sequence[Document] | None = None) -> Answer:
         """Retrieve, generate and return an :class:`Answer` with sources, confidence, timings."""
+        with timed("rag.answer", "dagma_rag_duration_seconds", stage="total") as span:
+            answer = self._answer(question, docs)
+            if span is not None:
+                span.set_attribute("dagma.rag.output_tokens", answer.output_tokens or 0)
+                span.set_attribute("dagma.rag.finish_reason", answer.finish_reason or "")
+        return answer
+
+    def _answer(self, question: str, docs: Sequence[Document] | None) -> Answer:
         start = time.perf_counter()
         q = validate_question(question, self.max_question_chars)
         docs = self.retrieve(q) if docs is None else list(docs)[: self.max_passages]
@@ -280,7 +299,8 @@ class RagPipeline:
             ans = assemble_answer(q, docs, NO_CONTEXT_ANSWER)
             return ans.model_copy(update={"latency_s": time.perf_counter() - start})
         inputs = {"question": q, "docs": docs}
-        with self._generating():
+        generating = timed("rag.generate", "dagma_rag_duration_seconds", stage="generate")
+        with self._generating(), generating:
             generation_start = time.perf_counter()
             out = self.draft_chain.invoke(inputs)
             tokens = _count(self.model, out)
@@ -288,15 +308,17 @@ class RagPipeline:
                 out = self.text_draft_chain.invoke(inputs)  # nothing usable in the draft
                 tokens += _count(self.model, out)
             generation_s = time.perf_counter() - generation_start
-        ans = assemble_answer(
-            q,
-            docs,
-            out.text,
-            citations=out.citations,
-            model_confidence=out.confidence,
-            finish_reason=out.finish_reason or self._limit_reached(tokens),
-            embedder=self.embedder,
-        )
+        metrics.record("dagma_rag_tokens", tokens, kind="completion")
+        with timed("rag.parse", "dagma_rag_duration_seconds", stage="parse"):
+            ans = assemble_answer(
+                q,
+                docs,
+                out.text,
+                citations=out.citations,
+                model_confidence=out.confidence,
+                finish_reason=out.finish_reason or self._limit_reached(tokens),
+                embedder=self.embedder,
+            )
         return ans.model_copy(
             update={
                 "parsed": out.parsed,
@@ -316,9 +338,11 @@ class RagPipeline:
         tokens = count_output_tokens(self.model, text) if docs else None
         if tokens is not None:
             reason = self._limit_reached(tokens) or "stop"
-        return assemble_answer(
-            question, docs, text, finish_reason=reason, embedder=self.embedder
-        ).model_copy(update={"output_tokens": tokens or 0})
+            metrics.record("dagma_rag_tokens", tokens, kind="completion")
+        with timed("rag.parse", "dagma_rag_duration_seconds", stage="parse"):
+            return assemble_answer(
+                question, docs, text, finish_reason=reason, embedder=self.embedder
+            ).model_copy(update={"output_tokens": tokens or 0})
 
     def _limit_reached(self, tokens: int) -> str | None:
         limit = _max_tokens(self.model)

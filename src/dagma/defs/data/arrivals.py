@@ -6,6 +6,7 @@ import dagster as dg
 
 from dagma.defs.core.sensors import automation_status
 from dagma.lib import arrivals
+from dagma.lib.telemetry import metrics
 from dagma.settings import get_settings
 
 ARRIVAL_HOURS = dg.HourlyPartitionsDefinition(start_date="2026-09-01-00:00", end_offset=1)
@@ -58,6 +59,18 @@ def inbox_arrivals(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.
     """The cursor maps each file to the modification time it was handled at; a file whose hour
     does not exist yet (a time in the future) is kept as minus that time: reported once, and
     requested once its hour comes."""
+    try:
+        result = _inbox_tick(context)
+    except Exception:
+        metrics.record("dagma_sensor_ticks", sensor="inbox_arrivals", result="error")
+        raise
+    asked = isinstance(result, dg.SensorResult) and bool(result.run_requests)
+    outcome = "requested" if asked else "skipped"
+    metrics.record("dagma_sensor_ticks", sensor="inbox_arrivals", result=outcome)
+    return result
+
+
+def _inbox_tick(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     inbox = get_settings().inbox_dir
     if not inbox.is_dir():
         return dg.SkipReason(f"{inbox} does not exist: create it and drop wine sample CSVs there.")
@@ -65,7 +78,9 @@ def inbox_arrivals(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.
     files = arrivals.landed(inbox)
     first, last = ARRIVAL_HOURS.get_first_partition_key(), ARRIVAL_HOURS.get_last_partition_key()
     requests, skipped, handled = [], [], {}
-    for hour, batch in sorted(arrivals.changed_since(files, seen).items()):
+    changed = arrivals.changed_since(files, seen)
+    metrics.record("dagma_inbox_files", sum(map(len, changed.values())), state="new")
+    for hour, batch in sorted(changed.items()):
         if first is None or hour < first:
             skipped += [f"{f.path.name} (landed {hour}, before {first}: `touch` it)" for f in batch]
         elif last is None or hour > last:  # a clock ahead, or a copied time: wait for its hour
@@ -93,6 +108,8 @@ def inbox_arrivals(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.
     skipped += [
         f"{name!r} (its name is not UTF-8 text: rename it)" for name in named if name not in seen
     ]
+    metrics.record("dagma_inbox_files", len(others), state="ignored")
+    metrics.record("dagma_inbox_files", len(named), state="badly_named")
     for note in skipped:
         context.log.warning(f"inbox: ignored {note}")
     current = {f.path.name: seen.get(f.path.name, f.mtime_ns) for f in files}

@@ -140,7 +140,8 @@ def enabled() -> bool:
     return _enabled or bool(os.environ.get(MULTIPROC_ENV) or os.environ.get(PUSH_ENV))
 
 
-def _bounded(metric: str, label: str, value: object) -> str:
+def bounded(metric: str, label: str, value: object) -> str:
+    """`value` as a label value: sanitised, and "other" past MAX_LABEL_VALUES distinct ones."""
     text = _LABEL_TEXT.sub("_", str(value))[:80] or "none"
     seen = _seen.setdefault((metric, label), set())
     if text in seen:
@@ -179,7 +180,7 @@ def record(name: str, value: float = 1.0, **labels: object) -> None:
             "dagma.lib.telemetry.metrics, or use one of: " + ", ".join(sorted(_SPECS))
         )
     with _lock:
-        values = [_bounded(name, label, labels[label]) for label in spec.labels]
+        values = [bounded(name, label, labels[label]) for label in spec.labels]
         child = _metric(spec).labels(*values)
     if spec.kind == "counter":
         child.inc(value)

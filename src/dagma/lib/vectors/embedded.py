@@ -6,6 +6,8 @@ engine takes no folder lock, and loading a finished version only rewrites identi
 temp file + rename, so reader processes open CURRENT directly while a writer builds. Inside a
 version, points are numbered by row; their ids and scalar payload fields are stored beside the
 shard (see `rows`). A reader that may not write a version searches a copy (see `private_copy`).
+Longer than 450 lines because one lock guards opening, publishing, searching and restoring a
+version; split across modules, that lock's invariants would be too.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from dagma.lib.atomic import atomic_file
+from dagma.lib.telemetry.timing import timed
 from dagma.lib.vectors.contract import (
     NAME,
     CollectionInfo,
@@ -195,6 +198,20 @@ class EmbeddedStore(VectorStore):
         k: int = 5,
         *,
         filter: dict[str, Any] | None = None,
+    ) -> list[Hit]:
+        attributes = {"dagma.collection": collection, "dagma.k": k}
+        with timed(
+            "vectors.search", "dagma_vector_search_duration_seconds", attributes, backend="embedded"
+        ):
+            return self._search(collection, vector, k, filter=filter)
+
+    def _search(
+        self,
+        collection: str,
+        vector: np.ndarray,
+        k: int,
+        *,
+        filter: dict[str, Any] | None,
     ) -> list[Hit]:
         import qdrant_edge as qe
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dagma.lib.telemetry.timing import timed
 from dagma.lib.vectors.contract import (
     CollectionInfo,
     CollectionVersion,
@@ -193,6 +194,20 @@ class ServerStore(VectorStore):
         k: int = 5,
         *,
         filter: dict[str, Any] | None = None,
+    ) -> list[Hit]:
+        attributes = {"dagma.collection": collection, "dagma.k": k}
+        with timed(
+            "vectors.search", "dagma_vector_search_duration_seconds", attributes, backend="server"
+        ):
+            return self._search(collection, vector, k, filter=filter)
+
+    def _search(
+        self,
+        collection: str,
+        vector: np.ndarray,
+        k: int,
+        *,
+        filter: dict[str, Any] | None,
     ) -> list[Hit]:
         check_name(collection)
         query = np.asarray(vector, dtype=np.float32).ravel().tolist()
