@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The system tools the test suite runs for real: nix-instantiate (flake.nix parses), Chromium and
-# a font (the browser tests), the PostgreSQL server (services mode). Installs what is missing from
-# Debian's apt when it can (root, or sudo without a password); otherwise stops at once and prints
-# the command to run. Used by `make test` and `.ci/run`.
+# a font (the browser tests), the PostgreSQL server (services mode), promtool (the alert rules).
+# Installs what is missing from Debian's apt when it can (root, or sudo without a password);
+# otherwise stops at once and prints the command to run. Used by `make test` and `.ci/run`.
 set -euo pipefail
 
 need=()
@@ -10,6 +10,7 @@ command -v nix-instantiate >/dev/null 2>&1 || need+=(nix-bin)
 [ -x "${DAGMA_CHROMIUM:-/usr/bin/chromium}" ] || need+=(chromium chromium-driver)
 find /usr/share/fonts -name '*.ttf' -print -quit 2>/dev/null | grep -q . || need+=(fonts-dejavu-core)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
+command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 install="apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ${need[*]}"
