@@ -247,3 +247,19 @@ def test_a_broken_release_drafter_config_is_refused(
     broken.write_text(text.replace(old, new, 1))
     found = drafter_problems(broken, types)
     assert any(problem in p for p in found), found
+
+
+def test_the_contributing_guide_cuts_a_release_in_four_commands() -> None:
+    guide = (ROOT / "docs" / "contributing.md").read_text()
+    assert "## How to cut a release" in guide
+    section = guide.split("## How to cut a release", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S)
+    assert block, "the section has no bash block"
+    commands = [line.split("#")[0].strip() for line in block[1].splitlines()]
+    commands = [c for c in commands if c]
+    assert commands == [
+        "uv run git-cliff --unreleased --tag vX.Y.Z",
+        'git tag -a vX.Y.Z -m "vX.Y.Z"',
+        "git push origin vX.Y.Z",
+        "gh release view vX.Y.Z",
+    ]
