@@ -118,8 +118,46 @@ def compose_problems(config: dict[str, Any]) -> list[str]:
     return found
 
 
+def scrape_problems(prometheus: dict[str, Any], services: dict[str, Any]) -> list[str]:
+    """Scrape targets that are no compose service, and an exporter job on the wrong port."""
+    found = []
+    for job in prometheus.get("scrape_configs", []):
+        hosts = [
+            target.rpartition(":")[::2]
+            for static in job.get("static_configs", [])
+            for target in static.get("targets", [])
+        ]
+        hosts += [
+            (n, str(d.get("port"))) for d in job.get("dns_sd_configs", []) for n in d["names"]
+        ]
+        for host, port in hosts:
+            if host != "localhost" and host not in services:
+                found.append(f"job {job['job_name']} scrapes {host!r}, which is no compose service")
+                continue
+            command = services.get(host, {}).get("command") or []
+            if "dagma.services.metrics_exporter" in command and port != command[-1]:
+                found.append(f"job {job['job_name']} scrapes {host}:{port}, not its --port")
+    return found
+
+
 def test_the_observability_profile_resolves_pinned_and_loopback_only(config):
     assert compose_problems(config) == []
+    assert scrape_problems(yaml.safe_load(PROMETHEUS.read_text()), config["services"]) == []
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ('"metrics:58100"', '"metric:58100"', "'metric', which is no compose service"),
+        ('"metrics:58100"', '"metrics:9464"', "not its --port"),
+        ("names: [api]", "names: [dagma-api]", "'dagma-api'"),
+    ],
+)
+def test_the_scrape_check_rejects_a_broken_copy(config, old, new, problem):
+    text = PROMETHEUS.read_text()
+    assert old in text
+    found = scrape_problems(yaml.safe_load(text.replace(old, new)), config["services"])
+    assert any(problem in p for p in found), found
 
 
 COMPOSE_BREAKS = [
@@ -162,6 +200,25 @@ def test_tracing_is_off_by_default_and_reaches_the_collector_when_asked(config):
     assert url.hostname == "otel-collector"
     for name in TRACED:
         assert on[name]["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == documented.group(1)
+
+
+def test_the_code_server_shares_its_figures_with_the_exporter_when_asked(config):
+    """Off by default (an empty folder records nothing); the documented folder is the exporter's,
+    on the volume both mount."""
+    assert config["services"]["user-code"]["environment"]["PROMETHEUS_MULTIPROC_DIR"] == ""
+    example = (ROOT / ".env.example").read_text()
+    documented = re.search(r"^# DAGMA_COMPOSE_METRICS_DIR=(\S+)$", example, re.M)
+    assert documented, ".env.example does not document DAGMA_COMPOSE_METRICS_DIR"
+    services = compose(DAGMA_COMPOSE_METRICS_DIR=documented.group(1))["services"]
+    code, exporter = services["user-code"], services["metrics"]
+    folder = exporter["environment"]["PROMETHEUS_MULTIPROC_DIR"]
+    assert code["environment"]["PROMETHEUS_MULTIPROC_DIR"] == folder == documented.group(1)
+
+    def volume(service: dict[str, Any]) -> str:
+        [found] = [v["source"] for v in service["volumes"] if folder.startswith(v["target"] + "/")]
+        return str(found)
+
+    assert volume(code) == volume(exporter) == "dagma-data"
 
 
 # --------------------------------------------------------------------------- Grafana
