@@ -1,5 +1,6 @@
 """`dagma lab`: dagster dev serves the graph, the MLflow UI and the app answer, JupyterLab asks
-for its token (and starts as root), and SIGTERM or SIGHUP (a closed terminal) stops it all."""
+for its token (and starts as root), the metrics exporter serves the session's shared folder,
+and SIGTERM or SIGHUP (a closed terminal) stops it all."""
 
 import json
 import os
@@ -110,7 +111,7 @@ def test_dagma_lab_serves_everything_and_sigterm_stops_it_all(tmp_path: Path):
     """It serves; killed outright (SIGKILL, no time to stop anything), it leaves its processes,
     and the next `dagma lab` stops them and takes their ports; SIGTERM stops everything."""
     home, log = tmp_path / "home", tmp_path / "killed.log"
-    ports = {name: free_port() for name in ("dagster", "mlflow", "jupyter", "app")}
+    ports = {name: free_port() for name in ("dagster", "mlflow", "jupyter", "app", "metrics")}
     proc = start_lab(Path(sys.executable).parent, home, ports, log)
     try:
         wait_ready(proc, log)
@@ -130,6 +131,14 @@ def test_dagma_lab_serves_everything_and_sigterm_stops_it_all(tmp_path: Path):
         assert {"/".join(n["assetKey"]["path"]) for n in nodes} >= DEMO_ASSETS
         assert get_ok(f"http://127.0.0.1:{ports['mlflow']}/health")
         assert get_ok(f"http://127.0.0.1:{ports['app']}/_stcore/health")
+        metrics_url = f"http://127.0.0.1:{ports['metrics']}/metrics"
+        assert re.search(rf"^  metrics +{re.escape(metrics_url)}$", output, re.M), output
+        assert get_ok(metrics_url)
+        # Every process of the session writes into the one folder the exporter serves.
+        shared = f"PROMETHEUS_MULTIPROC_DIR={home / 'metrics' / 'lab'}".encode()
+        children = [pid for pid in lab_pids(home) if pid != proc.pid]
+        assert children and all(shared in environ(pid) for pid in children), children
+        assert (home / "metrics" / "lab").stat().st_mode & 0o777 == 0o700
         if not Path(sys.executable).with_name("jupyter-lab").exists():
             assert "jupyter not started: JupyterLab is not installed: run `make lab`" in output
         assert "processes a killed `dagma lab` left running" in output
@@ -177,7 +186,7 @@ def test_jupyterlab_asks_for_its_token_and_sighup_stops_everything(
     """JupyterLab starts (as root too), refuses a request without the token, and closing the
     terminal (SIGHUP) stops it, its kernel and the rest."""
     home, log = tmp_path / "home", tmp_path / "lab.log"
-    ports = {name: free_port() for name in ("dagster", "mlflow", "jupyter", "app")}
+    ports = {name: free_port() for name in ("dagster", "mlflow", "jupyter", "app", "metrics")}
     proc = start_lab(lab_group_env, home, ports, log)
     try:
         output = wait_ready(proc, log)
@@ -195,6 +204,46 @@ def test_jupyterlab_asks_for_its_token_and_sighup_stops_everything(
         stopped_by(proc, signal.SIGHUP, log, home, ports)
     finally:
         cleanup(proc, home)
+
+
+def test_a_taken_metrics_port_stops_the_lab_before_it_starts_anything(tmp_path: Path):
+    home, log = tmp_path / "home", tmp_path / "lab.log"
+    ports = {name: free_port() for name in ("dagster", "mlflow", "jupyter", "app", "metrics")}
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", ports["metrics"]))
+        squatter.listen()
+        proc = start_lab(Path(sys.executable).parent, home, ports, log)
+        try:
+            assert proc.wait(timeout=120) == 1, log.read_text()
+        finally:
+            cleanup(proc, home)
+    said = " ".join(log.read_text().split())
+    assert f"port in use: metrics ({ports['metrics']})" in said, said
+    assert f"dagma lab --metrics-port {ports['metrics'] + 1}" in said, said
+    assert lab_pids(home) == []
+
+
+def test_metrics_port_0_starts_no_exporter_and_shares_no_folder(tmp_path: Path):
+    from dagma.services import devlab
+    from dagma.settings import Settings
+
+    settings = Settings(dagma_home=tmp_path)
+    off = devlab.plan(settings, {"metrics": 0}, jupyter=False)
+    assert "metrics" not in {p.name for p in off.processes} and off.metrics_dir is None
+    assert off.skipped["metrics"] == "--metrics-port 0"
+    assert "PROMETHEUS_MULTIPROC_DIR" not in devlab.Lab(settings, off).env()
+    on = devlab.plan(settings, {}, jupyter=False)
+    assert on.urls["metrics"] == "http://127.0.0.1:9464/metrics"
+    assert devlab.Lab(settings, on).env()["PROMETHEUS_MULTIPROC_DIR"] == str(
+        tmp_path.resolve() / "metrics" / "lab"
+    )
+
+
+def environ(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return []
 
 
 def cmdline(pid: int) -> bytes:

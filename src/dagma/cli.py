@@ -249,6 +249,17 @@ def run(
     local: Annotated[
         bool, typer.Option("--local", help="Run in this process even when the lab is up.")
     ] = False,
+    push_metrics: Annotated[
+        str | None,
+        typer.Option(
+            "--push-metrics",
+            metavar="URL",
+            envvar="DAGMA_METRICS_PUSH_URL",
+            help="After a run in this process, push its metrics to this Prometheus "
+            "Pushgateway (job dagma_run).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Materialize some or all assets.
 
@@ -256,6 +267,40 @@ def run(
     assets runs there, on the warm code server and its spare kernels; otherwise, or with
     `--local`, it runs in this process.
     """
+    if not push_metrics:
+        if not _run(assets, stale, param, processes, local, pushing=False)[1]:
+            raise typer.Exit(1)
+        return
+    import os
+    import shutil
+    import tempfile
+
+    from dagma.lib.telemetry import metrics
+
+    # A folder of this run's own, set before anything imports prometheus_client: the figures
+    # of steps in child processes (-j) are pushed too, and none of an enclosing lab's.
+    folder = Path(tempfile.mkdtemp(prefix="dagma-run-metrics-"))
+    os.environ.update(metrics.shared_dir_env(folder, fresh=True))
+    try:
+        here, success = _run(assets, stale, param, processes, local, pushing=True)
+        if here:  # a failed run's figures too: its failed steps are what to look at
+            metrics.push(push_metrics, job="dagma_run")
+            console.print(f"Pushed the run's metrics to {push_metrics} (job dagma_run).")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if not success:
+        raise typer.Exit(1)
+
+
+def _run(
+    assets: list[str] | None,
+    stale: bool,
+    param: list[str] | None,
+    processes: int | None,
+    local: bool,
+    pushing: bool,
+) -> tuple[bool, bool]:
+    """`dagma run`: whether it ran in this process (its metrics are here), and succeeded."""
     settings = get_settings()
     params = _notebook_params(param or [], assets or [], settings)
     if assets and not (local or stale or processes):
@@ -263,9 +308,13 @@ def run(
 
         done = run_in_the_lab(settings.home, assets, params, console)
         if done is not None:
-            if not done.success:
-                raise typer.Exit(1)
-            return
+            if pushing:
+                console.print(
+                    "Not pushed: the run was in the lab's services, whose metrics exporter "
+                    "Prometheus scrapes (`dagma services status`). Run with --local to push.",
+                    markup=False,
+                )
+            return False, done.success
     # Spare kernels start now, while Dagster is imported and the definitions load.
     pool = None if stale else kernel_pool.for_command(settings, assets, processes)
     from dagma import lab
@@ -284,10 +333,9 @@ def run(
             pool.close()
     if result.run_id is None:
         console.print("[green]Nothing is stale: every asset is up to date.[/green]")
-        return
+        return False, True
     lab.print_summary(result, settings, console)
-    if not result.success:
-        raise typer.Exit(1)
+    return True, result.success
 
 
 def _notebook_params(
@@ -518,6 +566,14 @@ def lab_command(
     mlflow_port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
     jupyter_port: Annotated[int, typer.Option(help="Port of JupyterLab.")] = 8888,
     app_port: Annotated[int, typer.Option(help="Port of the Streamlit app.")] = 8501,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Port of the lab's Prometheus metrics (every process's); 0 turns them off.",
+        ),
+    ] = 9464,
     jupyter: Annotated[bool, typer.Option(help="Start JupyterLab too.")] = True,
 ) -> None:
     """dagster dev, the MLflow UI, JupyterLab (behind a token) and the app together; Ctrl-C,
@@ -526,7 +582,9 @@ def lab_command(
 
     settings = get_settings()
     ports = {"dagster": dagster_port, "mlflow": mlflow_port, "jupyter": jupyter_port}
-    plan = devlab.plan(settings, {**ports, "app": app_port}, jupyter=jupyter)
+    plan = devlab.plan(
+        settings, {**ports, "app": app_port, "metrics": metrics_port}, jupyter=jupyter
+    )
     say: dict[str, Any] = {"markup": False, "highlight": False, "soft_wrap": True}
     for warning in plan.warnings:
         console.print(warning, style="bold yellow", **say)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from dagma.lib import processes
+from dagma.lib.telemetry import metrics
 from dagma.services import health
 from dagma.services.procs import (
     MARKER,
@@ -37,7 +38,7 @@ from dagma.services.supervisor import tail
 from dagma.settings import PROJECT_ROOT, Settings
 
 LOOPBACK = "127.0.0.1"
-DEFAULT_PORTS = {"dagster": 3000, "mlflow": 5000, "jupyter": 8888, "app": 8501}
+DEFAULT_PORTS = {"dagster": 3000, "mlflow": 5000, "jupyter": 8888, "app": 8501, "metrics": 9464}
 LAB_MARKER = re.compile(r"lab-(?P<pid>\d+)-(?P<started>\d+)-\w+")
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 ROOT_WARNING = (
@@ -63,6 +64,8 @@ class LabPlan:
     skipped: dict[str, str]
     urls: dict[str, str]
     warnings: list[str] = field(default_factory=list)
+    # The session's shared folder of Prometheus figures; None with --metrics-port 0.
+    metrics_dir: Path | None = None
 
 
 def plan(settings: Settings, ports: Mapping[str, int], jupyter: bool = True) -> LabPlan:
@@ -158,10 +161,32 @@ def plan(settings: Settings, ports: Mapping[str, int], jupyter: bool = True) -> 
             url["app"] + "/_stcore/health",
         )
     )
+    metrics_dir = None
+    if ports["metrics"]:
+        metrics_dir = settings.home / "metrics" / "lab"
+        procs.append(
+            LabProcess(
+                "metrics",
+                [
+                    venv_bin("python"),
+                    "-m",
+                    "dagma.services.metrics_exporter",
+                    "--host",
+                    LOOPBACK,
+                    "--port",
+                    str(ports["metrics"]),
+                ],
+                ports["metrics"],
+                url["metrics"] + "/metrics",
+                url["metrics"] + "/metrics",
+            )
+        )
+    else:
+        skipped["metrics"] = "--metrics-port 0"
     urls = {p.name: p.url for p in procs}
     if "mlflow" in skipped:
         urls["mlflow"] = url["mlflow"]
-    return LabPlan(procs, skipped, urls, warnings)
+    return LabPlan(procs, skipped, urls, warnings, metrics_dir)
 
 
 class Lab:
@@ -182,6 +207,9 @@ class Lab:
         env["DAGSTER_UI_URL"] = self.plan.urls["dagster"]
         env["MLFLOW_UI_URL"] = self.plan.urls["mlflow"]
         env.setdefault("MLFLOW_TRACKING_URI", self.settings.tracking_uri)
+        env.pop(metrics.MULTIPROC_ENV, None)  # a shell's or an enclosing session's
+        if self.plan.metrics_dir is not None:
+            env[metrics.MULTIPROC_ENV] = str(self.plan.metrics_dir)
         return env
 
     def start(self, progress: Callable[[str], None], timeout: float = 120.0) -> None:
@@ -198,6 +226,9 @@ class Lab:
                 f"e.g. `dagma lab --{busy[0].name}-port {busy[0].port + 1}`."
             )
         self.settings.ensure_dirs()
+        if self.plan.metrics_dir is not None:
+            # The last session's processes are gone (swept above): its figures go too.
+            metrics.shared_dir_env(self.plan.metrics_dir, fresh=True)
         base = self.env()
         for proc in self.plan.processes:
             log = self.logs / f"{proc.name}.log"
