@@ -39,6 +39,8 @@ case "$group" in
   full) profiles=(full) ;;
   *) echo "usage: $0 minimal|data|vector|ml|gateway|full [docker compose up args]" >&2; exit 2 ;;
 esac
+# DAGMA_OBSERVABILITY=1 adds the observability profile to any group (docs/production.md).
+[[ -z "${DAGMA_OBSERVABILITY:-}" ]] || profiles+=(observability)
 
 files=(-f compose.yaml)
 if [[ "$group" == gateway || "$group" == full ]]; then

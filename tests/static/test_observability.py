@@ -24,8 +24,10 @@ import pytest
 import yaml
 from dotenv import dotenv_values
 
+from dagma.env_secrets import init as secrets_init
 from dagma.lib.telemetry.metrics import exported_series
 from tests.conftest import require
+from tests.test_secrets import copy_for_host
 
 ROOT = Path(__file__).resolve().parents[2]
 OBS = ROOT / "deploy" / "observability"
@@ -67,6 +69,11 @@ def compose(path: Path = ROOT / "compose.yaml", **env: str) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def config() -> dict[str, Any]:
     return compose()
+
+
+def flags_of(argv: list[str]) -> dict[str, str]:
+    """`--name=value` arguments as a dict."""
+    return dict(a[2:].partition("=")[::2] for a in argv if a.startswith("--"))
 
 
 def mounted(service: dict[str, Any], source: Path) -> str | None:
@@ -219,6 +226,42 @@ def test_the_code_server_shares_its_figures_with_the_exporter_when_asked(config)
         return str(found)
 
     assert volume(code) == volume(exporter) == "dagma-data"
+
+
+def test_the_app_reads_the_profiles_prometheus_when_asked(config):
+    assert config["services"]["app"]["environment"]["DAGMA_PROMETHEUS_URL"] == ""
+    example = (ROOT / ".env.example").read_text()
+    documented = re.search(r"^# DAGMA_COMPOSE_PROMETHEUS_URL=(\S+)$", example, re.M)
+    assert documented, ".env.example does not document DAGMA_COMPOSE_PROMETHEUS_URL"
+    services = compose(DAGMA_COMPOSE_PROMETHEUS_URL=documented.group(1))["services"]
+    url = urlsplit(services["app"]["environment"]["DAGMA_PROMETHEUS_URL"])
+    listen = flags_of(services["prometheus"]["command"])["web.listen-address"]
+    assert url.hostname == "prometheus" and f":{url.port}" == listen
+
+
+FAKE_DOCKER = """#!/bin/sh
+[ "$1 $2" = "compose version" ] && exit 0
+echo "$@" >> "$(dirname "$0")/calls"
+"""
+
+
+@pytest.mark.parametrize("group", ["minimal", "vector"])
+@pytest.mark.parametrize("on", [True, False])
+def test_start_env_adds_the_profile_to_any_group_when_asked(tmp_path, group, on):
+    bin_dir = copy_for_host(tmp_path, "scripts/start_env.sh", ".env.example")
+    secrets_init(tmp_path / ".env", environ={})
+    (bin_dir / "docker").write_text(FAKE_DOCKER)
+    (bin_dir / "docker").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(bin_dir)}
+    done = subprocess.run(
+        ["/bin/bash", tmp_path / "scripts" / "start_env.sh", group],
+        capture_output=True, text=True, timeout=60,
+        env=env | ({"DAGMA_OBSERVABILITY": "1"} if on else {}),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    [call] = (bin_dir / "calls").read_text().splitlines()
+    assert ("--profile observability" in call) is on, call
+    assert (f"--profile {group}" in call) is (group != "minimal"), call
 
 
 # --------------------------------------------------------------------------- Grafana
