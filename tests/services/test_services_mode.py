@@ -1,13 +1,15 @@
 """Services mode for real: Postgres, the MLflow server and Dagster's webserver, daemon and
 gRPC code server as local processes in a temporary DAGMA_HOME, driven through GraphQL.
 
-The topology starts once per module (about a minute on two loaded cores); the finalizer
-stops it and fails if any process of ours is left behind.
+The topology starts once per module (about a minute on two loaded cores), with Prometheus
+(`--with observability`) when Debian's is installed; the finalizer stops it and fails if any
+process of ours is left behind.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -74,6 +76,7 @@ class Lab:
     env: dict[str, str]
     config: ServicesConfig
     runs: dict[str, str] = field(default_factory=dict)
+    observability: bool = False
 
     def cli(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -153,10 +156,13 @@ def lab() -> Iterator[Lab]:
         "DAGMA_DAGSTER_PORT": free_port(),
         "DAGMA_GRPC_PORT": free_port(),
         "DAGMA_API_PORT": free_port(),
+        "DAGMA_METRICS_PORT": free_port(),
+        "DAGMA_PROMETHEUS_PORT": free_port(),
     }
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DAGSTER_", "MLFLOW_"))}
     for name in ("QDRANT_URL", "QDRANT_API_KEY", "DAGMA_QDRANT_PATH", "DAGMA_API_SECRET"):
         env.pop(name, None)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update({k: str(v) for k, v in ports.items()})
     notebooks = home / "notebooks"
     shutil.copytree(ROOT / "notebooks", notebooks)
@@ -171,6 +177,7 @@ def lab() -> Iterator[Lab]:
             "DAGMA_NOTEBOOKS_DIR": str(notebooks),
             "SLOW_MARKER": str(home / "slow-marker"),
             "NAP_MARKER": str(home / "nap-marker"),
+            "DAGMA_PROMETHEUS_SCRAPE_INTERVAL": "1s",
         }
     )
     config = ServicesConfig(
@@ -180,12 +187,16 @@ def lab() -> Iterator[Lab]:
         dagma_dagster_port=ports["DAGMA_DAGSTER_PORT"],
         dagma_grpc_port=ports["DAGMA_GRPC_PORT"],
         dagma_api_port=ports["DAGMA_API_PORT"],
+        dagma_metrics_port=ports["DAGMA_METRICS_PORT"],
+        dagma_prometheus_port=ports["DAGMA_PROMETHEUS_PORT"],
+        dagma_prometheus_scrape_interval="1s",
         dagster_max_concurrent_runs=1,
     )
-    lab = Lab(home=home, env=env, config=config)
+    observability = config.dagma_prometheus_bin.is_file()
+    lab = Lab(home=home, env=env, config=config, observability=observability)
     try:
         started = time.monotonic()
-        up = lab.cli("up")
+        up = lab.cli("up", *(["--with", "observability"] if observability else []))
         assert up.returncode == 0, up.stdout + up.stderr + lab.cli("logs", "-n", "30").stdout
         print(f"services up in {time.monotonic() - started:.0f}s")
         yield lab
@@ -244,12 +255,16 @@ def test_up_reports_every_service_healthy_and_the_embedded_vector_store(lab):
     assert status["healthy"], status
     assert {s["name"] for s in status["services"]} == {
         "postgres",
+        "metrics",
         "mlflow",
         "code-server",
         "webserver",
         "daemon",
         "api",
+        *(["prometheus"] if lab.observability else []),
     }
+    exporter = next(s for s in status["services"] if s["name"] == "metrics")
+    assert exporter["url"] == f"{lab.config.metrics_url}/metrics", exporter
     assert status["vector_store"]["kind"] == "embedded"
     assert status["vector_store"]["location"] == str(lab.home / "qdrant")
     secrets = lab.config.secrets_file
@@ -323,6 +338,72 @@ def test_runs_are_stored_in_postgres(lab):
         rows = dict(conn.execute("SELECT run_id, status FROM runs").fetchall())
     assert rows[lab.runs["demo"]] == "SUCCESS"
     assert rows[lab.runs["small"]] == "SUCCESS"
+
+
+def prometheus_query(lab: Lab, expr: str) -> list[dict[str, Any]]:
+    """The instant vector Prometheus' own HTTP API answers for `expr`."""
+    from urllib.parse import quote
+
+    url = f"{lab.config.prometheus_url}/api/v1/query?query={quote(expr)}"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def scraped(lab: Lab, expr: str, timeout: float = 60) -> list[dict[str, Any]]:
+    """`expr`'s series once Prometheus has scraped at least one (every second here)."""
+    deadline = time.monotonic() + timeout
+    while not (found := prometheus_query(lab, expr)):
+        assert time.monotonic() < deadline, f"no series for {expr} after {timeout:.0f}s"
+        time.sleep(1)
+    return found
+
+
+def test_prometheus_scrapes_the_figures_of_every_service_and_run_worker(lab):
+    """The demo run's run worker, the API and the exporter write into one shared folder; the
+    exporter serves it all as job `dagma`, and Prometheus (on the config `up` generated)
+    scrapes it, with the API's own endpoint kept only for its `up`."""
+    require(lab.observability, "no Prometheus (Debian's prometheus) for --with observability")
+    assert lab.runs, "the demo run did not start"
+    assert (lab.home / "services" / "prometheus" / "prometheus.yml").is_file()
+    assert (lab.home / "services" / "prometheus" / "data" / "wal").is_dir()
+    assert (lab.home / "logs" / "prometheus.log").is_file()
+    for job in ("dagma", "dagma-api", "prometheus"):
+        assert [r["value"][1] for r in scraped(lab, f'up{{job="{job}"}}')] == ["1"], job
+
+    for asset in ("wine_table", "wine_model"):
+        steps = scraped(lab, f'dagma_asset_steps_total{{asset="{asset}",outcome="success"}}')
+        assert [r["metric"]["job"] for r in steps] == ["dagma"], steps
+        assert float(steps[0]["value"][1]) >= 1
+    phases = scraped(lab, 'dagma_notebook_phase_duration_seconds_count{notebook="wine_model"}')
+    assert {r["metric"]["phase"] for r in phases} >= {"execute"}, phases
+    assert scraped(lab, 'dagma_runs_total{outcome="success"}')
+    # The API's figures reach the exporter through the folder: its health checks, by route.
+    api = scraped(lab, 'dagma_api_requests_total{route="/healthz",status="200"}')
+    assert [r["metric"]["job"] for r in api] == ["dagma"], api
+    # Its own /metrics repeats them: scraped for `up` only, nothing counts twice.
+    assert prometheus_query(lab, 'count({job="dagma-api",__name__=~"dagma_.*"})') == []
+
+
+def test_a_killed_prometheus_starts_again_on_its_data(lab):
+    """SIGKILL leaves Prometheus' data folder (and its lock file) as it was; `up` starts it
+    again on the same data, and nothing else is restarted."""
+    require(lab.observability, "no Prometheus (Debian's prometheus) for --with observability")
+    before = scraped(lab, 'count_over_time(up{job="dagma"}[1h])')
+    killed = Topology(lab.config).records()["prometheus"]
+    os.kill(killed.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while port_in_use(lab.config.dagma_prometheus_port):
+        assert time.monotonic() < deadline, "the killed Prometheus' port stays taken"
+        time.sleep(0.2)
+
+    up = lab.cli("up")  # no --with: the recorded Prometheus is part of the topology now
+    assert up.returncode == 0, up.stdout + up.stderr + lab.cli("logs", "prometheus").stdout
+    assert "metrics: already running" in up.stdout and "api: already running" in up.stdout
+    assert "prometheus: started" in up.stdout, up.stdout
+    after = scraped(lab, 'count_over_time(up{job="dagma"}[1h])')
+    assert float(after[0]["value"][1]) >= float(before[0]["value"][1])  # the samples survived
 
 
 def test_mlflow_requires_basic_auth_and_the_admin_password_is_not_the_default(lab):
@@ -903,14 +984,46 @@ def materializations(lab: Lab, run_id: str) -> dict[str, dict[str, Any]]:
     return found
 
 
+@contextlib.contextmanager
+def pushgateway() -> Iterator[tuple[str, list[tuple[str, str, str]]]]:
+    """A stand-in Pushgateway on a free port: its URL and each (method, path, body) it got."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[tuple[str, str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_PUT(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            received.append(("PUT", self.path, body.decode()))
+            self.send_response(200)
+            self.end_headers()
+
+        do_POST = do_PUT
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_dagma_run_takes_the_warm_lab_and_matches_a_cold_local_run(lab, tmp_path):
     """With the services up, `dagma run` goes through the webserver to a run worker forked from
     the warm code server, on a spare kernel; a cold run in a fresh embedded home of the same
-    selection gives the same assets, metadata and metrics."""
+    selection gives the same assets, metadata and metrics, and pushes its Prometheus figures
+    to a Pushgateway when asked (the warm one's are the services' exporter's)."""
     selection = ["wine_table", "wine_model"]
-    warm = dagma(lab, "run", *selection)
+    with pushgateway() as (gateway, pushed):
+        warm = dagma(lab, "run", *selection, "--push-metrics", gateway)
     assert warm.returncode == 0, warm.stdout + warm.stderr + "\n".join(failures(lab))
     assert "in the lab's services" in warm.stdout
+    assert "Not pushed: the run was in the lab's services" in warm.stdout and not pushed
     run_id = warm.stdout.split("Dagster UI: ")[1].split("/runs/")[1].split()[0]
     warm_meta = materializations(lab, run_id)
     assert sorted(warm_meta) == sorted(selection)
@@ -922,9 +1035,20 @@ def test_dagma_run_takes_the_warm_lab_and_matches_a_cold_local_run(lab, tmp_path
         if not k.startswith("DAGMA_") or k in ("DAGMA_NOTEBOOKS_DIR", "DAGMA_AUTOMATION")
     }
     cold_env["DAGMA_HOME"] = str(tmp_path / "cold")
-    cold = dagma(lab, "run", *selection, env=cold_env)
+    with pushgateway() as (gateway, pushed):
+        cold = dagma(lab, "run", *selection, env={**cold_env, "DAGMA_METRICS_PUSH_URL": gateway})
     assert cold.returncode == 0, cold.stdout + cold.stderr
     assert "in the lab's services" not in cold.stdout
+    assert f"Pushed the run's metrics to {gateway}" in cold.stdout, cold.stdout
+    # prometheus_client's push: PUT /metrics/job/<job>, the exposition as the body.
+    assert [(method, path) for method, path, _ in pushed] == [("PUT", "/metrics/job/dagma_run")]
+    body = pushed[0][2]
+    for asset in selection:
+        assert f'dagma_asset_steps_total{{asset="{asset}",outcome="success"}} 1.0' in body, body
+    assert 'dagma_runs_total{outcome="success"} 1.0' in body, body
+    assert (
+        'dagma_notebook_phase_duration_seconds_count{notebook="wine_model",phase="execute"}' in body
+    )
     import dagster as dg
 
     with dg.DagsterInstance.from_config(str(tmp_path / "cold" / "dagster")) as instance:
