@@ -80,7 +80,7 @@ def check_message(message: str, args: list[str]) -> str | None:
         path = Path(tmp) / "COMMIT_EDITMSG"
         path.write_text(message, encoding="utf-8")
         report = io.StringIO()
-        with contextlib.redirect_stdout(report):
+        with contextlib.redirect_stdout(report), contextlib.redirect_stderr(report):
             code = hook.main([*args, str(path)])
     return None if code == hook.RESULT_SUCCESS else report.getvalue().strip()
 
@@ -96,12 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, default=ROOT / ".pre-commit-config.yaml")
     opts = parser.parse_args(argv)
     try:
-        args = [
-            "--no-color",
-            "--verbose",
-            *hook_args(opts.config),
-            *(["--strict"] if opts.strict else []),
-        ]
+        # Options first: after the types, argparse would take no more positional (the file).
+        flags = ["--no-color", "--verbose", *(["--strict"] if opts.strict else [])]
+        args = flags + hook_args(opts.config)
         if opts.file:
             todo = [(str(opts.file), opts.file.read_text(encoding="utf-8"))]
         else:

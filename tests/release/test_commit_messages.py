@@ -117,7 +117,10 @@ def test_strict_refuses_a_fixup_the_hook_lets_through(tmp_path: Path) -> None:
     message = tmp_path / "COMMIT_EDITMSG"
     message.write_text("fixup! feat: x\n")
     assert check(ROOT, "--file", str(message)).returncode == 0
-    assert check(ROOT, "--strict", "--file", str(message)).returncode == 1
+    done = check(ROOT, "--strict", "--file", str(message))
+    assert done.returncode == 1 and not done.stderr, done.stderr
+    assert f"✗ {message} 'fixup! feat: x'" in done.stdout
+    assert "does not follow Conventional Commits formatting" in done.stdout
 
 
 def hook(config: Path) -> dict:
