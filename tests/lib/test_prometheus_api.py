@@ -228,6 +228,7 @@ FIXTURE = {
         {
             "type": "timeseries",
             "title": "Runs per second",
+            "description": "Finished runs, by outcome.",
             "fieldConfig": {"defaults": {"unit": "ops"}},
             "targets": [
                 {
@@ -267,6 +268,7 @@ def test_panels_come_with_their_queries_and_grafanas_variables_filled_in(tmp_pat
     assert (rate.legend, rate.ref) == ("{{outcome}}", "A")
     assert panels[1].queries[0].expr == "sum(increase(dagma_runs_total[3600s]))"
     assert panels[2].queries == ()
+    assert [p.description for p in panels] == ["Finished runs, by outcome.", "", ""]
 
 
 def test_the_step_and_intervals_grow_with_the_range(tmp_path: Path):

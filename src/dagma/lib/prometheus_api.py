@@ -84,6 +84,7 @@ class Panel:
     type: str  # "timeseries", "stat", ... as Grafana names it
     unit: str  # Grafana's unit id ("s", "reqps", "short", ...); "" when the panel sets none
     queries: tuple[Query, ...]
+    description: str = ""
 
 
 def _duration(seconds: float) -> str:
@@ -181,7 +182,8 @@ def _panel(panel: dict[str, Any], path: Path, variables: Mapping[str, str]) -> P
         for t in targets
         if isinstance(t, dict) and str(t.get("expr") or "").strip() and not t.get("hide")
     )
-    return Panel(title, str(panel.get("type") or ""), str(defaults.get("unit") or ""), queries)
+    kind, unit = str(panel.get("type") or ""), str(defaults.get("unit") or "")
+    return Panel(title, kind, unit, queries, str(panel.get("description") or ""))
 
 
 _LEGEND = re.compile(r"\{\{\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*\}\}")

@@ -82,10 +82,12 @@ def stat(api: Prometheus, panel: Panel, seconds: int) -> None:
         if s.points
     ]
     if not values:
-        st.metric(plain(panel.title), "No data")
+        st.metric(plain(panel.title), "No data", help=plain(panel.description) or None)
     for name, value in values:
         label = panel.title if len(values) == 1 else f"{panel.title} · {name}"
-        st.metric(plain(label), value_text(value, panel.unit))
+        st.metric(
+            plain(label), value_text(value, panel.unit), help=plain(panel.description) or None
+        )
 
 
 def chart(api: Prometheus, panel: Panel, seconds: int) -> None:
@@ -125,7 +127,7 @@ def show(api: Prometheus, panel: Panel, window: Window, seconds: int) -> None:
             if panel.type in STATS:
                 stat(api, panel, seconds)
             else:
-                st.markdown(f"**{plain(panel.title)}**")
+                st.markdown(f"**{plain(panel.title)}**", help=plain(panel.description) or None)
                 if panel.type in CHARTS:
                     chart(api, panel, seconds)
                 else:
@@ -166,14 +168,14 @@ except PrometheusError as exc:
     st.error(inert_markdown(str(exc)), icon=":material/cloud_off:")
     st.stop()
 st.caption(
-    f"The panels of `{plain(path.name)}`, as Grafana shows them, from Prometheus at "
+    f"The panels of {plain(path.name)}, as Grafana shows them, from Prometheus at "
     f"[{plain(api.url)}]({api.url}). Values are cached for 10 s: **Refresh data** reads them now."
 )
 
 stats = [p for p in panels if p.type in STATS]
 others = [p for p in panels if p.type not in STATS]
-for start in range(0, len(stats), 6):
-    for column, panel in zip(st.columns(6), stats[start : start + 6], strict=False):
+for start in range(0, len(stats), 3):  # three a row: Grafana's stat titles are a few words
+    for column, panel in zip(st.columns(3), stats[start : start + 3], strict=False):
         with column:
             show(api, panel, window, seconds)
 for start in range(0, len(others), 2):
