@@ -263,3 +263,17 @@ def test_the_contributing_guide_cuts_a_release_in_four_commands() -> None:
         "git push origin vX.Y.Z",
         "gh release view vX.Y.Z",
     ]
+
+
+def pin_drift(release: Path) -> dict[str, tuple[str, str]]:
+    """Pins release.yml states again that differ from ci.yml's (front doors: test_front_doors)."""
+    ci, rel = load(WORKFLOWS / "ci.yml")["env"], load(release)["env"]
+    return {k: (ci[k], rel[k]) for k in ("PYTHON_VERSION", "UV_VERSION") if ci[k] != rel.get(k)}
+
+
+def test_the_release_jobs_use_ci_s_python_and_uv(tmp_path: Path) -> None:
+    assert pin_drift(RELEASE) == {}
+    broken = tmp_path / "release.yml"
+    uv = load(WORKFLOWS / "ci.yml")["env"]["UV_VERSION"]
+    broken.write_text(RELEASE.read_text().replace(f'UV_VERSION: "{uv}"', 'UV_VERSION: "0.1.0"'))
+    assert pin_drift(broken) == {"UV_VERSION": (uv, "0.1.0")}
