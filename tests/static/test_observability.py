@@ -455,6 +455,72 @@ def test_the_dashboard_check_rejects_a_broken_copy(change, problem):
     assert any(problem in p for p in found), found
 
 
+def listening(services: dict[str, Any]) -> dict[str, int]:
+    """The HTTP port each datasource's and the shipper's backend listens on, from its config."""
+    loki = yaml.safe_load((OBS / "loki" / "loki.yml").read_text())
+    prometheus = flags_of(services["prometheus"]["command"])["web.listen-address"]
+    return {"loki": loki["server"]["http_listen_port"], "prometheus": int(prometheus[1:])}
+
+
+def test_the_datasources_reach_the_ports_their_backends_listen_on(config):
+    ports = listening(config["services"])
+    for doc in load_yaml_dir(DATASOURCES):
+        for ds in doc["datasources"]:
+            url = urlsplit(ds["url"])
+            assert url.hostname is not None and url.port == ports[url.hostname], ds
+
+
+ALLOY = OBS / "alloy" / "config.alloy"
+_BLOCK = re.compile(r'^([a-z_]+(?:\.[a-z_]+)+)\s+"([\w-]+)"\s*\{', re.M)
+_REF = re.compile(r"\b((?:discovery|loki|prometheus|otelcol)(?:\.[a-z_]+)+)\.([\w-]+)\.(\w+)\b")
+
+
+def shipper_problems(text: str, config: dict[str, Any]) -> list[str]:
+    """Alloy's config: references to components it defines, the Docker socket compose mounts,
+    the compose project, and a Loki push URL on Loki's port."""
+    found = []
+    text = re.sub(r"^\s*//[^\n]*", "", text, flags=re.M)
+    defined = set(_BLOCK.findall(text))
+    for kind, label, _export in _REF.findall(text):
+        if (kind, label) not in defined:
+            found.append(f"{kind}.{label} is referenced but not defined")
+    alloy = config["services"]["alloy"]
+    sockets = {v["target"] for v in alloy.get("volumes", []) if "docker.sock" in v["source"]}
+    for host in re.findall(r'host\s*=\s*"unix://([^"]+)"', text):
+        if host not in sockets:
+            found.append(f"Alloy reads the Docker socket at {host}, which compose does not mount")
+    project = f"com.docker.compose.project={config['name']}"
+    if project not in text:
+        found.append(f"Alloy does not keep to the compose project ({project})")
+    pushes = re.findall(r'url\s*=\s*"([^"]+)"', text)
+    port = listening(config["services"])["loki"]
+    if f"http://loki:{port}/loki/api/v1/push" not in pushes:
+        found.append(f"Alloy does not push to Loki on loki:{port}: {pushes}")
+    return found
+
+
+def test_the_log_shipper_config_is_consistent(config):
+    assert ("loki.source.docker", "dagma") in set(_BLOCK.findall(ALLOY.read_text()))
+    assert shipper_problems(ALLOY.read_text(), config) == []
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "problem"),
+    [
+        ("[loki.write.local.receiver]", "[loki.write.remote.receiver]", "loki.write.remote"),
+        ("targets       = discovery.docker.dagma.targets", "targets       = discovery.docker.all.targets", "discovery.docker.all"),
+        ('"unix:///var/run/docker.sock"\n  targets', '"unix:///run/docker.sock"\n  targets', "/run/docker.sock"),
+        ("com.docker.compose.project=dagma", "com.docker.compose.project=other", "compose project"),
+        ("http://loki:3100/loki/api/v1/push", "http://loki:3101/loki/api/v1/push", "loki:3100"),
+    ],
+)  # fmt: skip
+def test_the_shipper_check_rejects_a_broken_copy(config, old, new, problem):
+    text = ALLOY.read_text()
+    assert old in text
+    found = shipper_problems(text.replace(old, new), config)
+    assert any(problem in p for p in found), found
+
+
 # --------------------------------------------------------------------------- metric names
 
 _KEYWORDS = {
