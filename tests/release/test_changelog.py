@@ -31,6 +31,8 @@ def git(cwd: Path, *args: str) -> None:
 def cliff(repo: Path, *args: str, config: Path = ROOT / "cliff.toml") -> str:
     if not GIT_CLIFF.exists():
         pytest.fail(f"{GIT_CLIFF} is missing: run `uv sync --frozen` (dev group)")
+    if not config.is_file():  # git-cliff would fall back to its own default configuration
+        pytest.fail(f"{config} is missing: restore it from git")
     done = subprocess.run(
         [str(GIT_CLIFF), "--config", str(config), "--repository", str(repo), *args],
         capture_output=True,
