@@ -53,12 +53,17 @@ PANEL_TYPES = {"timeseries", "stat", "logs"}
 # --------------------------------------------------------------------------- compose
 
 
-def compose(path: Path = ROOT / "compose.yaml", **env: str) -> dict[str, Any]:
+def compose(
+    path: Path = ROOT / "compose.yaml",
+    profiles: tuple[str, ...] = ("observability", "full"),
+    **env: str,
+) -> dict[str, Any]:
     """compose.yaml as `docker compose --profile observability --profile full config` resolves it."""
     done = subprocess.run(
         [Path(sys.executable).with_name("docker-compose"), "--project-directory", ROOT,
-         "-f", path, "--env-file", ROOT / ".env.example", "--profile", "observability",
-         "--profile", "full", "config", "--format", "json"],
+         "-f", path, "--env-file", ROOT / ".env.example",
+         *(arg for profile in profiles for arg in ("--profile", profile)),
+         "config", "--format", "json"],
         capture_output=True, text=True, timeout=120, check=False,
         env={"PATH": "/usr/bin:/bin", **env},
     )  # fmt: skip
@@ -149,6 +154,9 @@ def scrape_problems(prometheus: dict[str, Any], services: dict[str, Any]) -> lis
 
 def test_the_observability_profile_resolves_pinned_and_loopback_only(config):
     assert compose_problems(config) == []
+    alone = compose(profiles=("observability",))["services"]
+    assert OBSERVABILITY | {"metrics"} <= set(alone) and "traefik" not in alone
+    assert not OBSERVABILITY & set(compose(profiles=("full",))["services"])
     assert scrape_problems(yaml.safe_load(PROMETHEUS.read_text()), config["services"]) == []
 
 
