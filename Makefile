@@ -52,6 +52,7 @@ bench: install  ## Benchmarks side by side (~15 min); writes docs/benchmarks.md
 	$(RUN) python benchmarks/bench_graph.py --write-docs --repeat $(BENCH_REPEAT) $(BENCH_FLAGS)
 	$(RUN) python benchmarks/bench_vectors.py --write-docs --repeat $(BENCH_REPEAT) $(BENCH_FLAGS)
 	$(RUN) python benchmarks/bench_api.py --write-docs --repeat $(BENCH_REPEAT) $(BENCH_FLAGS)
+	$(RUN) python benchmarks/bench_telemetry.py --write-docs $(BENCH_FLAGS)
 
 bench-backfill: install  ## 60-partition backfill through services mode at run limits 1 and 2 (~30 min)
 	$(RUN) python benchmarks/bench_backfill.py --limits 1,2 --write-docs $(BENCH_FLAGS)

@@ -23,6 +23,7 @@ SCRIPTS = [
     "bench_vectors.py",
     "bench_backfill.py",
     "bench_api.py",
+    "bench_telemetry.py",
 ]
 START, END = "<!-- x:start -->", "<!-- x:end -->"
 
