@@ -28,9 +28,10 @@ from typing import Literal
 from urllib.parse import urlsplit
 
 from packaging.markers import Marker
+from packaging.version import InvalidVersion, Version
 
+from dagma import version
 from dagma.settings import PROJECT_ROOT, Settings
-from dagma.version import describe
 
 Severity = Literal["blocking", "warning"]
 SYNC_FIX = "make install (or: UV_COMPILE_BYTECODE=1 uv sync --frozen)"
@@ -77,9 +78,23 @@ class Context:
         return value or None
 
 
-def check_version(ctx: Context) -> Check:
+def check_version(ctx: Context, package_dir: Path = version.PACKAGE_DIR) -> Check:
     """Which Dagma runs: the version from its git tag and the commit of its checkout."""
-    return Check("version", True, "warning", describe())
+    line = version.describe()
+    at = version.tag(package_dir)
+    try:
+        stale = at is not None and Version(at) != Version(version.version())
+    except InvalidVersion:
+        stale = False
+    if stale:
+        return Check(
+            "version",
+            False,
+            "warning",
+            f"{line}, but the checkout is at the release tag {at}",
+            "uv sync --frozen (it rebuilds the installed version when the tags change)",
+        )
+    return Check("version", True, "warning", line)
 
 
 def check_python(ctx: Context) -> Check:

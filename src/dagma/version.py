@@ -61,6 +61,17 @@ def commit(package_dir: Path = PACKAGE_DIR) -> str | None:
     return f"{sha}-dirty" if dirty else sha
 
 
+def tag(package_dir: Path = PACKAGE_DIR) -> str | None:
+    """The release tag (vX.Y.Z) on the checkout's HEAD, if there is one."""
+    root = checkout_root(package_dir)
+    if root is None:
+        return None
+    try:
+        return _git(root, "describe", "--tags", "--exact-match", "--match", "v[0-9]*", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return None  # no tag on HEAD
+
+
 def describe() -> str:
     """One line: `dagma <version> (commit <sha>)`, as `dagma --version` prints it."""
     sha = commit()

@@ -113,13 +113,19 @@ def test_the_doctor_shows_the_version_and_the_commit(tmp_path: Path) -> None:
     assert describes(checks[0].detail, {before, head()}), checks[0].detail
 
 
-def test_the_commit_of_a_checkout_is_short_and_says_dirty(tmp_path: Path) -> None:
-    package = tmp_path / "src" / "dagma"
+def checkout(root: Path) -> Path:
+    """A git checkout laid out like this one; returns its src/dagma."""
+    package = root / "src" / "dagma"
     package.mkdir(parents=True)
-    (tmp_path / "pyproject.toml").write_text("[project]\nname = 'dagma'\n")
-    git(tmp_path, "init", "--quiet")
-    git(tmp_path, "add", "pyproject.toml")
-    git(tmp_path, "commit", "--quiet", "-m", "feat: first")
+    (root / "pyproject.toml").write_text("[project]\nname = 'dagma'\n")
+    git(root, "init", "--quiet")
+    git(root, "add", "pyproject.toml")
+    git(root, "commit", "--quiet", "-m", "feat: first")
+    return package
+
+
+def test_the_commit_of_a_checkout_is_short_and_says_dirty(tmp_path: Path) -> None:
+    package = checkout(tmp_path)
     sha = git(tmp_path, "rev-parse", "--short", "HEAD")
     assert version.commit(package) == sha
     (package / "new.py").write_text("")  # untracked files leave the tree clean
@@ -141,3 +147,18 @@ def test_without_a_checkout_the_commit_is_the_build_arg_or_none(
     assert version.commit(copy) is None
     monkeypatch.setenv(version.COMMIT_ENV, "abc1234")
     assert version.commit(copy) == "abc1234"
+
+
+def test_the_doctor_warns_when_the_checkout_s_tag_is_not_the_installed_version(
+    tmp_path: Path,
+) -> None:
+    package, ctx = checkout(tmp_path), doctor.Context(env_file=tmp_path / ".env")
+    assert doctor.check_version(ctx, package).ok  # no tag on HEAD
+    git(tmp_path, "tag", "v9.9.9")
+    stale = doctor.check_version(ctx, package)
+    assert not stale.ok and not stale.blocks
+    assert stale.detail.endswith("but the checkout is at the release tag v9.9.9")
+    assert stale.fix.startswith("uv sync --frozen")
+    git(tmp_path, "tag", "--delete", "v9.9.9")
+    git(tmp_path, "tag", "v" + importlib.metadata.version("dagma"))
+    assert doctor.check_version(ctx, package).ok
