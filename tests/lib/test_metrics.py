@@ -93,3 +93,10 @@ def test_a_push_to_nowhere_names_the_url_and_the_setting(monkeypatch):
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(metrics.MetricsError, match=rf"{url}.*DAGMA_METRICS_PUSH_URL"):
         metrics.push(url, job="dagma_run")
+
+
+def test_a_shared_folder_not_made_yet_is_made_on_first_use(tmp_path: Path):
+    folder = tmp_path / "not" / "yet"
+    env = {**os.environ, metrics.MULTIPROC_ENV: str(folder)}
+    subprocess.run([sys.executable, "-c", CHILD, "gamma"], env=env, check=True)  # nosec B603
+    assert list(folder.glob("counter_*.db"))

@@ -156,6 +156,9 @@ def _metric(spec: MetricSpec) -> Any:
     found = _objects.get(spec.name)
     if found is not None:
         return found
+    folder = os.environ.get(MULTIPROC_ENV)
+    if folder:  # named by a session (or compose) that may not have made it yet
+        Path(folder).mkdir(parents=True, exist_ok=True, mode=0o700)
     import prometheus_client as prom
 
     if spec.kind == "counter":
