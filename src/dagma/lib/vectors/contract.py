@@ -15,6 +15,7 @@ from typing import Any, Self
 import numpy as np
 
 from dagma.errors import DagmaError
+from dagma.lib.telemetry.timing import timed
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _NAMESPACE = uuid.UUID("6f1c3a52-4d0e-5b8a-9c7e-2f4b8d1e0a93")
@@ -87,7 +88,6 @@ class VectorStore(ABC):
         raises leaves the previous version current and removes what it built.
         """
 
-    @abstractmethod
     def search(
         self,
         collection: str,
@@ -97,6 +97,20 @@ class VectorStore(ABC):
         filter: dict[str, Any] | None = None,
     ) -> list[Hit]:
         """The `k` nearest points, optionally only those whose payload matches every `filter` item."""
+        attributes = {"dagma.collection": collection, "dagma.k": k}
+        metric = "dagma_vector_search_duration_seconds"
+        with timed("vectors.search", metric, attributes, backend=self.kind):
+            return self._search(collection, vector, k, filter=filter)
+
+    @abstractmethod
+    def _search(
+        self,
+        collection: str,
+        vector: np.ndarray,
+        k: int,
+        *,
+        filter: dict[str, Any] | None,
+    ) -> list[Hit]: ...
 
     @abstractmethod
     def count(self, collection: str) -> int: ...

@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 
 from dagma.lib.atomic import atomic_file
-from dagma.lib.telemetry.timing import timed
 from dagma.lib.vectors.contract import (
     NAME,
     CollectionInfo,
@@ -190,20 +189,6 @@ class EmbeddedStore(VectorStore):
             _OPEN[key] = _Open(name, shard, info, rows, copy)
             return _OPEN[key]
         raise VectorStoreError(f"{key} changed version three times while opening it; retry")
-
-    def search(
-        self,
-        collection: str,
-        vector: np.ndarray,
-        k: int = 5,
-        *,
-        filter: dict[str, Any] | None = None,
-    ) -> list[Hit]:
-        attributes = {"dagma.collection": collection, "dagma.k": k}
-        with timed(
-            "vectors.search", "dagma_vector_search_duration_seconds", attributes, backend="embedded"
-        ):
-            return self._search(collection, vector, k, filter=filter)
 
     def _search(
         self,

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from dagma.lib.telemetry.timing import timed
 from dagma.lib.vectors.contract import (
     CollectionInfo,
     CollectionVersion,
@@ -186,20 +185,6 @@ class ServerStore(VectorStore):
                 ),
                 key=lambda c: c.collection,
             )
-
-    def search(
-        self,
-        collection: str,
-        vector: np.ndarray,
-        k: int = 5,
-        *,
-        filter: dict[str, Any] | None = None,
-    ) -> list[Hit]:
-        attributes = {"dagma.collection": collection, "dagma.k": k}
-        with timed(
-            "vectors.search", "dagma_vector_search_duration_seconds", attributes, backend="server"
-        ):
-            return self._search(collection, vector, k, filter=filter)
 
     def _search(
         self,
