@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -198,3 +199,28 @@ def test_off_switches_win(monkeypatch):
     monkeypatch.setenv("OTEL_SDK_DISABLED", "false")
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "none")
     assert not tracing.enabled()
+
+
+def test_an_unreachable_collector_costs_one_short_timeout_not_one_per_flush(monkeypatch):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: every connection is refused
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+    for name in ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        tracing.configure()
+        waits = []
+        for _ in range(3):
+            with tracing.span("work"):
+                pass
+            started = time.monotonic()
+            tracing.flush()
+            waits.append(time.monotonic() - started)
+        started = time.monotonic()
+        tracing.shutdown()
+        waits.append(time.monotonic() - started)
+    finally:
+        tracing.shutdown()
+        closed.close()
+    assert waits[0] < 4.0, waits  # OpenTelemetry's own default spends about 7 s in backoff
+    assert max(waits[1:]) < 0.5, waits  # then spans are dropped at once, for a minute

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +58,38 @@ class _State:
 _state: _State | None = None
 
 
+# OpenTelemetry's default export timeout is 10 s, spent in backoff when the collector is down:
+# at every flush, and again as each process exits. Ours is shorter unless OTEL_* sets one.
+_TIMEOUT_ENV = ("OTEL_EXPORTER_OTLP_TIMEOUT", "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
+_DEFAULT_TIMEOUT = 2.0
+_PAUSE_AFTER_FAILURE = 60.0
+
+
+class _Breaker:
+    """An exporter that, once an export failed, drops spans for a while instead of waiting
+    for an unreachable collector again (at most one timeout per process and minute)."""
+
+    def __init__(self, exporter: Any) -> None:
+        self.exporter = exporter
+        self.closed_until = 0.0
+
+    def export(self, spans: Any) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        if time.monotonic() < self.closed_until:
+            return SpanExportResult.FAILURE
+        result = self.exporter.export(spans)
+        if result is not SpanExportResult.SUCCESS:
+            self.closed_until = time.monotonic() + _PAUSE_AFTER_FAILURE
+        return result
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self.exporter.force_flush(timeout_millis))
+
+
 def _exporters() -> list[Any]:
     names = os.environ.get("OTEL_TRACES_EXPORTER", "").strip().lower() or "otlp"
     made: list[Any] = []
@@ -74,7 +107,8 @@ def _exporters() -> list[Any]:
                 )
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-            made.append(OTLPSpanExporter())
+            timeout = None if any(os.environ.get(v) for v in _TIMEOUT_ENV) else _DEFAULT_TIMEOUT
+            made.append(_Breaker(OTLPSpanExporter(timeout=timeout)))
         elif name == "console":
             from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
