@@ -480,3 +480,31 @@ def test_unreachable_backend_is_a_clear_error() -> None:
         pipeline.answer(QUESTION)
     with pytest.raises(LLMError, match=match):
         list(pipeline.stream(QUESTION))
+
+
+def test_an_answer_is_traced_and_measured_by_stage(monkeypatch) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from prometheus_client import REGISTRY
+
+    from dagma.lib.telemetry import metrics, tracing
+
+    monkeypatch.setenv(metrics.PUSH_ENV, "http://127.0.0.1:9")  # metrics on, as when pushing
+    exporter = InMemorySpanExporter()
+    tracing.configure(exporter)
+
+    def count(stage: str) -> float:
+        name = "dagma_rag_duration_seconds_count"
+        return REGISTRY.get_sample_value(name, {"stage": stage}) or 0.0
+
+    before = {stage: count(stage) for stage in ("retrieve", "generate", "parse", "total")}
+    try:
+        reply = "It is NameError [1]."
+        fake_pipeline(FakeListChatModel(responses=[reply])).answer(QUESTION)
+    finally:
+        tracing.shutdown()
+    assert {stage: count(stage) - n for stage, n in before.items()} == dict.fromkeys(before, 1.0)
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    root = spans["rag.answer"]
+    for stage in ("rag.retrieve", "rag.generate", "rag.parse"):
+        assert spans[stage].parent.span_id == root.context.span_id, stage
+    assert spans["rag.retrieve"].attributes["dagma.rag.passages"] >= 1
