@@ -52,7 +52,7 @@ def check(config: ServicesConfig) -> None:
         raise ServiceError(
             f"prometheus: {binary} not found, and `--with observability` runs it. Fix: "
             "`apt-get install prometheus` (Debian's package), or point DAGMA_PROMETHEUS_BIN at "
-            "a Prometheus 2 binary."
+            "another Prometheus binary."
         )
     interval = config.dagma_prometheus_scrape_interval
     if not DURATION.fullmatch(interval):
