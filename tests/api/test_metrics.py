@@ -9,6 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from dagma.version import version
 from tests.api.conftest import LabApi
 
 pytestmark = pytest.mark.integration
@@ -42,6 +43,10 @@ def test_metrics_count_requests_by_route_template_and_never_by_raw_path(lab_api:
     assert "/v1/nope" not in scrape.text  # an unknown path adds no series
     durations = samples(scrape.text, "dagma_api_request_duration_seconds_count")
     assert durations[(("method", "GET"), ("route", "/v1/search"))] >= 1, durations
+    searches = samples(scrape.text, "dagma_vector_search_duration_seconds_count")
+    assert searches[(("backend", "embedded"),)] >= 1, searches  # the search behind the route
+    [(labels, one)] = samples(scrape.text, "dagma_build_info").items()
+    assert one == 1 and dict(labels)["version"] == version(), labels
 
 
 def test_metrics_are_refused_to_a_request_the_gateway_forwards(lab_api: LabApi) -> None:

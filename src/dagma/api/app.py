@@ -117,6 +117,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(_router(settings))
     app.openapi = _openapi(app)  # type: ignore[method-assign]
     metrics.enable()
+    metrics.build_info()
     # An ASGI app as the endpoint: Starlette calls it as is, at exactly /metrics.
     app.router.routes.append(Route("/metrics", DirectOnly(metrics.asgi_app()), methods=["GET"]))
     app.add_middleware(RequestMetrics)

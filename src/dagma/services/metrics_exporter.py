@@ -35,7 +35,9 @@ def start(host: str, port: int) -> object:
             f"{metrics.MULTIPROC_ENV} to the folder the session's processes write to."
         )
     metrics.shared_dir_env(Path(folder), fresh=False)  # exists, mode 0700
-    return metrics.serve(host, port)
+    server = metrics.serve(host, port)
+    metrics.build_info()
+    return server
 
 
 def main(argv: Sequence[str] | None = None) -> int:

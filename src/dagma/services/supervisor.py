@@ -569,9 +569,4 @@ def iter_logs(config: ServicesConfig, name: str | None) -> Iterator[Path]:
 
 def mark_dead(config: ServicesConfig, pid: int) -> None:
     """Drop a service's live gauges from the shared folder once it has exited."""
-    if config.metrics_dir.is_dir():
-        from prometheus_client import multiprocess
-
-        # metrics.mark_dead reads the folder from this process's environment, which the
-        # supervisor leaves alone (it records nothing itself).
-        multiprocess.mark_process_dead(pid, str(config.metrics_dir))
+    metrics.mark_dead(pid, config.metrics_dir)  # the supervisor's own environment has no folder
