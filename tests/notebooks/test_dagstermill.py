@@ -13,8 +13,10 @@ import dagster as dg
 import mlflow
 import nbformat
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from dagma.lab import load_definitions, materialize
+from dagma.lib.telemetry import tracing
 from dagma.notebooks.spec import NotebookError, parse_notebook
 from dagma.settings import PROJECT_ROOT, get_settings
 from tests.conftest import QUIET
@@ -184,13 +186,25 @@ def test_a_hand_written_dagstermill_job_runs_with_the_lab_resources(lab: Path):
 
 
 def test_a_dagstermill_engine_dropin_keeps_defaults_and_takes_typed_config(lab: Path):
-    run = materialize(
-        get_settings(),
-        selection=["wine_groups"],
-        params={"wine_groups": {"rate": 0.5}},  # a float declared with the default 1
-        console=QUIET,
-    )
+    exporter = InMemorySpanExporter()
+    tracing.configure(exporter)
+    try:
+        run = materialize(
+            get_settings(),
+            selection=["wine_groups"],
+            params={"wine_groups": {"rate": 0.5}},  # a float declared with the default 1
+            console=QUIET,
+        )
+    finally:
+        tracing.shutdown()
     assert run.success, run.error
+    # dagstermill's own cell loop is traced too: its cells sit under the step's execute span
+    spans = exporter.get_finished_spans()
+    [execute] = [s for s in spans if s.name == "notebook.execute"]
+    cells = [s for s in spans if s.name == "notebook.cell"]
+    assert len(cells) >= 4 and {c.parent.span_id for c in cells} == {execute.context.span_id}
+    [step] = [s for s in spans if s.name == "step wine_groups"]
+    assert {s.context.trace_id for s in spans} == {step.context.trace_id}
     value = run.values["wine_groups"]
     assert value == {
         "rows": 178,  # wine_table, loaded by dagstermill into the variable of its name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,15 +105,18 @@ class LabClient(PapermillNotebookClient):
         return super().setup_kernel(**kwargs)
 
     def papermill_execute_cells(self) -> None:
+        self.traced(super().papermill_execute_cells)
+
+    def traced(self, execute_cells: Callable[[], None]) -> None:
+        """Run the cell loop in an execute span, with the kernel recording a span per cell."""
         started = time.perf_counter()
         with tracing.span("notebook.execute", **{"dagma.notebook": self.notebook_name}):
-            install = (
-                tracing.kernel_install_code(Path(self.trace_file)) if self.trace_file else None
-            )
+            trace_file = Path(self.trace_file) if self.trace_file else None
+            install = tracing.kernel_install_code(trace_file) if trace_file else None
             if install is not None:  # silent: no execution count, no cell span, no output
                 self.wait_for_reply(self.kc.execute(install, silent=True, store_history=False))
             try:
-                super().papermill_execute_cells()
+                execute_cells()
             finally:
                 self._account(time.perf_counter() - started)
 

@@ -29,7 +29,10 @@ _LIMITS: contextvars.ContextVar[Limits | None] = contextvars.ContextVar("limits"
 
 
 class _Client(DagstermillNotebookClient, LabClient):
-    """dagstermill's cell loop and teardown, with the lab's limits and kernel tag."""
+    """dagstermill's cell loop and teardown, with the lab's limits, kernel tag and spans."""
+
+    def papermill_execute_cells(self) -> None:
+        self.traced(lambda: DagstermillNotebookClient.papermill_execute_cells(self))
 
 
 class _BoundedEngine(LabEngine):
