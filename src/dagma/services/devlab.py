@@ -22,7 +22,7 @@ from typing import Any
 
 from dagma.lib import processes
 from dagma.lib.telemetry import metrics
-from dagma.services import health
+from dagma.services import health, metrics_exporter
 from dagma.services.procs import (
     MARKER,
     ProcRecord,
@@ -167,15 +167,7 @@ def plan(settings: Settings, ports: Mapping[str, int], jupyter: bool = True) -> 
         procs.append(
             LabProcess(
                 "metrics",
-                [
-                    venv_bin("python"),
-                    "-m",
-                    "dagma.services.metrics_exporter",
-                    "--host",
-                    LOOPBACK,
-                    "--port",
-                    str(ports["metrics"]),
-                ],
+                metrics_exporter.command(LOOPBACK, ports["metrics"]),
                 ports["metrics"],
                 url["metrics"] + "/metrics",
                 url["metrics"] + "/metrics",

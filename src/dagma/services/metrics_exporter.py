@@ -17,8 +17,14 @@ from pathlib import Path
 
 from dagma.errors import DagmaError
 from dagma.lib.telemetry import metrics
+from dagma.services.procs import venv_bin
 
 LOOPBACK = "127.0.0.1"
+
+
+def command(host: str, port: int) -> list[str]:
+    """How a session starts the exporter."""
+    return [venv_bin("python"), "-m", __name__, "--host", host, "--port", str(port)]
 
 
 class ExporterError(DagmaError):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dagma.lib.telemetry import metrics
-from dagma.services import health, postgres, prometheus
+from dagma.services import health, metrics_exporter, postgres, prometheus
 from dagma.services.config import API_SECRET, LOOPBACK, PROJECT_ROOT, ServicesConfig
 from dagma.services.procs import (
     MARKER,
@@ -152,15 +152,7 @@ class Topology:
             ),
             Service(
                 name="metrics",
-                argv=[
-                    venv_bin("python"),
-                    "-m",
-                    "dagma.services.metrics_exporter",
-                    "--host",
-                    LOOPBACK,
-                    "--port",
-                    str(c.dagma_metrics_port),
-                ],
+                argv=metrics_exporter.command(LOOPBACK, c.dagma_metrics_port),
                 port=c.dagma_metrics_port,
                 check=lambda: health.http_ok(f"{c.metrics_url}/metrics"),
                 url=f"{c.metrics_url}/metrics",
