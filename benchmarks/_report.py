@@ -8,6 +8,7 @@ import os
 import platform
 import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -136,6 +137,24 @@ def write_section(
             "so these results may mix two versions; they are printed above, not recorded"
         )
     replace_section(section, start_marker, end_marker, docs)
+
+
+def write_titled_section(
+    title: str,
+    intro: str,
+    body: str,
+    start_marker: str,
+    end_marker: str,
+    started: Tree,
+    allow_dirty: bool,
+    root: Path = ROOT,
+    docs: Path = DOCS,
+) -> None:
+    """`write_section` of `## title`, the intro wrapped at 100 columns, then `body`."""
+    section = "\n".join(
+        [start_marker, f"## {title}", "", textwrap.fill(intro, width=100), "", body, end_marker]
+    )
+    write_section(section, start_marker, end_marker, started, allow_dirty, root, docs)
 
 
 def machine(

@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -131,18 +130,15 @@ def main() -> None:
             "threads waiting for one process's GIL. The cost of the layer itself is the "
             "1-client rows and the CPU columns, the least load-sensitive figures."
         )
-        section = "\n".join(
-            [
-                MARK_START,
-                "## (h) The API layer: `dagma serve` against the direct call (issue 20)",
-                "",
-                textwrap.fill(intro, width=100),
-                "",
-                body,
-                MARK_END,
-            ]
+        _report.write_titled_section(
+            "(h) The API layer: `dagma serve` against the direct call (issue 20)",
+            intro,
+            body,
+            MARK_START,
+            MARK_END,
+            tree,
+            args.allow_dirty,
         )
-        _report.write_section(section, MARK_START, MARK_END, tree, args.allow_dirty)
 
 
 def _build_lab(home: Path, env: dict[str, str]) -> float:

@@ -502,18 +502,16 @@ def write_docs(body: str, trees: int, tree: _report.Tree, allow_dirty: bool) -> 
         "starting. Compare ratios, not absolute times: the machine may be shared. See "
         "`benchmarks/README.md`."
     )
-    section = "\n".join(
-        [
-            MARK_START,
-            "## (b), (c), (f) The demo graph, a parallel fan-out, loading the code location",
-            "",
-            textwrap.fill(intro, width=100),
-            "",
-            body,
-            MARK_END,
-        ]
+    _report.write_titled_section(
+        "(b), (c), (f) The demo graph, a parallel fan-out, loading the code location",
+        intro,
+        body,
+        MARK_START,
+        MARK_END,
+        tree,
+        allow_dirty,
+        docs=DOCS,
     )
-    _report.write_section(section, MARK_START, MARK_END, tree, allow_dirty, docs=DOCS)
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import socket
 import statistics
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -435,18 +434,15 @@ def main() -> None:
     print("\nReproduce: uv run python benchmarks/bench_telemetry.py --write-docs")
     failed = [a.key for a in alts if a.failures]
     if args.write_docs:
-        section = "\n".join(
-            [
-                MARK_START,
-                "## (i) Telemetry on against off (issue 21)",
-                "",
-                textwrap.fill(INTRO, width=100),
-                "",
-                text,
-                MARK_END,
-            ]
+        _report.write_titled_section(
+            "(i) Telemetry on against off (issue 21)",
+            INTRO,
+            text,
+            MARK_START,
+            MARK_END,
+            tree,
+            args.allow_dirty,
         )
-        _report.write_section(section, MARK_START, MARK_END, tree, args.allow_dirty)
     if failed:
         problems.insert(0, f"notebook modes {', '.join(failed)} failed (their errors are above)")
     if problems:

@@ -14,7 +14,6 @@ import shutil
 import statistics
 import subprocess
 import tempfile
-import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,18 +90,15 @@ def main() -> None:
             "on a spare kernel; the others run in fresh temp folders. Each warm run is checked "
             "untimed for the lab's message; the cold ones as in `bench_notebook.py`."
         )
-        section = "\n".join(
-            [
-                MARK_START,
-                "## (g) Warm execution: `dagma run` with the lab up (issue 18)",
-                "",
-                textwrap.fill(intro, width=100),
-                "",
-                body,
-                MARK_END,
-            ]
+        _report.write_titled_section(
+            "(g) Warm execution: `dagma run` with the lab up (issue 18)",
+            intro,
+            body,
+            MARK_START,
+            MARK_END,
+            tree,
+            args.allow_dirty,
         )
-        _report.write_section(section, MARK_START, MARK_END, tree, args.allow_dirty)
 
 
 def _time_one(key: str, prepare: Prepare) -> float:
