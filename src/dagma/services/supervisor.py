@@ -345,8 +345,6 @@ class Topology:
         if record and record_alive(record):
             progress(f"{service.name}: already running (pid {record.pid})")
             return False
-        if record:
-            mark_dead(self.config, record.pid)  # its live gauges leave the exposition
         if service.port is not None and port_in_use(service.port):
             raise ServiceError(
                 f"{service.name}: port {service.port} on 127.0.0.1 is already in use by another "
@@ -420,7 +418,6 @@ class Topology:
                 sig = signal.SIGINT if name == "postgres" else signal.SIGTERM
                 terminate([record], sig=sig, timeout=timeout)
                 progress(f"{name}: stopped (pid {record.pid})")
-            mark_dead(self.config, record.pid)
             self.state.drop(name)
         leftovers = marked_pids(str(self.config.home))
         if leftovers:
@@ -557,8 +554,3 @@ def iter_logs(config: ServicesConfig, name: str | None) -> Iterator[Path]:
         path = config.logs_dir / f"{n}.log"
         if name or n != "prometheus" or path.is_file():
             yield path
-
-
-def mark_dead(config: ServicesConfig, pid: int) -> None:
-    """Drop a service's live gauges from the shared folder once it has exited."""
-    metrics.mark_dead(pid, config.metrics_dir)  # the supervisor's own environment has no folder

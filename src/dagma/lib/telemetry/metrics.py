@@ -252,15 +252,6 @@ def push(url: str, job: str) -> None:
         ) from exc
 
 
-def mark_dead(pid: int, folder: Path | None = None) -> None:
-    """Drop a dead process's live gauges from `folder` (default: this process's shared one)."""
-    path = str(folder) if folder is not None else os.environ.get(MULTIPROC_ENV)
-    if path and Path(path).is_dir():
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(pid, path)
-
-
 def build_info() -> None:
     """Label this process's series with the running version and commit (`dagma_build_info`)."""
     from dagma.version import commit, version
