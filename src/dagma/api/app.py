@@ -2,8 +2,9 @@
 
 `/healthz` is open; everything else needs a bearer token (`dagma.api.auth`). Errors are JSON
 (`dagma.api.errors`). `/metrics` is open to a direct scrape (Prometheus on the same host or
-network) and refused to anything a proxy forwards: the gateway routes every path of the API. The champion model, the collection version and the chat model are read
-when asked for, so a new champion or a newly published collection is served without a restart.
+network) and refused to anything a proxy forwards: the gateway routes every path of the API.
+The champion model, the collection version and the chat model are read when asked for, so a
+new champion or a newly published collection is served without a restart.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the routes' annotations, whose limits

@@ -87,13 +87,10 @@ class LabClient(PapermillNotebookClient):
         with tracing.span("notebook.kernel_start", **{"dagma.kernel.spare": False}):
             await super().async_start_new_kernel(**kwargs)
         metrics.record("dagma_kernel_pool_claims", result="cold")
-        phase = "kernel_start"
         seconds = time.perf_counter() - started
+        name = self.notebook_name
         metrics.record(
-            "dagma_notebook_phase_duration_seconds",
-            seconds,
-            notebook=self.notebook_name,
-            phase=phase,
+            "dagma_notebook_phase_duration_seconds", seconds, notebook=name, phase="kernel_start"
         )
 
     # nbclient binds the sync form to its own coroutine at class creation: bind ours.
